@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny hand-written VOC tree and a config pointing at it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.config import Config, load_config
+from utils.voc import voc_palette
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+
+
+def write_tiny_voc(root: Path, train_ids: list[str], val_ids: list[str], size=(40, 56), seed: int = 0) -> Path:
+    """A VOC tree with random content: enough for loaders, not for learning."""
+    rng = np.random.default_rng(seed)
+    voc = root / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    (root / "irn_pseudo_label").mkdir(exist_ok=True)
+    (root / "irn_mask").mkdir(exist_ok=True)
+    h, w = size
+    for i in train_ids + val_ids:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        label = rng.integers(0, NUM_CLASSES, (h, w), dtype=np.uint8)
+        gt = Image.fromarray(np.where(rng.random((h, w)) < 0.05, 255, label).astype(np.uint8), mode="L").convert("P")
+        gt.putpalette(voc_palette().reshape(-1).tolist())
+        gt.save(voc / "SegmentationClass" / f"{i}.png")
+        if i in train_ids:
+            Image.fromarray(label, mode="L").save(root / "irn_pseudo_label" / f"{i}.png")
+            m = (rng.random((h, w)) < 0.5).astype(np.uint8) * 255
+            Image.fromarray(np.stack([m] * 3, -1)).save(root / "irn_mask" / f"{i}.png")
+    lists = voc / "ImageSets/Segmentation"
+    (lists / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_ids))
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in train_ids[: max(1, len(train_ids) // 2)]))
+    (lists / "val.txt").write_text("".join(f"{i}\n" for i in val_ids))
+    return root
+
+
+def tiny_config(root: Path, *overrides: str) -> Config:
+    base = [f"data.root={root}", f"data.num_classes={NUM_CLASSES}", f"model.decoder.num_classes={NUM_CLASSES}",
+            "data.crop_size=32", "data.val_size=32"]
+    return load_config(REPO / "configs/beco_voc.yaml", base + list(overrides))
+
+
+@pytest.fixture
+def tiny_voc(tmp_path: Path) -> Path:
+    return write_tiny_voc(tmp_path / "data", ["2007_000001", "2007_000002", "2007_000003", "2007_000004"],
+                          ["2008_000001", "2008_000002"])

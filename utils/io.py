@@ -1,0 +1,60 @@
+"""Atomic file writes: a crash mid-write never leaves a truncated file behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path``.
+
+    The temp file lives in the target directory so the rename stays on one file
+    system and is atomic; the previous file survives any failure of ``write``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray, palette: np.ndarray | None = None) -> Path:
+    """Save uint8 (H, W) or (H, W, 3) as PNG; with ``palette`` a (H, W) map becomes mode P."""
+    img = Image.fromarray(np.ascontiguousarray(array))
+    if palette is not None:
+        img = img.convert("P") if img.mode != "L" else img
+        img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_jpeg(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -> Path:
+    img = Image.fromarray(np.ascontiguousarray(array))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="JPEG", quality=quality))
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return atomic_write(path, write)
+
+
+def save_text(path: str | os.PathLike, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return atomic_write(path, write)

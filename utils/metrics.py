@@ -1,0 +1,41 @@
+"""Confusion-matrix segmentation metrics (spec second-stage §6)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts, rows = ground truth, cols = prediction.
+
+    Stays on the tensors' device so validation never copies maps to the CPU.
+    """
+    valid = target != ignore_index
+    idx = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(conf: np.ndarray | torch.Tensor) -> dict:
+    """Pixel accuracy, mean class accuracy, mean precision and mIoU.
+
+    Means run over the classes present in the ground truth (non-empty rows), as
+    the reference does; absent classes would otherwise add 0/0 terms.
+    """
+    conf = np.asarray(conf.cpu() if isinstance(conf, torch.Tensor) else conf, dtype=np.float64)
+    tp = np.diag(conf)
+    gt = conf.sum(1)
+    pred = conf.sum(0)
+    present = gt > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = tp / (gt + pred - tp)
+        recall = tp / gt
+        precision = np.where(pred > 0, tp / pred, 0.0)
+    total = conf.sum()
+    return {
+        "pixel_acc": float(tp.sum() / total) if total else 0.0,
+        "mean_acc": float(recall[present].mean()) if present.any() else 0.0,
+        "mean_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "miou": float(iou[present].mean()) if present.any() else 0.0,
+        "iou": [float(v) if p else None for v, p in zip(iou, present)],
+    }
