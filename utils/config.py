@@ -77,6 +77,7 @@ class DecoderCfg:
     low_level_channels: int
     dropout: float
     norm_layer: str
+    align_corners: bool
 
 
 @dataclass
