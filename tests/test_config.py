@@ -63,7 +63,7 @@ def test_base_inheritance_and_numeric_override(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"_base_: {BECO}\noptim:\n  lr: 0.5\n")
     cfg = load_config(child, ["optim.weight_decay=5e-4", "data.synthetic={train: 4, val: 2, test: 1, "
-                              "size: [32, 32], classes: 3, seed: 1}"])
+                              "size: [32, 32], classes: 20, seed: 1}"])
     assert cfg.optim.lr == 0.5 and cfg.optim.momentum == 0.9
     assert cfg.optim.weight_decay == pytest.approx(5e-4)
     assert cfg.data.synthetic.size == [32, 32]

@@ -331,8 +331,12 @@ def check_consistency(cfg: Config) -> None:
     if len(sa.blur_kernels) != len(sa.blur_kernel_probs) or abs(sum(sa.blur_kernel_probs) - 1) > 1e-6:
         raise ConfigError("config key 'method.strong_aug.blur_kernel_probs': one probability per "
                           "kernel, summing to 1")
-    if cfg.data.synthetic is not None and len(cfg.data.synthetic.size) != 2:
+    syn = cfg.data.synthetic
+    if syn is not None and len(syn.size) != 2:
         raise ConfigError("config key 'data.synthetic.size': expected [height, width]")
+    if syn is not None and syn.classes + 1 != cfg.data.num_classes:
+        raise ConfigError(f"config key 'data.synthetic.classes' ({syn.classes} foreground classes) needs "
+                          f"'data.num_classes' = {syn.classes + 1} (background included), got {cfg.data.num_classes}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
