@@ -1,0 +1,208 @@
+"""Strong augmentation of the mixed batch (spec second-stage §4.3), batched on the device.
+
+The reference runs albumentations per image on the CPU:
+``Compose([Compose([RandomBrightnessContrast, HueSaturationValue], p=0.8),
+ToGray(p=0.2), GaussianBlur(5, p=0.5)])`` on uint8 images. We do the same
+steps for the whole batch at once with per-image random draws, on float 0..255
+images, and reproduce OpenCV's uint8 HSV arithmetic so the colour step agrees
+with it to a level or so.
+
+QUIRK (not reproduced): the reference converts the RGB tensor "BGR2RGB" before
+the augmentation and "RGB2BGR" after it, i.e. it swaps R and B around the
+albumentations call. The swap cancels for everything except the hue step, which
+therefore rotates the hue of a channel-swapped image. We run every step on the
+true RGB image.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils.config import StrongAugCfg
+
+# Constants of the colour spaces / OpenCV, not tunables (the tunables are in StrongAugCfg).
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, OpenCV's RGB2GRAY
+_HUE_RANGE = 180                        # OpenCV's uint8 hue scale: degrees / 2
+_HSV_SHIFT = 12                         # fixed-point bits of OpenCV's uint8 RGB2HSV
+# cv2.getGaussianKernel(k, sigma<=0) uses these fixed tables for odd k <= 7 instead
+# of sampling a Gaussian with sigma = 0.3((k-1)/2 - 1) + 0.8; albumentations'
+# GaussianBlur calls OpenCV with sigma 0, so the reference blurs with these.
+_OPENCV_SMALL_GAUSSIAN = {
+    1: (1.0,),
+    3: (0.25, 0.5, 0.25),
+    5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
+    7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125),
+}
+# HSV -> RGB: per sector, which of (v, p, q, t) is R, G, B (OpenCV's sector table).
+_SECTOR_R = (0, 2, 1, 1, 3, 0)
+_SECTOR_G = (3, 0, 0, 2, 1, 1)
+_SECTOR_B = (1, 1, 3, 0, 0, 2)
+
+
+def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Normalised RGB images (B,3,H,W) back to 0..255."""
+    m = images.new_tensor(mean).view(1, -1, 1, 1)
+    s = images.new_tensor(std).view(1, -1, 1, 1)
+    return (images * s + m) * 255.0
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """0..255 RGB images (B,3,H,W) to the network's normalised input."""
+    m = images.new_tensor(mean).view(1, -1, 1, 1)
+    s = images.new_tensor(std).view(1, -1, 1, 1)
+    return (images / 255.0 - m) / s
+
+
+def rgb_to_hsv_u8(rgb: Tensor) -> Tensor:
+    """OpenCV's uint8 RGB2HSV on integer-valued RGB (B,3,H,W) -> int32 HSV (B,3,H,W).
+
+    Same fixed-point arithmetic as cv2.cvtColor(COLOR_RGB2HSV) on uint8 (tables
+    of rounded reciprocals, 12 fractional bits), so the result is bit-exact for
+    integer inputs: H in 0..179, S and V in 0..255.
+    """
+    x = rgb.round().clamp(0, 255).to(torch.int32)
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    v = torch.maximum(torch.maximum(r, g), b)
+    vmin = torch.minimum(torch.minimum(r, g), b)
+    diff = v - vmin
+    i = torch.arange(256, device=rgb.device, dtype=torch.float64)
+    one = 1 << _HSV_SHIFT
+    # Rounded reciprocal tables; entry 0 is 0 as in OpenCV (a grey pixel has S = H = 0).
+    sdiv = torch.where(i > 0, torch.round((255 * one) / i.clamp(min=1)), 0).to(torch.int32)
+    hdiv = torch.where(i > 0, torch.round((_HUE_RANGE * one) / (6 * i.clamp(min=1))), 0).to(torch.int32)
+    half = one >> 1
+    s = torch.div(diff * sdiv[v.long()] + half, one, rounding_mode="floor")
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = torch.div(h * hdiv[diff.long()] + half, one, rounding_mode="floor")
+    h = torch.where(h < 0, h + _HUE_RANGE, h)
+    return torch.stack([h, s, v], 1)
+
+
+def _fnmadd(a: Tensor, b: Tensor) -> Tensor:
+    """float32 ``1 - a·b`` with a single rounding, like an FMA (a float32 product is exact in float64)."""
+    return (1.0 - a.double() * b.double()).float()
+
+
+def hsv_u8_to_rgb(hsv: Tensor) -> Tensor:
+    """OpenCV's uint8 HSV2RGB: integer-valued HSV (B,3,H,W) -> integer-valued float RGB 0..255.
+
+    Mirrors the vectorised path of OpenCV's HSV2RGB_b, which converts all but
+    the last few pixels of every image row: float32 arithmetic on S/255 and
+    V/255 (sector, fraction, the v/p/q/t table), then ×255 and truncation. (Its
+    scalar tail rounds instead of truncating; on wide images it is a handful of
+    pixels per row, so we follow the bulk.) OpenCV's x86 wheels compile
+    ``1 - s·h`` and ``1 - s·(1 - h)`` into fused multiply-adds (one rounding);
+    we emulate that by forming them in float64 and rounding once to float32,
+    which makes the result bit-exact with cv2 on all 180×256×256 HSV values
+    (plain float32 differs by one level on ~0.005 % of them).
+    """
+    f32 = dict(dtype=torch.float32, device=hsv.device)
+    inv255 = torch.tensor(1.0 / 255.0, **f32)
+    one = torch.tensor(1.0, **f32)
+    hscale = torch.tensor(6.0, **f32) / _HUE_RANGE
+    h = hsv[:, 0].float() * hscale
+    s = hsv[:, 1].float() * inv255
+    v = hsv[:, 2].float() * inv255
+    sector = torch.trunc(h)
+    frac = h - sector
+    sector = torch.remainder(sector, 6).long()  # OpenCV wraps hues >= 180; ours are < 180 anyway
+    tab = torch.stack([v, v * (one - s), v * _fnmadd(s, frac), v * _fnmadd(s, one - frac)], 1)
+    lut = torch.tensor([_SECTOR_R, _SECTOR_G, _SECTOR_B], device=hsv.device)  # (3, 6)
+    idx = lut[:, sector].transpose(0, 1)  # (B,3,H,W): which tab entry feeds R, G, B
+    rgb = torch.gather(tab, 1, idx) * torch.tensor(255.0, **f32)
+    return torch.trunc(rgb).clamp(0, 255)
+
+
+def shift_hsv(images: Tensor, hue: Tensor, sat: Tensor, val: Tensor) -> Tensor:
+    """albumentations' uint8 HueSaturationValue with per-image shifts (B,).
+
+    The image enters as uint8 (the reference's LUT chain truncates, so floor);
+    hue wraps modulo 180 and saturation/value clip to 0..255, each truncated to
+    an integer like the reference's LUTs (``astype(uint8)`` of the float sum).
+    """
+    hsv = rgb_to_hsv_u8(images.clamp(0, 255).floor()).float()
+    hue, sat, val = (t.view(-1, 1, 1).float() for t in (hue, sat, val))
+    h = torch.remainder(hsv[:, 0] + hue, _HUE_RANGE).floor()
+    h = torch.where(h >= _HUE_RANGE, h - _HUE_RANGE, h)  # float rounding of a tiny negative sum
+    s = (hsv[:, 1] + sat).clamp(0, 255).floor()
+    v = (hsv[:, 2] + val).clamp(0, 255).floor()
+    return hsv_u8_to_rgb(torch.stack([h, s, v], 1))
+
+
+def to_gray(images: Tensor) -> Tensor:
+    """RGB -> grey with OpenCV's weights, replicated to 3 channels."""
+    w = images.new_tensor(_GRAY_WEIGHTS).view(1, 3, 1, 1)
+    return (images * w).sum(1, keepdim=True).expand_as(images)
+
+
+def gaussian_kernel1d(ksize: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """cv2.getGaussianKernel(ksize, 0): the fixed table for odd ksize <= 7, else OpenCV's sigma rule."""
+    if ksize % 2 != 1 or ksize < 1:
+        raise ValueError(f"Gaussian kernel size must be odd and positive, got {ksize}")
+    if ksize in _OPENCV_SMALL_GAUSSIAN:
+        return torch.tensor(_OPENCV_SMALL_GAUSSIAN[ksize], device=device, dtype=dtype)
+    sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(ksize, device=device, dtype=torch.float64) - (ksize - 1) / 2
+    k = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return (k / k.sum()).to(dtype)
+
+
+def gaussian_blur(images: Tensor, ksize: int) -> Tensor:
+    """Separable depthwise Gaussian blur with OpenCV's default border (reflect-101 = torch 'reflect')."""
+    b, c, h, w = images.shape
+    k = gaussian_kernel1d(ksize, images.device, images.dtype)
+    p = ksize // 2
+    x = images.reshape(b * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (p, p, 0, 0), mode="reflect"), k.view(1, 1, 1, ksize))
+    x = F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), k.view(1, 1, ksize, 1))
+    return x.reshape(b, c, h, w)
+
+
+def _uniform(u: Tensor, bounds: Sequence[float]) -> Tensor:
+    lo, hi = float(bounds[0]), float(bounds[1])
+    return lo + (hi - lo) * u
+
+
+def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Colour jitter + HSV shift (p=color_prob), grey (p=gray_prob), Gaussian blur (p=blur_prob).
+
+    ``images``: (B,3,H,W) float RGB in 0..255; returns the same layout. Every
+    image gets its own draws; all draws come from one (B, 9) uniform tensor, so
+    image i's draws do not depend on the batch size or on the other images.
+    Each step is computed for the whole batch and selected per image with
+    ``torch.where`` (no data-dependent indexing, no host sync).
+    """
+    if not cfg.enabled:
+        return images
+    b = images.shape[0]
+    gen_device = generator.device if generator is not None else images.device
+    u = torch.rand(b, 9, generator=generator, device=gen_device).to(images.device)
+    u = u.to(torch.float32)
+    do_color = (u[:, 0] < cfg.color_prob).view(-1, 1, 1, 1)
+    contrast = _uniform(u[:, 1], cfg.contrast).view(-1, 1, 1, 1)
+    brightness = _uniform(u[:, 2], cfg.brightness).view(-1, 1, 1, 1)
+    hue = _uniform(u[:, 3], cfg.hue_shift)
+    sat = _uniform(u[:, 4], cfg.saturation_shift)
+    val = _uniform(u[:, 5], cfg.value_shift)
+    do_gray = (u[:, 6] < cfg.gray_prob).view(-1, 1, 1, 1)
+    do_blur = u[:, 7] < cfg.blur_prob
+    # Kernel index: the first kernel whose cumulative probability exceeds the draw.
+    cum = torch.tensor(cfg.blur_kernel_probs, dtype=torch.float64, device=images.device).cumsum(0)
+    kidx = torch.searchsorted(cum, u[:, 8].double().contiguous(), right=True).clamp(max=len(cfg.blur_kernels) - 1)
+
+    x = images
+    if cfg.color_prob > 0:
+        jittered = (x * contrast + brightness * 255.0).clamp(0, 255)
+        x = torch.where(do_color, shift_hsv(jittered, hue, sat, val).to(x.dtype), x)
+    if cfg.gray_prob > 0:
+        x = torch.where(do_gray, to_gray(x), x)
+    if cfg.blur_prob > 0:
+        out = x
+        for j, k in enumerate(cfg.blur_kernels):
+            pick = (do_blur & (kidx == j)).view(-1, 1, 1, 1)
+            out = torch.where(pick, gaussian_blur(x, int(k)), out)
+        x = out
+    return x.clamp(0, 255)

@@ -1,0 +1,178 @@
+"""End-to-end training on tiny synthetic data (CPU): single process, 2-process Gloo via
+torchrun, AMP, determinism, kill + resume, checkpoint formats, non-finite loss, learning."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.synthetic_voc import make_synthetic_voc
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("syn") / "data"
+    make_synthetic_voc(root, train=16, val=6, test=2, size=(64, 64), classes=3, seed=0)
+    return root
+
+
+def _args(root: Path, logs: Path, tag: str, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "configs/demo.yaml"), "--logging_path_base", str(logs), "--logging_tag", tag,
+            f"data.root={root}", "data.synthetic=null", "data.num_classes=4", "model.decoder.num_classes=4",
+            "data.crop_size=64", "data.val_size=64", "data.batch_size=4", "data.num_workers=0",
+            "train.epochs=2", "train.num_vis=2", *extra]
+
+
+def _run(args: list[str], launcher: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = (launcher or [sys.executable]) + ["main.py"] + args
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, **kw)
+
+
+def _iters(run_dir: Path) -> dict[int, dict]:
+    """Per-iteration records; a resumed run rewrites the killed epoch's iterations, the last one wins."""
+    out = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["iter"]] = rec
+    return out
+
+
+def test_single_process_training_writes_resumable_and_best_checkpoints(syn_root, tmp_path):
+    r = _run(_args(syn_root, tmp_path, "single"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "single"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "train.log", "train_log.jsonl", "val_log.jsonl",
+                                               "latest_ckpt.pth", "best_ckpt.pth", "tb"}
+    latest = torch.load(run / "latest_ckpt.pth", weights_only=False)
+    assert latest["epoch"] == 1 and latest["iteration"] == 2 * 4  # 16 images / batch 4, 2 epochs
+    assert latest["method"] == {"name": "beco", "epoch": 1}
+    assert set(latest) >= {"optimizer", "scheduler", "scaler", "rng", "best_miou"}
+    best = torch.load(run / "best_ckpt.pth", weights_only=True)
+    assert list(best) == ["net_state_dict"] and sorted(best["net_state_dict"]) == ["network1", "network2"]
+    # The two nets start from different decoder draws.
+    n1, n2 = best["net_state_dict"]["network1"], best["net_state_dict"]["network2"]
+    assert not torch.equal(n1["classifier.weight"], n2["classifier.weight"])
+    iters = _iters(run)
+    assert sorted(iters) == list(range(8))
+    for rec in iters.values():
+        assert set(rec) >= {"lr", "ce1", "ce2", "cot1", "cot2", "total"}
+        assert rec["total"] == pytest.approx(rec["ce1"] + rec["ce2"] + rec["cot1"] + rec["cot2"], rel=1e-5)
+    # Poly schedule per iteration: lr = max(base * (1 - it/max_it)^0.9, 1e-5), base from demo.yaml.
+    for it, rec in iters.items():
+        assert rec["lr"] == pytest.approx(max(0.05 * (1 - it / 8) ** 0.9, 1e-5), rel=1e-9)
+    vals = [json.loads(l) for l in (run / "val_log.jsonl").read_text().splitlines()]
+    assert [v["epoch"] for v in vals] == [1, 2] and all(0 <= v["miou"] <= 1 for v in vals)
+
+
+def test_two_process_gloo_training_with_torchrun(syn_root, tmp_path):
+    from utils.distributed import free_port
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    r = _run(_args(syn_root, tmp_path, "ddp", "train.epochs=1", "data.batch_size=2"), launcher, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "ddp"
+    # Rank 0 alone writes: one run folder, one line per iteration (16 images / (2 ranks x 2) = 4).
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
+    assert sorted(_iters(run)) == [0, 1, 2, 3]
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 4
+    assert "2 process(es)" in (run / "train.log").read_text()
+    assert (run / "best_ckpt.pth").is_file() and (run / "latest_ckpt.pth").is_file()
+    latest = torch.load(run / "latest_ckpt.pth", weights_only=False)
+    assert len(latest["rng"]) == 2
+    # Checkpoints hold plain (unwrapped) parameter names.
+    assert not any(k.startswith("module.") for k in latest["net_state_dict"]["network1"])
+
+
+def test_amp_on_cpu_uses_bf16_and_trains(syn_root, tmp_path):
+    r = _run(_args(syn_root, tmp_path, "amp", "train.epochs=1", "--amp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    iters = _iters(tmp_path / "amp")
+    assert len(iters) == 4 and all(torch.isfinite(torch.tensor(v["total"])) for v in iters.values())
+    assert "amp True" in (tmp_path / "amp" / "train.log").read_text()
+
+
+def test_determinism_and_kill_resume(syn_root, tmp_path):
+    args = ["train.epochs=3", "--determ", "data.num_workers=1"]
+    full = _run(_args(syn_root, tmp_path, "full", *args))
+    assert full.returncode == 0, full.stderr[-3000:]
+    again = _run(_args(syn_root, tmp_path, "again", *args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref, rep = _iters(tmp_path / "full"), _iters(tmp_path / "again")
+    assert [r["total"] for r in ref.values()] == [r["total"] for r in rep.values()]  # bit-identical
+
+    # Kill the run in the middle of epoch 3 (after epoch 2's checkpoint), then resume.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "main.py"] + _args(syn_root, tmp_path, "killed", *args), cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        log = run / "train_log.jsonl"
+        if log.is_file() and any(json.loads(l)["iter"] >= 9 for l in log.read_text().splitlines() if l.strip()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = torch.load(run / "latest_ckpt.pth", weights_only=False)
+    assert latest["epoch"] == 1 and latest["iteration"] == 8
+    resumed = _run(_args(syn_root, tmp_path, "ignored", *args, "--ckpt", str(run / "latest_ckpt.pth")))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _iters(run)
+    assert sorted(got) == list(range(12))
+    for it in range(12):
+        assert got[it]["lr"] == ref[it]["lr"]
+        assert got[it]["total"] == ref[it]["total"], f"iteration {it} differs after resume"
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_checkpoint_reload_is_bit_identical(syn_root, tmp_path):
+    from engine import checkpoint as ckpt_io
+    from models import DeepLabV3Plus
+    from utils.config import load_config
+    r = _run(_args(syn_root, tmp_path, "reload", "train.epochs=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = load_config(REPO / "configs/demo.yaml", ["data.synthetic=null", "data.num_classes=4", "model.decoder.num_classes=4"])
+    nets = [DeepLabV3Plus(vars(cfg.model.backbone), vars(cfg.model.decoder)) for _ in range(2)]
+    best = ckpt_io.load(tmp_path / "reload" / "best_ckpt.pth")
+    ckpt_io.load_nets(best, nets, "best")
+    for name, net in zip(ckpt_io.NET_NAMES, nets):
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, best["net_state_dict"][name][k])
+    ckpt_io.save_best(tmp_path / "again.pth", nets)
+    again = ckpt_io.load(tmp_path / "again.pth")
+    for name in ckpt_io.NET_NAMES:
+        for k, v in best["net_state_dict"][name].items():
+            assert torch.equal(v, again["net_state_dict"][name][k])
+    # A mismatching checkpoint is refused with the key named.
+    del best["net_state_dict"]["network2"]["classifier.bias"]
+    with pytest.raises(ValueError, match="network2.*classifier.bias"):
+        ckpt_io.load_nets(best, nets, "broken")
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(syn_root, tmp_path, monkeypatch):
+    import engine.beco
+    import main as main_mod
+    assert main_mod.main(_args(syn_root, tmp_path, "nan", "train.epochs=1")) == 0
+    ckpt = tmp_path / "nan" / "latest_ckpt.pth"
+    before = ckpt.read_bytes()
+    real = engine.beco.training_step
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out["total"] = out["total"] * float("nan")
+        return out
+    monkeypatch.setattr(engine.beco, "training_step", poisoned)
+    rc = main_mod.main(_args(syn_root, tmp_path, "nan", "train.epochs=2", "--ckpt", str(ckpt)))
+    assert rc == 1
+    assert ckpt.read_bytes() == before
+    assert "non-finite loss at epoch 2, iteration 4" in (tmp_path / "nan" / "train.log").read_text()
