@@ -75,4 +75,5 @@ def training_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
     with autocast():
         logits1 = nets[0](images)["logits"]
         logits2 = nets[1](images)["logits"]
-    return beco_loss(logits1.float(), logits2.float(), label, mask, band, method)
+    co_training = method.co_training and epoch >= method.co_training_start_epoch
+    return beco_loss(logits1.float(), logits2.float(), label, mask, band, method, co_training)

@@ -9,14 +9,15 @@ from utils.voc import IGNORE_INDEX
 
 
 def beco_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-              band: torch.Tensor, cfg: MethodCfg) -> dict[str, torch.Tensor]:
+              band: torch.Tensor, cfg: MethodCfg, co_training: bool = True) -> dict[str, torch.Tensor]:
     """L_ce1 + L_ce2 + L_cot1 + L_cot2, each a mean over all B*H*W pixels.
 
     ``target`` (B,H,W) long with 255 ignored, ``mask`` (B,H,W) 1 = reliable, ``band``
     (B,H,W) the artificial boundary of the mixing. Reliable pixels learn the
     target, weighted up on the band; uncertain pixels learn the other net's hard
-    prediction (co-training). ``cfg.co_training`` off drops the two co-training
-    terms, so each net learns only from reliable pixels.
+    prediction (co-training). ``co_training`` False drops the two co-training
+    terms, so each net learns only from reliable pixels; the training step passes
+    ``cfg.co_training`` combined with ``cfg.co_training_start_epoch``.
     """
     mask = mask.float()
     band = band.float()
@@ -26,7 +27,7 @@ def beco_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor
         "ce1": (ce1 * mask * (1 + cfg.w_hb * band)).mean(),
         "ce2": (ce2 * mask * (1 + cfg.w_hi * band)).mean(),
     }
-    if cfg.co_training:
+    if co_training:
         # Hard predictions are targets: no gradient flows through the argmax.
         p1 = logits1.detach().argmax(1)
         p2 = logits2.detach().argmax(1)

@@ -65,7 +65,7 @@ def test_no_gradient_through_hard_targets():
 def test_co_training_off_leaves_reliable_terms_only():
     out = beco_loss(_tensor(L1), _tensor(L2), torch.tensor([TARGET]).reshape(1, 1, 3),
                     torch.tensor([MASK]).reshape(1, 1, 3), torch.tensor([BAND]).reshape(1, 1, 3),
-                    _cfg(co_training=False))
+                    _cfg(), co_training=False)
     assert out["cot1"].item() == 0 and out["cot2"].item() == 0
     assert out["total"].item() == pytest.approx((out["ce1"] + out["ce2"]).item())
 

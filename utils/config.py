@@ -107,6 +107,7 @@ class MethodCfg:
     threshold: float
     warmup_epochs: int
     co_training: bool
+    co_training_start_epoch: int
     mixing: bool
     mix_prob: float
     ignore_background: bool
@@ -157,6 +158,9 @@ class CrfCfg:
     bilateral_compat: float
     legacy_image: bool
     legacy_mean: list[float]
+    prob_clip: float
+    prune_labels: bool
+    prune_threshold: float
 
 
 @dataclass
@@ -166,6 +170,7 @@ class TestCfg:
     scales: list[float]
     flip: bool
     logits_dtype: str
+    chunk_size: int
     crf: CrfCfg
 
 
