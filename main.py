@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from tqdm import tqdm
 
 from utils.config import Config, ConfigError, apply_overrides, build_config, load_yaml, to_yaml
 
-log = logging.getLogger("beco")
+from utils.logs import log, log_error_to_file, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
     p.add_argument("--ckpt", default=None, help="resumable checkpoint to continue from, or nets to test with --test")
     p.add_argument("--test", action="store_true", help="test a checkpoint instead of training")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --test: recompute and rewrite score maps already saved (default: keep them)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p.parse_intermixed_args(argv)  # key=value pairs may come before or after flags
 
@@ -98,24 +98,6 @@ def run_dir_for(cfg: Config, ckpt: str | None) -> Path:
         return Path(ckpt).resolve().parent
     name = cfg.logging.tag + (cfg.logging.run_id or "")
     return Path(cfg.logging.path_base) / (name or time.strftime("%Y%m%d-%H%M%S"))
-
-
-def setup_logging(run_dir: Path | None) -> None:
-    log.setLevel(logging.INFO)
-    log.handlers.clear()
-    log.propagate = False
-    if run_dir is None:
-        log.addHandler(logging.NullHandler())
-        return
-
-    class TqdmHandler(logging.Handler):  # keeps progress bars intact
-        def emit(self, record):
-            tqdm.write(self.format(record))
-
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (TqdmHandler(), logging.FileHandler(run_dir / "train.log")):
-        h.setFormatter(fmt)
-        log.addHandler(h)
 
 
 def ensure_data(cfg: Config, is_main: bool) -> None:
@@ -254,7 +236,7 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_text(run_dir / "config.yaml", to_yaml(cfg))
-    setup_logging(run_dir if info.is_main else None)
+    setup_logging(run_dir / "train.log" if info.is_main else None)
     log.info(f"run folder {run_dir} | {info.world_size} process(es) on {info.device} | "
              f"method {cfg.method.name} | amp {cfg.train.amp}")
 
@@ -358,9 +340,6 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    if args.test:
-        print("error: --test arrives with the testing issue; train with this version", file=sys.stderr)
-        return 2
     if args.distributed and not spawned and "RANK" not in os.environ:
         from utils.distributed import free_port
         n = torch.cuda.device_count()
@@ -370,15 +349,17 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
             return 2
         mp.spawn(_spawned, args=(n, free_port(), sys.argv[1:] if argv is None else argv), nprocs=n)
         return 0
+    from datasets.voc import DataError
     from utils.distributed import cleanup
     try:
-        train(cfg, args)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
-        # Bad input or a diverged run: a clear message on the console, the traceback in train.log.
-        log.debug("traceback", exc_info=True)
-        for h in log.handlers:
-            if isinstance(h, logging.FileHandler):
-                h.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, f"error: {e}", None, sys.exc_info()))
+        if args.test:  # every rank tests its own shard of the ids
+            from engine.inference import run_test
+            run_test(cfg, args)
+        else:
+            train(cfg, args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
+        # Bad input or a diverged run: a clear message on the console, the traceback in the run's log.
+        log_error_to_file(f"error: {e}", sys.exc_info())
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -1,7 +1,6 @@
 """Statistics of the faithful train transform (spec second-stage §2) and the val transform."""
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np

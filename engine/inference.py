@@ -1,0 +1,280 @@
+"""``main.py --test``: the two nets' averaged score maps over a split, saved for test.py (spec §7).
+
+For every id the stride-4 ``pre_logits`` of the two nets are averaged (optionally also
+over a horizontal flip, and maxed over scales) and saved as ``<run>/<folder>/<id>.npy``;
+the 512x512 metrics of §6 are printed and logged. Ranks started by torchrun each take a
+shard of the ids (every id exactly once) and their confusion matrices are summed.
+
+A rerun resumes: an id whose map is already saved is not run through the nets again, its
+saved map is read back for the metrics (``--overwrite`` recomputes and rewrites).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from engine import checkpoint as ckpt_io
+from engine.evaluate import ShardSampler
+from utils.config import Config, ConfigError, to_dict, to_yaml
+from utils.io import atomic_write, save_json, save_text
+from utils.logs import log, setup_logging
+
+
+CONFIG_NAME = "config.yaml"  # test.py finds the data set through this file beside the logits folder
+PREVIOUS_CONFIG_NAME = "config.previous.yaml"
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def logits_folder_name(cfg: Config) -> str:
+    """``logits``, ``logits_msc`` with multi-scale (the reference's names), ``_flip`` added with flip,
+    so maps made differently never share a folder (a rerun would otherwise mix them)."""
+    return "logits" + ("_msc" if cfg.test.multi_scale else "") + ("_flip" if cfg.test.flip else "")
+
+
+def test_run_dir(cfg: Config, ckpt: str | None) -> Path:
+    """``<path_base>/<tag><run_id>`` when a tag or run id is given (the reference's
+    ``--logging_tag``), else the checkpoint's folder."""
+    name = cfg.logging.tag + (cfg.logging.run_id or "")
+    if name:
+        return Path(cfg.logging.path_base) / name
+    if ckpt:
+        return Path(ckpt).resolve().parent
+    raise ConfigError("--test needs --ckpt, or --logging_tag / --run_id naming a run folder with "
+                      f"{ckpt_io.BEST}")
+
+
+def resolve_checkpoint(cfg: Config, ckpt: str | None, run_dir: Path) -> Path:
+    path = Path(ckpt) if ckpt else run_dir / ckpt_io.BEST
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}" + ("" if ckpt else " (pass --ckpt)"))
+    return path
+
+
+def build_test_nets(cfg: Config, device: torch.device) -> list[nn.Module]:
+    """The run's nets in eval mode, ImageNet initialisation skipped (the checkpoint holds every weight)."""
+    from models import DeepLabV3Plus
+    backbone = dict(vars(cfg.model.backbone), pretrained=None)
+    count = 1 if cfg.method.name == "baseline" else 2
+    return [DeepLabV3Plus(backbone=backbone, decoder=vars(cfg.model.decoder)).to(device).eval()
+            for _ in range(count)]
+
+
+def load_test_nets(cfg: Config, path: Path, device: torch.device) -> list[nn.Module]:
+    """Nets from ``best_ckpt.pth``, a resumable checkpoint, or the reference's released file
+    (``{"net_state_dict": {"network1", "network2"}}``, ``module.`` prefixes allowed): strictly."""
+    nets = build_test_nets(cfg, device)
+    state = ckpt_io.load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint dictionary (got {type(state).__name__})")
+    ckpt_io.load_nets(state, nets, str(path))
+    return nets
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+def _averaged(nets: list[nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the nets of (pre_logits, logits), float32."""
+    pre = full = None
+    for net in nets:
+        out = net(images)
+        p, f = out["pre_logits"].float(), out["logits"].float()
+        pre = p if pre is None else pre + p
+        full = f if full is None else full + f
+    return pre / len(nets), full / len(nets)
+
+
+def _one_scale(nets: list[nn.Module], images: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pre, full = _averaged(nets, images)
+    if flip:
+        pre_f, full_f = _averaged(nets, images.flip(-1))
+        pre, full = (pre + pre_f.flip(-1)) / 2, (full + full_f.flip(-1)) / 2
+    return pre, full
+
+
+@torch.no_grad()
+def predict_maps(nets: list[nn.Module], images: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stride-4 map to save, full-size logits for the metrics) of a normalised batch.
+
+    Multi-scale (spec §7): the input is also resized by every scale, each stride-4 map is
+    resized to the base one's size, and the pixel-wise maximum over the base and the scaled
+    maps is kept; its full-size logits are that map upsampled. Without multi-scale the
+    full-size logits are the nets' own, as in validation (§6).
+    """
+    align = cfg.model.decoder.align_corners
+    pre, full = _one_scale(nets, images, cfg.test.flip)
+    if not cfg.test.multi_scale:
+        return pre, full
+    h, w = images.shape[-2:]
+    best = pre
+    for scale in cfg.test.scales:
+        scaled = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bilinear",
+                               align_corners=align)
+        pre_s, _ = _one_scale(nets, scaled, cfg.test.flip)
+        best = torch.maximum(best, F.interpolate(pre_s, size=pre.shape[-2:], mode="bilinear", align_corners=align))
+    return best, F.interpolate(best, size=(h, w), mode="bilinear", align_corners=align)
+
+
+# ----------------------------------------------------------------------------- saved maps
+
+def save_map(path: Path, array: np.ndarray) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
+            np.save(f, array)
+    return atomic_write(path, write)
+
+
+def load_saved_map(path: Path, item_id: str, num_classes: int, dtype: str) -> np.ndarray:
+    """A saved map, checked against the run's class count and storage type."""
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"saved map for id '{item_id}' is unreadable: {path} ({e}); rerun with --overwrite") from e
+    if arr.ndim != 3 or arr.shape[0] != num_classes:
+        raise ValueError(f"saved map for id '{item_id}' has shape {arr.shape}, expected {num_classes} classes "
+                         f"first: {path}; rerun with --overwrite")
+    if arr.dtype != np.dtype(NUMPY_DTYPES[dtype]):
+        raise ValueError(f"saved map for id '{item_id}' is {arr.dtype} but test.logits_dtype is {dtype}: {path}; "
+                         f"rerun with --overwrite")
+    return arr
+
+
+SETTINGS_NAME = "_settings.json"
+
+
+def map_settings(cfg: Config, ckpt_path: Path) -> dict:
+    """What the saved maps depend on; a folder made with other settings is never silently reused."""
+    stat = ckpt_path.stat()
+    return {"checkpoint": str(ckpt_path.resolve()), "checkpoint_bytes": stat.st_size,
+            "checkpoint_mtime_ns": stat.st_mtime_ns, "split": cfg.test.split, "val_size": cfg.data.val_size,
+            "multi_scale": cfg.test.multi_scale, "scales": cfg.test.scales if cfg.test.multi_scale else None,
+            "flip": cfg.test.flip, "logits_dtype": cfg.test.logits_dtype, "model": to_dict(cfg.model)}
+
+
+def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to add to ``folder`` when its ``_settings.json`` differs from ``settings`` (unless overwriting)."""
+    path = folder / SETTINGS_NAME
+    if overwrite or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); rerun with --overwrite") from e
+    changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(f"{folder} holds maps made with other settings (differs in: {', '.join(changed)}); "
+                         f"rerun with --overwrite to replace them, or use another --logging_tag")
+
+
+def save_run_config(run_dir: Path, cfg: Config) -> Path:
+    """``<run>/config.yaml`` = this test's resolved config; a different one already there
+    (e.g. the training run's) is kept as ``config.previous.yaml`` rather than lost."""
+    path = run_dir / CONFIG_NAME
+    text = to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        save_text(run_dir / PREVIOUS_CONFIG_NAME, path.read_text())
+    return save_text(path, text)
+
+
+def _has_ground_truth(cfg: Config, ids: list[str]) -> bool:
+    """Labels are read when the split has any ground truth (VOC's test split has none); then
+    every id must have one, which the data set checks with the missing id named."""
+    gt_dir = Path(cfg.data.root) / cfg.data.gt_dir
+    return any((gt_dir / f"{i}.png").is_file() for i in ids)
+
+
+def run_test(cfg: Config, args: argparse.Namespace) -> dict:
+    """Save every id's averaged map and report the 512x512 metrics; returns a summary."""
+    from datasets.voc import VOCEvalSet, read_split
+    from utils.distributed import all_reduce_sum, barrier, init_distributed
+    from utils.metrics import confusion_matrix, segmentation_scores
+
+    if cfg.test.multi_scale and not cfg.test.scales:
+        raise ConfigError("config key 'test.scales': multi-scale testing needs at least one scale")
+    info = init_distributed(getattr(args, "gpu_id", None))
+    run_dir = test_run_dir(cfg, args.ckpt)
+    ckpt_path = resolve_checkpoint(cfg, args.ckpt, run_dir)
+    out_dir = run_dir / logits_folder_name(cfg)
+    overwrite = bool(getattr(args, "overwrite", False))
+    ids = read_split(Path(cfg.data.root) / cfg.data.list_dir, cfg.test.split)
+    settings = map_settings(cfg, ckpt_path)
+    check_settings(out_dir, settings, overwrite)  # every rank, before anything is written
+    barrier()
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # start afresh: a killed --overwrite run must not leave old maps to be reused
+            for i in ids:
+                (out_dir / f"{i}.npy").unlink(missing_ok=True)
+        save_json(out_dir / SETTINGS_NAME, settings)
+        save_run_config(run_dir, cfg)
+    barrier()
+    setup_logging(run_dir / "test.log" if info.is_main else None)
+
+    with_labels = _has_ground_truth(cfg, ids)
+    dataset = VOCEvalSet(cfg.data, cfg.test.split, with_labels=with_labels)
+    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size,
+                        sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+    nets = load_test_nets(cfg, ckpt_path, info.device)
+    dtype = cfg.test.logits_dtype
+    log.info(f"testing {ckpt_path} on '{cfg.test.split}' ({len(dataset)} ids, labels: {with_labels}) | "
+             f"{info.world_size} process(es) on {info.device} | multi-scale {cfg.test.multi_scale} "
+             f"flip {cfg.test.flip} | maps -> {out_dir} ({dtype})")
+
+    num_classes = cfg.data.num_classes
+    align = cfg.model.decoder.align_corners
+    autocast = torch.autocast(info.device.type, dtype=torch.float16 if info.device.type == "cuda" else torch.bfloat16,
+                              enabled=cfg.train.amp)
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=info.device)
+    counts = torch.zeros(2, dtype=torch.long, device=info.device)  # written, read back
+    t0 = time.time()
+    for batch in tqdm(loader, desc="test", disable=not info.is_main, dynamic_ncols=True, leave=False):
+        batch_ids = list(batch["id"])
+        paths = [out_dir / f"{i}.npy" for i in batch_ids]
+        images = batch["image"].to(info.device, non_blocking=True)
+        if not overwrite and all(p.is_file() for p in paths):
+            saved = np.stack([load_saved_map(p, i, num_classes, dtype) for p, i in zip(paths, batch_ids)])
+            full = F.interpolate(torch.from_numpy(saved.astype(np.float32)).to(info.device),
+                                 size=images.shape[-2:], mode="bilinear", align_corners=align)
+            counts[1] += len(batch_ids)
+        else:
+            with autocast:
+                pre, full = predict_maps(nets, images, cfg)
+            if pre.shape[1] != num_classes:
+                raise ValueError(f"the nets output {pre.shape[1]} classes, data.num_classes is {num_classes}")
+            maps = pre.float().cpu().numpy().astype(NUMPY_DTYPES[dtype])
+            for path, arr in zip(paths, maps):
+                if overwrite or not path.is_file():
+                    save_map(path, arr)
+                    counts[0] += 1
+        if with_labels:
+            conf += confusion_matrix(full.argmax(1), batch["label"].to(info.device), num_classes)
+    all_reduce_sum(conf)
+    all_reduce_sum(counts)
+    written, reused = (int(v) for v in counts.tolist())
+    summary = {"run_dir": str(run_dir), "logits_dir": str(out_dir), "checkpoint": str(ckpt_path),
+               "split": cfg.test.split, "num_images": len(dataset), "written": written, "reused": reused,
+               "scores": None}
+    if info.is_main:
+        log.info(f"{written} maps written, {reused} already there (kept) | {time.time() - t0:.1f} s")
+        if with_labels:
+            scores = segmentation_scores(conf)
+            summary["scores"] = scores
+            save_json(run_dir / f"{out_dir.name}_scores.json", {
+                "checkpoint": str(ckpt_path), "split": cfg.test.split, "num_images": len(dataset),
+                "resolution": cfg.data.val_size, "multi_scale": cfg.test.multi_scale, "flip": cfg.test.flip,
+                **scores})
+            log.info(f"{cfg.data.val_size}x{cfg.data.val_size} metrics on '{cfg.test.split}': "
+                     f"mIoU {scores['miou']:.4f} | pixel acc {scores['pixel_acc']:.4f} | "
+                     f"mean acc {scores['mean_acc']:.4f} | mean precision {scores['mean_precision']:.4f}")
+        log.info(f"next: python test.py --logits_dir {out_dir} --mode {'val' if with_labels else 'test'} [--crf]")
+    barrier()
+    return summary

@@ -1,0 +1,413 @@
+"""Full-resolution predictions from the maps ``main.py --test`` saved: optional dense CRF, mIoU,
+VOC evaluation-server layout, pictures (spec second-stage §7).
+
+    python test.py --logits_dir data/logging/beco1/logits --mode val [--crf]
+    python test.py --logits_dir data/logging/beco1/logits --mode test --crf     # + VOC submission tar
+
+For every id of the split: read the original image (and, in val mode, its ground
+truth), upsample the saved map bilinearly to the image size, softmax, optional dense
+CRF, argmax -> ``<run>/<mode>_pred[_crf]/<id>.png`` (VOC palette). Val mode prints
+per-class IoU and mIoU at the original resolution and writes them to
+``<run>/<mode>_pred[_crf]_scores.json``. Work runs in ``--n-jobs`` single-threaded
+worker processes. A rerun skips ids whose prediction exists (``--overwrite`` redoes them).
+"""
+from __future__ import annotations
+
+import os
+
+# One compute thread per process, set before numpy/torch load their thread pools; the
+# forked workers inherit it. n workers then keep n cores busy, never n x cores.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from datasets.voc import DataError, read_image, read_label, read_split  # noqa: E402
+from utils.config import Config, ConfigError, CrfCfg, apply_overrides, build_config, load_yaml  # noqa: E402
+from utils.crf import available_cores, parallel_map, postprocess  # noqa: E402
+from utils.io import atomic_write, save_json, save_png  # noqa: E402
+from utils.voc import IGNORE_INDEX, VOC_CLASSES, colorize, voc_palette  # noqa: E402
+
+SETTINGS_NAME = "_settings.json"
+SUBMISSION_SUBDIR = Path("results/VOC2012/Segmentation/comp6_test_cls")  # the VOC server's layout
+
+# Picture layout, in pixels (drawing only, no effect on any result).
+VIS_PAD = 4
+VIS_TITLE_H = 18
+VIS_SWATCH = 12
+VIS_LEGEND_ROW_H = 18
+VIS_FONT_SCALE = 0.4
+
+# Flags that set test.crf.<key>; None leaves the config's value.
+CRF_FLAGS = {"crf_iterations": "iterations", "crf_gaussian_sxy": "gaussian_sxy",
+             "crf_gaussian_compat": "gaussian_compat", "crf_bilateral_sxy": "bilateral_sxy",
+             "crf_bilateral_srgb": "bilateral_srgb", "crf_bilateral_compat": "bilateral_compat",
+             "crf_prob_clip": "prob_clip", "crf_prune_labels": "prune_labels",
+             "crf_prune_threshold": "prune_threshold"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--logits_dir", required=True, help="folder of <id>.npy maps written by main.py --test")
+    p.add_argument("--mode", choices=("val", "test"), default="val",
+                   help="val: score against the ground truth; test: no labels, also write the VOC "
+                        "server layout and its tar (default: %(default)s)")
+    p.add_argument("--crf", action="store_true", help="dense CRF before the argmax")
+    p.add_argument("--config", default=None,
+                   help="config of the run (default: config.yaml beside the logits folder)")
+    p.add_argument("--split", default=None, help="split list to read (default: the config's test.split)")
+    p.add_argument("--n-jobs", type=int, default=None, help="worker processes (default: all available cores)")
+    p.add_argument("--crf-legacy-image", action="store_true",
+                   help="give the CRF the reference's corrupted mean-subtracted uint8 image (spec §7 QUIRK)")
+    p.add_argument("--crf-iterations", type=int, help="mean-field iterations (test.crf.iterations)")
+    p.add_argument("--crf-gaussian-sxy", type=float, help="test.crf.gaussian_sxy")
+    p.add_argument("--crf-gaussian-compat", type=float, help="test.crf.gaussian_compat")
+    p.add_argument("--crf-bilateral-sxy", type=float, help="test.crf.bilateral_sxy")
+    p.add_argument("--crf-bilateral-srgb", type=float, help="test.crf.bilateral_srgb")
+    p.add_argument("--crf-bilateral-compat", type=float, help="test.crf.bilateral_compat")
+    p.add_argument("--crf-prob-clip", type=float, help="probability floor of the unary (test.crf.prob_clip)")
+    p.add_argument("--crf-prune-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the CRF over the labels reaching --crf-prune-threshold somewhere "
+                        "(test.crf.prune_labels)")
+    p.add_argument("--crf-prune-threshold", type=float, help="test.crf.prune_threshold")
+    p.add_argument("--vis", type=int, default=0, metavar="N",
+                   help="write N pictures (image | prediction | CRF prediction | ground truth) "
+                        "to <run>/<mode>_vis/")
+    p.add_argument("--overwrite", action="store_true", help="redo ids whose prediction already exists")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data")
+    return p.parse_intermixed_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, run_dir: Path) -> Config:
+    path = Path(args.config) if args.config else run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no config at {path}: main.py --test saves one beside the logits folder; "
+                          f"pass --config")
+    raw = load_yaml(path)
+    crf = raw.setdefault("test", {}).setdefault("crf", {})
+    for flag, key in CRF_FLAGS.items():
+        if getattr(args, flag) is not None:
+            crf[key] = getattr(args, flag)
+    if args.crf_legacy_image:
+        crf["legacy_image"] = True
+    cfg = build_config(apply_overrides(raw, args.overrides))
+    c = cfg.test.crf
+    for key, ok in (("iterations", c.iterations >= 0), ("prob_clip", 0 < c.prob_clip < 1),
+                    ("prune_threshold", 0 <= c.prune_threshold <= 1), ("gaussian_sxy", c.gaussian_sxy > 0),
+                    ("bilateral_sxy", c.bilateral_sxy > 0), ("bilateral_srgb", c.bilateral_srgb > 0),
+                    ("legacy_mean", len(c.legacy_mean) == 3)):
+        if not ok:
+            raise ConfigError(f"config key 'test.crf.{key}': invalid value {getattr(c, key)!r}")
+    if cfg.test.chunk_size < 1:
+        raise ConfigError("config key 'test.chunk_size': must be >= 1")
+    return cfg
+
+
+def class_names(num_classes: int) -> list[str]:
+    if num_classes <= len(VOC_CLASSES):
+        return list(VOC_CLASSES[:num_classes])  # VOC and the synthetic set (its first K+1 VOC names)
+    return [f"class_{k}" for k in range(num_classes)]
+
+
+# ----------------------------------------------------------------------------- one id (worker side)
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs, sent once per worker process."""
+    image_dir: Path
+    gt_dir: Path | None  # None in test mode
+    logits_dir: Path
+    pred_dir: Path
+    vis_dir: Path
+    num_classes: int
+    names: tuple[str, ...]
+    crf: CrfCfg | None  # None without --crf
+    crf_for_vis: CrfCfg  # pictures always show the CRF column
+    align_corners: bool
+    overwrite: bool
+
+
+_JOB: Job | None = None
+
+
+def _set_job(job: Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def load_logits(path: Path, item_id: str, num_classes: int) -> np.ndarray:
+    try:
+        arr = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"logits missing for id '{item_id}': {path}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"logits for id '{item_id}' are unreadable: {path} ({e})") from None
+    if arr.ndim != 3:
+        raise DataError(f"logits for id '{item_id}' must be classes x height x width, got shape {arr.shape}: {path}")
+    if arr.shape[0] != num_classes:
+        raise DataError(f"logits for id '{item_id}' have {arr.shape[0]} classes, the data set has {num_classes} "
+                        f"(data.num_classes): {path}")
+    return arr.astype(np.float32)
+
+
+def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts, rows = ground truth, cols = prediction; 255 ignored."""
+    valid = gt != IGNORE_INDEX
+    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def process_id(job: Job, item_id: str, vis: bool) -> tuple[str, np.ndarray | None, str]:
+    """Predict (or reuse) one id's label map; returns (id, confusion or None, "done" | "kept")."""
+    pred_path = job.pred_dir / f"{item_id}.png"
+    gt = None
+    if job.gt_dir is not None:
+        gt = np.asarray(read_label(job.gt_dir / f"{item_id}.png", item_id, job.num_classes, "ground truth"))
+    if pred_path.is_file() and not job.overwrite and not vis:
+        pred = np.asarray(Image.open(pred_path))
+        if gt is not None and pred.shape != gt.shape:
+            raise DataError(f"existing prediction for id '{item_id}' is {pred.shape[1]}x{pred.shape[0]} but its "
+                            f"ground truth is {gt.shape[1]}x{gt.shape[0]}: {pred_path}; rerun with --overwrite")
+        return item_id, None if gt is None else confusion(gt, pred, job.num_classes), "kept"
+
+    logits = load_logits(job.logits_dir / f"{item_id}.npy", item_id, job.num_classes)
+    image_path = job.image_dir / f"{item_id}.jpg"
+    image = np.asarray(read_image(image_path, item_id))
+    if gt is not None and gt.shape != image.shape[:2]:
+        raise DataError(f"id '{item_id}': ground truth is {gt.shape[1]}x{gt.shape[0]} but {image_path} is "
+                        f"{image.shape[1]}x{image.shape[0]} (width x height)")
+    pred, pred_crf = postprocess(logits, image, job.crf_for_vis if vis else job.crf, job.align_corners)
+    final = pred_crf if job.crf is not None else pred
+    status = "kept"
+    if job.overwrite or not pred_path.is_file():
+        save_png(pred_path, final, voc_palette())
+        status = "done"
+    if vis:
+        save_png(job.vis_dir / f"{item_id}.png", render_vis(image, pred, pred_crf, gt, job.names))
+    return item_id, None if gt is None else confusion(gt, final, job.num_classes), status
+
+
+def _work(task: tuple[str, bool]) -> tuple[str, np.ndarray | None, str, str | None]:
+    """Worker entry: errors come back as messages naming the id, so the parent stops cleanly."""
+    item_id, vis = task
+    try:
+        out = process_id(_JOB, item_id, vis)
+    except (DataError, ValueError, OSError) as e:
+        message = str(e) if item_id in str(e) else f"id '{item_id}': {e}"
+        return item_id, None, "error", message
+    return (*out, None)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def _put_text(canvas: np.ndarray, text: str, x: int, y: int) -> None:
+    import cv2
+    cv2.putText(canvas, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, VIS_FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def _text_width(text: str) -> int:
+    import cv2
+    return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, VIS_FONT_SCALE, 1)[0][0]
+
+
+def render_vis(image: np.ndarray, pred: np.ndarray, pred_crf: np.ndarray | None, gt: np.ndarray | None,
+               names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """image | prediction | CRF prediction | ground truth side by side, titled, with a colour
+    legend of the classes shown (VOC palette; void = 255 in cream). HxWx3 uint8."""
+    palette = voc_palette()
+    panels = [("image", image), ("prediction", colorize(pred))]
+    if pred_crf is not None:
+        panels.append(("CRF", colorize(pred_crf)))
+    if gt is not None:
+        panels.append(("ground truth", colorize(gt)))
+    h, w = image.shape[:2]
+    labels = sorted(set(np.unique(pred).tolist())
+                    | (set(np.unique(pred_crf).tolist()) if pred_crf is not None else set())
+                    | (set(np.unique(gt).tolist()) if gt is not None else set()))
+    entries = [(k, names[k] if k < len(names) else ("void" if k == IGNORE_INDEX else str(k))) for k in labels]
+    width = len(panels) * (w + VIS_PAD) + VIS_PAD
+    # Lay the legend out in rows that fit the picture's width.
+    rows, row, x = [], [], VIS_PAD
+    for k, name in entries:
+        item_w = VIS_SWATCH + 4 + _text_width(name) + 2 * VIS_PAD
+        if row and x + item_w > width:
+            rows.append(row)
+            row, x = [], VIS_PAD
+        row.append((k, name, x))
+        x += item_w
+    if row:
+        rows.append(row)
+    height = VIS_TITLE_H + h + VIS_PAD + len(rows) * VIS_LEGEND_ROW_H + VIS_PAD
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    for j, (title, panel) in enumerate(panels):
+        x0 = VIS_PAD + j * (w + VIS_PAD)
+        canvas[VIS_TITLE_H:VIS_TITLE_H + h, x0:x0 + w] = panel
+        _put_text(canvas, title, x0, VIS_TITLE_H - 5)
+    y0 = VIS_TITLE_H + h + VIS_PAD
+    for r, items in enumerate(rows):
+        y = y0 + r * VIS_LEGEND_ROW_H
+        for k, name, x in items:
+            canvas[y + 2:y + 2 + VIS_SWATCH, x:x + VIS_SWATCH] = palette[k]
+            _put_text(canvas, name, x + VIS_SWATCH + 4, y + VIS_SWATCH)
+    return canvas
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def check_inputs(ids: list[str], split_path: Path, image_dir: Path, gt_dir: Path | None, logits_dir: Path) -> None:
+    """Fail before any work with the first offending id: a missing image, ground truth or map,
+    or a map whose id the split list does not hold (maps from another split or data set)."""
+    for directory, suffix, what in ((image_dir, ".jpg", "image"), (gt_dir, ".png", "ground truth"),
+                                    (logits_dir, ".npy", "logits")):
+        if directory is None:
+            continue
+        if not directory.is_dir():
+            raise DataError(f"{what} directory not found: {directory}")
+        present = {p.name for p in directory.iterdir()}
+        missing = [i for i in ids if f"{i}{suffix}" not in present]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"{what} missing for id '{missing[0]}': {directory / (missing[0] + suffix)}{more}")
+    listed = set(ids)
+    extra = sorted(p.stem for p in logits_dir.glob("*.npy") if p.stem not in listed)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DataError(f"logits for id '{extra[0]}' ({logits_dir / (extra[0] + '.npy')}) but the id is not in "
+                        f"the split list {split_path}{more}: maps of another split? pass --split")
+
+
+def check_settings(pred_dir: Path, settings: dict, overwrite: bool, ids: list[str]) -> None:
+    """Predictions made with other settings are never mixed with new ones."""
+    path = pred_dir / SETTINGS_NAME
+    if overwrite:  # start afresh, so a killed --overwrite run cannot leave old predictions to be kept
+        for i in ids:
+            (pred_dir / f"{i}.png").unlink(missing_ok=True)
+    elif path.is_file():
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        if changed:
+            raise ConfigError(f"{pred_dir} holds predictions made with other settings (differs in: "
+                              f"{', '.join(changed)}); rerun with --overwrite to replace them")
+    save_json(path, settings)
+
+
+def write_submission(run_dir: Path, pred_dir: Path, ids: list[str]) -> Path:
+    """The VOC evaluation-server layout ``results/VOC2012/Segmentation/comp6_test_cls/<id>.png``
+    under ``<run>/<pred>_submission/``, and ``<run>/<pred>_submission.tar`` holding exactly the listed ids."""
+    root = run_dir / f"{pred_dir.name}_submission"
+    target = root / SUBMISSION_SUBDIR
+    for i in ids:
+        atomic_write(target / f"{i}.png", lambda tmp, src=pred_dir / f"{i}.png": shutil.copyfile(src, tmp))
+
+    def write_tar(tmp: str) -> None:
+        with tarfile.open(tmp, "w") as tar:
+            for i in ids:
+                tar.add(target / f"{i}.png", arcname=str(SUBMISSION_SUBDIR / f"{i}.png"))
+    return atomic_write(run_dir / f"{pred_dir.name}_submission.tar", write_tar)
+
+
+def print_scores(scores: dict, names: list[str]) -> None:
+    width = max(len(n) for n in names)
+    for name, iou in zip(names, scores["iou"]):
+        print(f"  {name:<{width}}  {'absent' if iou is None else f'{iou:.4f}'}")
+    present = sum(v is not None for v in scores["iou"])
+    print(f"mIoU {scores['miou']:.4f} over {present} classes present | pixel acc {scores['pixel_acc']:.4f} | "
+          f"mean acc {scores['mean_acc']:.4f} | mean precision {scores['mean_precision']:.4f}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from utils.metrics import segmentation_scores
+
+    logits_dir = Path(args.logits_dir)
+    if not logits_dir.is_dir():
+        raise DataError(f"logits folder not found: {logits_dir}")
+    run_dir = logits_dir.resolve().parent
+    cfg = resolve_config(args, run_dir)
+    root = Path(cfg.data.root)
+    split = args.split or cfg.test.split
+    split_path = root / cfg.data.list_dir / f"{split}.txt"
+    ids = read_split(root / cfg.data.list_dir, split)
+    gt_dir = root / cfg.data.gt_dir if args.mode == "val" else None
+    check_inputs(ids, split_path, root / cfg.data.image_dir, gt_dir, logits_dir)
+
+    pred_dir = run_dir / f"{args.mode}_pred{'_crf' if args.crf else ''}"
+    crf_settings = dataclasses.asdict(cfg.test.crf) if args.crf else None
+    check_settings(pred_dir, {"logits_dir": logits_dir.name, "split": split, "num_classes": cfg.data.num_classes,
+                              "align_corners": cfg.model.decoder.align_corners, "crf": crf_settings},
+                   args.overwrite, ids)
+    names = class_names(cfg.data.num_classes)
+    job = Job(image_dir=root / cfg.data.image_dir, gt_dir=gt_dir, logits_dir=logits_dir, pred_dir=pred_dir,
+              vis_dir=run_dir / f"{args.mode}_vis", num_classes=cfg.data.num_classes, names=tuple(names),
+              crf=cfg.test.crf if args.crf else None, crf_for_vis=cfg.test.crf,
+              align_corners=cfg.model.decoder.align_corners, overwrite=args.overwrite)
+    n_jobs = args.n_jobs or available_cores()
+    if n_jobs < 1:
+        raise ConfigError("--n-jobs must be >= 1")
+    tasks = [(i, k < args.vis) for k, i in enumerate(ids)]
+    print(f"{len(ids)} ids of '{split}' | {'dense CRF' + (' (pruned labels)' if cfg.test.crf.prune_labels else '') if args.crf else 'no CRF'} | "
+          f"{n_jobs} worker(s), {cfg.test.chunk_size} ids per chunk | -> {pred_dir}", flush=True)
+
+    conf = np.zeros((cfg.data.num_classes,) * 2, np.int64)
+    counts = {"done": 0, "kept": 0}
+    t0 = time.time()
+    results = parallel_map(_work, tasks, n_jobs, cfg.test.chunk_size, init=_set_job, init_args=(job,))
+    try:
+        for item_id, c, status, error in tqdm(results, total=len(tasks), desc=f"{args.mode}", dynamic_ncols=True):
+            if error is not None:
+                raise DataError(error)
+            counts[status] += 1
+            if c is not None:
+                conf += c
+    finally:
+        results.close()  # stops the workers at once on an error; finished files stay
+    elapsed = time.time() - t0
+    print(f"{counts['done']} predictions written, {counts['kept']} already there (kept) | {elapsed:.1f} s "
+          f"({len(ids) / max(elapsed, 1e-9):.2f} images/s)")
+
+    summary = {"pred_dir": str(pred_dir), "num_images": len(ids), "written": counts["done"], "kept": counts["kept"],
+               "seconds": elapsed, "scores": None, "submission": None}
+    if args.mode == "val":
+        scores = segmentation_scores(conf)
+        # "iou" is a list in class-id order beside "class_names" (the JSON writer sorts mapping keys).
+        record = {"split": split, "num_images": len(ids), "logits_dir": str(logits_dir), "crf": crf_settings,
+                  "resolution": "original", "class_names": names, **scores}
+        scores_path = save_json(run_dir / f"{pred_dir.name}_scores.json", record)
+        print_scores(scores, names)
+        print(f"scores: {scores_path}")
+        summary["scores"] = record
+    else:
+        tar_path = write_submission(run_dir, pred_dir, ids)
+        print(f"VOC server layout: {run_dir / (pred_dir.name + '_submission') / SUBMISSION_SUBDIR} | tar: {tar_path}")
+        summary["submission"] = str(tar_path)
+    if args.vis:
+        print(f"pictures: {job.vis_dir}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
