@@ -101,17 +101,22 @@ def run_dir_for(cfg: Config, ckpt: str | None) -> Path:
 
 
 def ensure_data(cfg: Config, is_main: bool) -> None:
-    """Generate the synthetic data set when the config asks for it and it is not there."""
+    """Generate the synthetic data set when the config asks for one.
+
+    Same settings as the set on disk: nothing is written. Other settings: the
+    generator refuses (FileExistsError) rather than train on a stale set.
+    """
     from utils.distributed import barrier
     syn = cfg.data.synthetic
     root = Path(cfg.data.root)
-    if syn is not None and is_main and not (root / "synthetic_voc.json").is_file():
-        from datasets.synthetic_voc import make_synthetic_voc
-        log.info(f"no data under {root}: generating the synthetic VOC-format set with simulated "
-                 f"first-stage pseudo-labels and masks")
+    if syn is not None and is_main:
+        from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc
+        if not (root / SUMMARY_NAME).is_file():
+            log.info(f"no data under {root}: generating the synthetic VOC-format set with simulated "
+                     f"first-stage pseudo-labels and masks")
         summary = make_synthetic_voc(root, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
                                      classes=syn.classes, seed=syn.seed, progress=True)
-        log.info(f"synthetic data ready: pseudo-label mIoU {summary['pseudo_label']['miou']:.3f}")
+        log.info(f"synthetic data under {root}: pseudo-label mIoU {summary['pseudo_label']['miou']:.3f}")
     barrier()
 
 
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
             run_test(cfg, args)
         else:
             train(cfg, args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteLoss) as e:
         # Bad input or a diverged run: a clear message on the console, the traceback in the run's log.
         log_error_to_file(f"error: {e}", sys.exc_info())
         print(f"error: {e}", file=sys.stderr)
