@@ -1,0 +1,88 @@
+"""CAM network (spec §6.1 training form, §7.1 inference form).
+
+Named after the reference module; the backbone depth is a parameter (50 = reference,
+18/34 for CPU runs) and the classifier width follows the backbone's layer4 channels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from net.resnet import ResNet, build_backbone
+
+NUM_CLASSES = 20
+
+
+class Net(nn.Module):
+    """Training form: stem+layer1 → layer2 → (gradient cut) → layer3 → layer4 → GAP → 1×1 conv.
+
+    ``freeze_until`` (QUIRK-17's option): "stage2" (reference VOC/IRN) cuts gradients after
+    layer2 and marks the stem's conv1/bn1 frozen, so only layer3/layer4 and the classifier
+    learn; "stem" (the ReCAM variant) freezes only conv1/bn1; "none" trains everything (useful
+    when training from scratch, where frozen random layers limit the CAMs).
+    """
+
+    FREEZE_CHOICES = ("stage2", "stem", "none")
+
+    def __init__(self, depth: int = 50, weights: str | Path | None = None, num_classes: int = NUM_CLASSES,
+                 backbone: ResNet | None = None, freeze_until: str = "stage2", bn_mode: str = "fixed"):
+        super().__init__()
+        if freeze_until not in self.FREEZE_CHOICES:
+            raise ValueError(f"freeze_until must be one of {self.FREEZE_CHOICES}, got {freeze_until!r}")
+        self.freeze_until = freeze_until
+        self.backbone = backbone if backbone is not None else build_backbone(depth, weights, bn_mode)
+        self.num_classes = num_classes
+        feat = self.backbone.out_channels["layer4"]
+        # PyTorch's default conv init (Kaiming-uniform a=√5 → U(±1/√feat)), no bias.
+        self.classifier = nn.Conv2d(feat, num_classes, kernel_size=1, bias=False)
+        if freeze_until != "none":
+            for p in list(self.backbone.conv1.parameters()) + list(self.backbone.bn1.parameters()):
+                p.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.layer1(b.stem(x))
+        x = b.layer2(x)
+        if self.freeze_until == "stage2":
+            x = x.detach()
+        return b.layer4(b.layer3(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        # GAP over every position, crop padding included (QUIRK-23 KEEP).
+        f = f.mean(dim=(2, 3), keepdim=True)
+        return self.classifier(f).flatten(1)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, classifier parameters) for the two optimiser groups (§6.3)."""
+        return list(self.backbone.parameters()), list(self.classifier.parameters())
+
+
+class CAM(Net):
+    """Inference form: input the pair ``[x, fliplr(x)]``; returns ``A[0] + fliplr(A[1])``,
+    ``A = ReLU(classifier(features))`` — shape (C, h16, w16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if x.dim() != 4 or x.shape[0] != 2:
+            raise ValueError(f"CAM expects the (2, 3, h, w) pair [x, flip(x)], got {tuple(x.shape)}")
+        a = F.relu(F.conv2d(self.features(x), self.classifier.weight))
+        return a[0] + a[1].flip(-1)
+
+
+def load_cam_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights saved by train_cam (strict: a depth/class mismatch fails with the file named)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CAM weights not found: {path} (run the train_cam step first)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"CAM weights {path} do not fit this network (backbone depth / classes?): {e}") from None
+    return model
+
+
+__all__ = ["Net", "CAM", "load_cam_weights", "NUM_CLASSES"]

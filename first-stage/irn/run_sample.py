@@ -1,0 +1,391 @@
+"""First stage driver: IRN pseudo-labels and confidence masks for VOC-format data.
+
+    python first-stage/irn/run_sample.py --voc12_root data/VOC2012 --work_dir data/first_stage \\
+        --backbone_weights model_weights/resnet50-19c8e357.pth --steps all --export_to data/
+
+Steps run in this fixed order (any subset via --steps a,b,c or --steps all):
+    train_cam, make_cam, eval_cam, cam_to_ir_label, train_irn, make_sem_seg, eval_sem_seg,
+    gen_mask, export
+Everything is written under --work_dir:
+    sess/                 CAM and IRN weights
+    result/cam            <id>.npy  {keys, cam, high_res}
+    result/ir_label       <id>.png  0 / 1..20 / 255 seeds for IRN
+    result/sem_seg        <id>.png  pseudo-labels 0..20
+    result/score          <id>.pt   {pred, score, keys}
+    result/mask_irn       <id>.png  confidence masks (RGB 0/255)
+    logs/, log.txt (appended), summary.json (each step's time and metric, merged across runs)
+Option defaults are the reference's (spec §3.1); quirks kept by default sit behind named options.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12, misc) + repo packages
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from misc.runtime import LOGGER_NAME  # noqa: E402
+from utils.io import save_json  # noqa: E402
+
+STEPS: tuple[str, ...] = ("train_cam", "make_cam", "eval_cam", "cam_to_ir_label", "train_irn",
+                          "make_sem_seg", "eval_sem_seg", "gen_mask", "export")
+# step name -> module under step/ (imported lazily: PART B's steps may be absent)
+STEP_MODULES: dict[str, str] = {
+    "train_cam": "step.train_cam", "make_cam": "step.make_cam", "eval_cam": "step.eval_cam",
+    "cam_to_ir_label": "step.cam_to_ir_label", "train_irn": "step.train_irn",
+    "make_sem_seg": "step.make_sem_seg_labels", "eval_sem_seg": "step.eval_sem_seg",
+    "gen_mask": "step.gen_mask",
+}
+
+
+# ----------------------------------------------------------------------------- option types
+
+
+def str2bool(v: str | bool) -> bool:
+    """Proper booleans for flags given a value (QUIRK-6 fixed: "False" means false)."""
+    if isinstance(v, bool):
+        return v
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def float_list(v: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in v.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {v!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return out
+
+
+def int_pair(v: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in v.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated integers 'MIN,MAX', got {v!r}") from None
+    if a > b:
+        raise argparse.ArgumentTypeError(f"MIN must be <= MAX, got {v!r}")
+    return a, b
+
+
+def optional_int(v: str) -> int | None:
+    return None if v.strip().lower() in ("", "none", "null") else int(v)
+
+
+def step_list(v: str) -> list[str]:
+    if v.strip() == "all":
+        return list(STEPS)
+    chosen = [s.strip() for s in v.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STEPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)} or 'all'")
+    return [s for s in STEPS if s in chosen]  # always the fixed order
+
+
+# ----------------------------------------------------------------------------- options
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and shows every option's default."""
+
+
+class _Group:
+    """``add_argument`` that gives every option a help string, so its default is listed."""
+
+    def __init__(self, group: argparse._ArgumentGroup):
+        self.group = group
+
+    def add_argument(self, *names: str, **kw: Any) -> argparse.Action:
+        kw.setdefault("help", " ")
+        return self.group.add_argument(*names, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    _add = p.add_argument_group
+
+    def add_group(title: str) -> _Group:
+        return _Group(_add(title))
+
+    g = add_group("run")
+    a = g.add_argument
+    a("--voc12_root", type=Path, default=Path("./VOCdevkit/VOC2012"),
+      help="VOC2012 folder (JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation)")
+    a("--work_dir", type=Path, default=Path("data/first_stage"), help="every output goes under this (created)")
+    a("--steps", type=step_list, default="all", help=f"comma list of {', '.join(STEPS)}; or all")
+    a("--export_to", type=Path, default=None,
+      help="export step: copy sem_seg → DIR/irn_pseudo_label and mask_irn → DIR/irn_mask")
+    a("--seed", type=int, default=0, help="seeds Python, numpy, torch and loader workers (QUIRK-3 fix)")
+    a("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    a("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+      help="data-loader workers and CRF processes; cpu_count//2 here")
+    a("--max_images", type=optional_int, default=None,
+      help="use only the first N ids of every list (smoke runs); eval keeps eval ids among them")
+    a("--torch_threads", type=optional_int, default=None,
+      help="torch intra-op CPU threads (default: torch's choice; 1 avoids OpenMP slowdowns on busy machines)")
+    a("--overwrite", action="store_true", help="redo outputs that already exist (default: skip them)")
+    a("--no_progress", action="store_true", help="no progress bars")
+
+    g = add_group("data")
+    a = g.add_argument
+    a("--train_list", type=Path, default=None, help="default <voc12_root>/ImageSets/Segmentation/train_aug.txt")
+    a("--val_list", type=Path, default=None, help="default <voc12_root>/ImageSets/Segmentation/val.txt")
+    a("--infer_list", type=Path, default=None,
+      help="IRN mean-shift pass; default <voc12_root>/ImageSets/Segmentation/train.txt")
+    a("--chainer_eval_set", default="train", help="evaluation split name (GT from SegmentationClass)")
+    a("--cls_labels", type=Path, default=None,
+      help="image-level labels JSON (tools/prepare_voc_aug.py); default <voc12_root>/cls_labels.json, "
+           "else read from Annotations/*.xml")
+
+    g = add_group("backbone")
+    a = g.add_argument
+    a("--backbone_depth", type=int, choices=(18, 34, 50), default=50, help="ResNet depth (50 = reference)")
+    a("--backbone_weights", type=str, default=None,
+      help="torchvision ImageNet ResNet file (e.g. resnet50-19c8e357.pth); none = train from scratch (warned)")
+
+    a("--backbone_bn", choices=("fixed", "batch"), default="fixed",
+      help="fixed = reference (running statistics, never updated); batch = ordinary BatchNorm, "
+           "needed to train from scratch (the synthetic demo)")
+
+    g = add_group("CAM (spec §3.1, §6–§9)")
+    a = g.add_argument
+    a("--cam_network", default="net.resnet50_cam")
+    a("--cam_crop_size", type=int, default=512, help="training crop (the reference hard-codes 512)")
+    a("--cam_resize_long", type=int_pair, default="320,640", help="random long-side range 'MIN,MAX'")
+    a("--cam_batch_size", type=int, default=16)
+    a("--cam_num_epoches", type=int, default=5)
+    a("--cam_learning_rate", type=float, default=0.1)
+    a("--cam_weight_decay", type=float, default=1e-4)
+    a("--cam_classifier_lr_mult", type=float, default=10.0, help="classifier lr = this × cam_learning_rate")
+    a("--cam_freeze_until", choices=("stage2", "stem", "none"), default="stage2",
+      help="QUIRK-17: stage2 = reference (gradients cut after layer2), stem = ReCAM variant, none = train all")
+    a("--cam_val_loss", type=str2bool, default=True, help="print a validation loss per epoch (no effect on weights)")
+    a("--cam_eval_thres", type=float, default=0.15)
+    a("--cam_eval_sweep", type=lambda v: float_list(v) if v.strip() else (), default="", help="eval_cam: also report mIoU at these thresholds")
+    a("--cam_scales", type=float_list, default="1.0,0.5,1.5,2.0", help="make_cam scales, comma list")
+    a("--conf_fg_thres", type=float, default=0.30)
+    a("--conf_bg_thres", type=float, default=0.05)
+    a("--crf_gt_prob", type=float, default=0.7)
+    a("--crf_iters", type=int, default=10)
+    a("--crf_gauss_sxy", type=float, default=3.0)
+    a("--crf_gauss_compat", type=float, default=3.0)
+    a("--crf_bi_sxy", type=float, default=50.0)
+    a("--crf_bi_srgb", type=float, default=5.0)
+    a("--crf_bi_compat", type=float, default=10.0)
+
+    g = add_group("IRN (spec §3.1, §10–§14)")
+    a = g.add_argument
+    a("--irn_network", default="net.resnet50_irn")
+    a("--irn_crop_size", type=int, default=512)
+    a("--irn_batch_size", type=int, default=32)
+    a("--irn_num_epoches", type=int, default=3)
+    a("--irn_learning_rate", type=float, default=0.1)
+    a("--irn_weight_decay", type=float, default=1e-4)
+    a("--irn_disp_lr_mult", type=float, default=10.0, help="displacement-branch lr = this × irn_learning_rate")
+    a("--irn_backbone_from_cam", type=str2bool, default=False,
+      help="start IRN's (frozen) backbone from the trained CAM backbone (not the reference; for runs without ImageNet)")
+    a("--radius", type=int, default=10, help="IRN training path radius")
+    a("--rw_radius", type=int, default=5, help="random-walk radius")
+    a("--beta", type=int, default=10)
+    a("--exp_times", type=int, default=8, help="random walk of 2^exp_times steps")
+    a("--rw_mode", choices=("sparse", "dense"), default="sparse", help="sparse propagation or the reference's dense powers")
+    a("--rw_sparse_dtype", choices=("float64", "float32"), default="float64", help="sparse random-walk precision")
+    a("--rw_allow_tf32", type=str2bool, default=False, help="QUIRK-2: TF32 matmuls in the dense random walk")
+    a("--irn_infer_pad_to", type=optional_int, default=None, help="QUIRK-11: pad IRN inference input to this (IRN: 512)")
+    a("--ins_seg_bg_thres", type=float, default=0.25, help="instance steps (not part of this pipeline)")
+    a("--sem_seg_bg_thres", type=float, default=0.25)
+    a("--score_fp16", type=str2bool, default=False, help="save score tensors as float16 (COCO parity; default float32)")
+    a("--margin_tie_mode", choices=("original", "zero"), default="original", help="QUIRK-13 gen_mask tie rule")
+    a("--mask_thd", type=float, default=0.5, help="gen_mask keep fraction")
+
+    g = add_group("optimiser (spec §18)")
+    a = g.add_argument
+    a("--sgd_momentum", type=float, default=1e-4, help="QUIRK-20 KEEP: the reference's SGD momentum is 1e-4")
+    a("--poly_power", type=float, default=0.9)
+
+    g = add_group("output paths (default: under --work_dir)")
+    a = g.add_argument
+    for name, what in (("cam_weights_name", "sess/res<depth>_cam.pth"), ("irn_weights_name", "sess/res<depth>_irn.pth"),
+                       ("cam_out_dir", "result/cam"), ("ir_label_out_dir", "result/ir_label"),
+                       ("sem_seg_out_dir", "result/sem_seg"), ("score_dir", "result/score"),
+                       ("mask_out_dir", "result/mask_irn")):
+        a(f"--{name}", type=Path, default=None, help=f"default <work_dir>/{what}")
+    return p
+
+
+def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the derived paths (QUIRK-5 fixed: one work dir, everything created)."""
+    w = args.work_dir
+    lists = args.voc12_root / "ImageSets" / "Segmentation"
+    args.train_list = args.train_list or lists / "train_aug.txt"
+    args.val_list = args.val_list or lists / "val.txt"
+    args.infer_list = args.infer_list or lists / "train.txt"
+    if args.cls_labels is None and (args.voc12_root / "cls_labels.json").is_file():
+        args.cls_labels = args.voc12_root / "cls_labels.json"
+    d = args.backbone_depth
+    defaults = {"cam_weights_name": w / "sess" / f"res{d}_cam.pth", "irn_weights_name": w / "sess" / f"res{d}_irn.pth",
+                "cam_out_dir": w / "result" / "cam", "ir_label_out_dir": w / "result" / "ir_label",
+                "sem_seg_out_dir": w / "result" / "sem_seg", "score_dir": w / "result" / "score",
+                "mask_out_dir": w / "result" / "mask_irn"}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.log_dir = w / "logs"
+    args.log_name = w / "log.txt"
+    args.summary_path = w / "summary.json"
+    for path in (w / "sess", args.cam_out_dir, args.ir_label_out_dir, args.sem_seg_out_dir, args.score_dir,
+                 args.mask_out_dir, args.log_dir, args.cam_weights_name.parent, args.irn_weights_name.parent):
+        path.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        raise SystemExit("--max_images must be >= 1")
+    return resolve_paths(args)
+
+
+# ----------------------------------------------------------------------------- logging and summary
+
+
+def setup_logging(args: argparse.Namespace) -> logging.Logger:
+    """Console + ``<work_dir>/log.txt`` in append mode (QUIRK-7 fixed)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(args.log_name, mode="a")):
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    return logger
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:
+        return None  # NaN is not JSON
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return _json_safe(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return obj
+
+
+def record_step(summary_path: Path, step: str, seconds: float, metrics: dict[str, Any],
+                args: argparse.Namespace) -> None:
+    """Merge one step's entry into summary.json (re-read each time: runs accumulate)."""
+    summary: dict[str, Any] = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    steps = summary.setdefault("steps", {})
+    now = _dt.datetime.now().isoformat(timespec="seconds")
+    if metrics.get("skipped") and step in steps and not steps[step].get("metrics", {}).get("skipped"):
+        steps[step]["last_skipped"] = now  # outputs already there: keep the run that made them
+    else:
+        steps[step] = {"seconds": round(seconds, 3), "finished": now, "metrics": _json_safe(metrics)}
+    summary["config"] = {k: _json_safe(v) for k, v in sorted(vars(args).items())}
+    save_json(summary_path, summary)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    """Copy pseudo-labels and masks to where the second stage reads them (§15), train_list ids only."""
+    if args.export_to is None:
+        # `--steps all` includes export; without a target there is nothing to do, say so loudly.
+        logging.getLogger(LOGGER_NAME).warning("export: no --export_to DIR given, nothing exported")
+        return {"skipped": True}
+    from misc.runtime import read_ids
+    ids = read_ids(args, "train_list")
+    counts = {}
+    for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
+        dst = Path(args.export_to) / name
+        dst.mkdir(parents=True, exist_ok=True)
+        missing = [i for i in ids if not (Path(src_dir) / f"{i}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(f"export: {len(missing)} files missing in {src_dir}, e.g. id '{missing[0]}': "
+                                    f"{Path(src_dir) / (missing[0] + '.png')}")
+        for i in ids:
+            tmp = dst / f".{i}.png.tmp"
+            shutil.copyfile(Path(src_dir) / f"{i}.png", tmp)
+            os.replace(tmp, dst / f"{i}.png")  # atomic per file
+        counts[name] = len(ids)
+    return {"export_to": str(args.export_to), **counts}
+
+
+def step_runner(name: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    if name == "export":
+        return export
+    try:
+        module = importlib.import_module(STEP_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name == STEP_MODULES[name]:
+            raise SystemExit(f"step {name}: module {STEP_MODULES[name]} is not available in this checkout") from None
+        raise
+    return module.run
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    log = setup_logging(args)
+    from misc.torchutils import seed_everything
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
+    seed_everything(args.seed)
+    log.info(f"run_sample: steps {','.join(args.steps)}; voc12_root {args.voc12_root}; work_dir {args.work_dir}")
+    log.info("run_sample: " + " ".join(sys.argv[1:] if argv is None else argv))
+    if args.backbone_weights is None and any(s in args.steps for s in ("train_cam", "train_irn")):
+        log.warning("run_sample: NO --backbone_weights: the backbone trains FROM SCRATCH "
+                    "(expect far lower mIoU than the reference; fine for the synthetic demo)")
+    results: dict[str, Any] = {}
+    for name in args.steps:
+        run = step_runner(name)
+        seed_everything(args.seed)  # each step reproducible on its own, whatever ran before
+        log.info(f"== {name}")
+        start = time.perf_counter()
+        metrics = run(args) or {}
+        seconds = time.perf_counter() - start
+        record_step(args.summary_path, name, seconds, metrics, args)
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        log.info(f"== {name} done in {seconds:.1f} s: {shown}")
+        results[name] = metrics
+    return results
+
+
+if __name__ == "__main__":
+    main()

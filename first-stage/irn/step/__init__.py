@@ -1,0 +1,1 @@
+"""Pipeline steps; each module exposes ``run(args) -> dict`` (metrics for summary.json)."""

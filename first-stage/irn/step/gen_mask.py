@@ -1,0 +1,267 @@
+"""Step gen_mask (spec §14): confidence masks for the second stage from the score files.
+
+Per image, with ``score`` (K+1, H, W) and ``pred`` (H, W) from ``<score_dir>/<id>.pt``:
+
+1. margin = top-1 score − top-2 score per pixel. QUIRK-13 (KEEP, ``margin_tie_mode original``):
+   the reference zeroes *every* entry equal to the top-1 value before taking top-2, so a tie
+   gives top-1 minus the next strictly smaller value; ``zero`` gives the textbook margin 0.
+2. In every class region of ``pred`` (background included, classes ascending), the
+   ``int(n_c / (1/thd))`` pixels with the largest margins are marked confident (half for thd
+   0.5). Equal margins: stable order, earlier row-major pixel first (QUIRK-14 fixed).
+3. ``<mask_out_dir>/<id>.png``: 8-bit RGB, all channels equal, 255 = confident, 0 otherwise
+   (what the reference's torchvision save_image wrote, and what the second stage reads).
+
+Ids come from ``train_list``, not from whatever files the score folder holds (QUIRK-26). Score
+files of the reference (numpy ``pred``/``keys``, score tensors saved on a GPU or as float16)
+are read too. Standalone use on any score folder:
+
+    python first-stage/irn/step/gen_mask.py --score_dir DIR --out_dir DIR --ids LIST [--voc12_root R]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+if __name__ == "__main__":  # standalone: make first-stage/irn and the repo importable
+    _here = Path(__file__).resolve().parents[1]
+    for _p in (str(_here), str(_here.parents[1])):
+        if _p not in sys.path:
+            sys.path.insert(0, _p)
+
+from misc.runtime import get_logger, progress  # noqa: E402
+from utils.io import save_png  # noqa: E402
+
+TIE_MODES = ("original", "zero")
+# Ground truth used for the mask statistics, first one found per id (SBD-augmented labels
+# cover all of train_aug; VOC's own only train/val).
+GT_DIRS = ("SegmentationClassAug", "SegmentationClass")
+IGNORE = 255
+
+_warned_unsafe_load = False
+
+
+class ScoreFileError(ValueError):
+    """Missing or malformed score file; the message names the id and path."""
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """What a reference score file needs beyond tensors: numpy arrays (``pred``, ``keys``).
+
+    Old numpy pickles name the reconstructor ``numpy.core.multiarray`` (numpy 2 moved it to
+    ``numpy._core``), hence the explicit alias.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    allowed: list[Any] = [np.ndarray, np.dtype, _reconstruct,
+                          (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                          (_reconstruct, "numpy._core.multiarray._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def load_score(path: str | Path, item_id: str | None = None) -> dict[str, Any]:
+    """Read a score file (ours or the reference's) → {pred int64 ndarray, score CPU tensor, keys int64 ndarray}.
+
+    Tensors saved on a GPU are mapped to the CPU. Loading is restricted to tensors and numpy
+    arrays; only if that fails is the file fully unpickled (with a warning: trusted files only).
+    """
+    global _warned_unsafe_load
+    path = Path(path)
+    name = item_id or path.stem
+    if not path.is_file():
+        raise ScoreFileError(f"score file missing for id '{name}': {path} (run make_sem_seg first)")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a restricted unpickler raises several types
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise ScoreFileError(f"score file for id '{name}' is unreadable: {path} ({e})") from None
+        if not _warned_unsafe_load:
+            get_logger().warning(f"gen_mask: {path} needed full unpickling (objects other than tensors/numpy "
+                                 "arrays); only use score files from a trusted source")
+            _warned_unsafe_load = True
+    if not isinstance(data, dict) or not {"pred", "score"} <= set(data):
+        raise ScoreFileError(f"score file for id '{name}' is not a dict with 'pred' and 'score': {path}")
+    score = torch.as_tensor(data["score"]).detach().cpu()
+    pred = np.asarray(data["pred"].detach().cpu() if isinstance(data["pred"], torch.Tensor) else data["pred"]
+                      ).astype(np.int64)
+    if score.dim() != 3 or tuple(score.shape[1:]) != pred.shape:
+        raise ScoreFileError(f"score file for id '{name}': score {tuple(score.shape)} does not fit pred "
+                             f"{pred.shape}: {path}")
+    keys = data.get("keys")
+    if keys is not None:
+        keys = np.asarray(keys.detach().cpu() if isinstance(keys, torch.Tensor) else keys).astype(np.int64)
+    return {"pred": pred, "score": score, "keys": keys}
+
+
+def margins(score: torch.Tensor, tie_mode: str = "original") -> torch.Tensor:
+    """top-1 − top-2 per pixel of a (K+1, H, W) score stack, in the score's dtype.
+
+    ``original`` (QUIRK-13): every entry equal to the top-1 value is zeroed before top-2, so
+    with a tie the margin is top-1 minus the next distinct value (top-1 itself if none is left).
+    ``zero``: the second-largest entry, ties included (margin 0); a single channel counts its
+    value against 0.
+    """
+    if tie_mode not in TIE_MODES:
+        raise ValueError(f"margin_tie_mode must be one of {TIE_MODES}, got {tie_mode!r}")
+    top1 = score.max(dim=0).values
+    if tie_mode == "original":
+        rest = torch.where(score == top1.unsqueeze(0), torch.zeros_like(score), score)
+        return top1 - rest.max(dim=0).values
+    if score.shape[0] < 2:
+        return top1
+    top2 = score.topk(2, dim=0).values[1]
+    return top1 - top2
+
+
+def keep_count(n: int, thd: float) -> int:
+    """``floor(n / (1/thd))``, the reference's arithmetic (n // 2 for thd 0.5)."""
+    return int(n / (1.0 / thd))
+
+
+def confidence_mask(score: torch.Tensor, pred: np.ndarray, thd: float = 0.5, tie_mode: str = "original") -> np.ndarray:
+    """(H, W) uint8, 1 = confident: per predicted class the ``keep_count`` largest margins."""
+    if not 0.0 < thd <= 1.0:
+        raise ValueError(f"mask_thd must be in (0, 1], got {thd}")
+    m = margins(score, tie_mode).numpy().reshape(-1)
+    flat = np.asarray(pred).reshape(-1)
+    mask = np.zeros(flat.shape, dtype=np.uint8)
+    for c in np.unique(flat):  # ascending class ids
+        idx = np.flatnonzero(flat == c)  # row-major order
+        k = keep_count(idx.size, thd)
+        if k == 0:
+            continue
+        # Stable descending sort: equal margins keep row-major order (QUIRK-14 fixed).
+        order = np.argsort(-m[idx], kind="stable")
+        mask[idx[order[:k]]] = 1
+    return mask.reshape(np.asarray(pred).shape)
+
+
+def save_mask(path: str | Path, mask: np.ndarray) -> Path:
+    """RGB PNG, three equal channels, 0 / 255 — the reference's torchvision-written format."""
+    v = (np.asarray(mask) > 0).astype(np.uint8) * 255
+    return save_png(path, np.repeat(v[..., None], 3, axis=2))
+
+
+def read_mask_png(path: str | Path) -> np.ndarray:
+    """(H, W) uint8 0/1 from a mask PNG (any channel count)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2)
+    return (arr > 0).astype(np.uint8)
+
+
+def _gt_path(voc12_root: Path | None, name: str) -> Path | None:
+    if voc12_root is None:
+        return None
+    for d in GT_DIRS:
+        p = Path(voc12_root) / d / f"{name}.png"
+        if p.is_file():
+            return p
+    return None
+
+
+def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float = 0.5,
+                   tie_mode: str = "original", voc12_root: Path | None = None, overwrite: bool = False,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Write a mask per id; returns kept share and, where GT exists, the label precision of
+    the kept (and of the unkept) pixels, GT 255 ignored."""
+    from voc12.dataloader import read_label_png
+    mask_root.mkdir(parents=True, exist_ok=True)
+    stats = {"pixels": 0, "kept": 0, "kept_valid": 0, "kept_correct": 0, "unkept_valid": 0,
+             "unkept_correct": 0, "with_gt": 0, "written": 0}
+    for name in progress(ids, "gen_mask", enabled=show_progress):
+        out = mask_root / f"{name}.png"
+        data = load_score(score_root / f"{name}.pt", name)
+        pred = data["pred"]
+        if out.is_file() and not overwrite:
+            mask = read_mask_png(out)
+            if mask.shape != pred.shape:
+                raise ValueError(f"existing mask for id '{name}' is {mask.shape}, its pred is {pred.shape}: {out} "
+                                 "(pass --overwrite)")
+        else:
+            mask = confidence_mask(data["score"], pred, thd, tie_mode)
+            save_mask(out, mask)
+            stats["written"] += 1
+        stats["pixels"] += mask.size
+        stats["kept"] += int(mask.sum())
+        gt_path = _gt_path(voc12_root, name)
+        if gt_path is not None:
+            gt = read_label_png(gt_path, name, "ground truth")
+            if gt.shape != pred.shape:
+                raise ValueError(f"id '{name}': ground truth {gt_path} is {gt.shape}, pred is {pred.shape}")
+            valid = gt != IGNORE
+            correct = valid & (pred == gt)
+            kept = mask > 0
+            stats["with_gt"] += 1
+            stats["kept_valid"] += int((kept & valid).sum())
+            stats["kept_correct"] += int((kept & correct).sum())
+            stats["unkept_valid"] += int((~kept & valid).sum())
+            stats["unkept_correct"] += int((~kept & correct).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {"images": len(ids), "written": stats["written"], "kept_fraction": ratio(stats["kept"], stats["pixels"]),
+            "images_with_gt": stats["with_gt"],
+            "kept_precision": ratio(stats["kept_correct"], stats["kept_valid"]),
+            "unkept_precision": ratio(stats["unkept_correct"], stats["unkept_valid"]),
+            "mask_thd": thd, "margin_tie_mode": tie_mode}
+
+
+def run(args: Any) -> dict[str, Any]:
+    from misc.runtime import read_ids
+    from step.train_irn import work_path
+    log = get_logger()
+    ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list
+    score_root = work_path(args, "score_dir", "result", "score")
+    mask_root = work_path(args, "mask_out_dir", "result", "mask_irn")
+    out = generate_masks(ids, score_root, mask_root, thd=args.mask_thd, tie_mode=args.margin_tie_mode,
+                         voc12_root=Path(args.voc12_root), overwrite=getattr(args, "overwrite", False),
+                         show_progress=not getattr(args, "no_progress", False))
+    prec = out["kept_precision"]
+    log.info(f"gen_mask: {len(ids)} masks ({out['written']} written), kept {100 * out['kept_fraction']:.1f} % of "
+             f"pixels" + (f", label precision of kept pixels {100 * prec:.2f} % (unkept "
+                          f"{100 * out['unkept_precision']:.2f} %) on {out['images_with_gt']} images with GT"
+                          if prec is not None else ", no ground truth for precision"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description="Confidence masks from a score folder (ours or the reference's).")
+    p.add_argument("--score_dir", type=Path, required=True, help="folder of <id>.pt score files")
+    p.add_argument("--out_dir", type=Path, required=True, help="mask folder (created)")
+    p.add_argument("--ids", type=Path, required=True, help="id list file (one id per line)")
+    p.add_argument("--voc12_root", type=Path, default=None, help="for precision statistics against the GT")
+    p.add_argument("--mask_thd", type=float, default=0.5)
+    p.add_argument("--margin_tie_mode", choices=TIE_MODES, default="original")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no_progress", action="store_true")
+    a = p.parse_args(argv)
+    from voc12.dataloader import load_id_list
+    out = generate_masks(load_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
+                         a.voc12_root, a.overwrite, not a.no_progress)
+    print(out)
+    return out
+
+
+__all__ = ["run", "main", "margins", "confidence_mask", "keep_count", "load_score", "save_mask",
+           "read_mask_png", "generate_masks", "ScoreFileError", "TIE_MODES"]
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,164 @@
+"""Step make_sem_seg (spec §12, BECO version): random walk of the CAMs → pseudo-labels and scores.
+
+For every id of ``train_list``: IRN boundary map of the unpadded image pair ``[x, flip(x)]``,
+random walk of the stride-4 CAMs (sparse by default, ``--rw_mode dense`` = the reference's
+matrix powers), ×4 upsample, global-max normalisation, background plane
+``sem_seg_bg_thres``, argmax. Writes
+
+    <sem_seg_out_dir>/<id>.png   uint8 class ids 0..C (mode L)
+    <score_dir>/<id>.pt          {"pred": int64 (H, W), "score": float32 (K+1, H, W), "keys": int64 (K+1,)}
+
+Score files keep the reference's layout but hold CPU tensors (QUIRK-12 fixed; ``--score_fp16``
+stores the score as float16 like the reference's COCO files). Both files are written
+atomically; ids with both files present are skipped unless ``--overwrite``. With several CUDA
+devices one process per device takes a round-robin share; results do not depend on the split.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from misc.cam_io import load_cam
+from misc.random_walk import random_walk, rw_to_scores
+from misc.runtime import get_logger, progress, read_ids, resolve_device, round_robin
+from step.train_irn import irn_module, irn_weights_path, work_path
+from utils.io import atomic_write, save_png
+from voc12.dataloader import TorchvisionNormalize, load_image, msf_inputs
+
+_SPARSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def sem_seg_dir(args: Any) -> Path:
+    return work_path(args, "sem_seg_out_dir", "result", "sem_seg")
+
+
+def score_dir(args: Any) -> Path:
+    return work_path(args, "score_dir", "result", "score")
+
+
+def cam_dir(args: Any) -> Path:
+    return work_path(args, "cam_out_dir", "result", "cam")
+
+
+def save_score(path: str | Path, pred: torch.Tensor, score: torch.Tensor, keys: torch.Tensor,
+               fp16: bool = False) -> Path:
+    """``{pred, score, keys}`` as CPU tensors via torch.save, atomically."""
+    data = {"pred": pred.detach().cpu().long(),
+            "score": score.detach().cpu().to(torch.float16 if fp16 else torch.float32),
+            "keys": torch.as_tensor(keys).detach().cpu().long()}
+
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def build_inference_net(args: Any, device: torch.device) -> torch.nn.Module:
+    module = irn_module(args)
+    model = module.EdgeDisplacement(depth=args.backbone_depth, pad_to=getattr(args, "irn_infer_pad_to", None))
+    module.load_irn_weights(model, irn_weights_path(args))
+    return model.to(device).eval()
+
+
+def labels_for_image(model: torch.nn.Module, pair: torch.Tensor, cam: dict[str, np.ndarray],
+                     size: tuple[int, int], args: Any, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pred (H, W), score (K+1, H, W), keys (K+1,)) for one image; ``pair`` is (2, 3, H, W)."""
+    with torch.no_grad():
+        edge, _ = model(pair.to(device, non_blocking=True))
+    cams = torch.from_numpy(cam["cam"]).to(device)
+    if cams.shape[1:] != edge.shape[1:]:
+        raise ValueError(f"stride-4 CAM {tuple(cams.shape[1:])} and boundary map {tuple(edge.shape[1:])} differ "
+                         f"for an image of {size[0]}x{size[1]}")
+    keys = torch.from_numpy(np.concatenate([[0], cam["keys"] + 1])).long()
+    dtype_name = getattr(args, "rw_sparse_dtype", "float64")
+    if dtype_name not in _SPARSE_DTYPES:
+        raise ValueError(f"rw_sparse_dtype must be one of {sorted(_SPARSE_DTYPES)}, got {dtype_name!r}")
+    rw = random_walk(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=args.rw_radius,
+                     mode=args.rw_mode, allow_tf32=getattr(args, "rw_allow_tf32", False),
+                     sparse_dtype=_SPARSE_DTYPES[dtype_name],
+                     cpu_threads=getattr(args, "rw_threads", 1))
+    score, pred = rw_to_scores(rw, size, keys, args.sem_seg_bg_thres)
+    return pred, score, keys
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Unpadded single-scale pairs ``[x, fliplr(x)]`` (2, 3, H, W) with ``name`` and ``size``.
+
+    The keys of the random walk come from the CAM files, so no image-level labels are read.
+    """
+
+    def __init__(self, ids: list[str], voc12_root: str | Path):
+        self.ids = list(ids)
+        self.voc12_root = Path(voc12_root)
+        self.normalize = TorchvisionNormalize()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        name = self.ids[idx]
+        img = load_image(self.voc12_root, name)
+        return {"name": name, "img": msf_inputs(img, (1.0,), self.normalize)[0], "size": img.shape[:2]}
+
+
+def _first_item(batch: list[dict]) -> dict:
+    return batch[0]
+
+
+def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
+    device = resolve_device(args.device)
+    if device.type == "cuda" and n_parts > 1:
+        device = torch.device("cuda", part)
+        torch.cuda.set_device(device)
+    mine = round_robin(ids, n_parts, part)
+    if not mine:
+        return
+    model = build_inference_net(args, device)
+    dataset = PairDataset(mine, args.voc12_root)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=_first_item,
+                                         num_workers=args.num_workers if n_parts == 1 else 0)
+    sem_dir, sc_dir, c_dir = sem_seg_dir(args), score_dir(args), cam_dir(args)
+    fp16 = getattr(args, "score_fp16", False)
+    for item in progress(loader, f"make_sem_seg[{part}]" if n_parts > 1 else "make_sem_seg", total=len(mine),
+                         enabled=not getattr(args, "no_progress", False), position=part):
+        name = item["name"]
+        cam = load_cam(c_dir / f"{name}.npy", name)
+        if "cam" not in cam:
+            raise ValueError(f"CAM file for id '{name}' has no stride-4 'cam': {c_dir / (name + '.npy')}")
+        try:
+            pred, score, keys = labels_for_image(model, torch.from_numpy(item["img"]), cam, item["size"], args, device)
+        except ValueError as e:
+            raise ValueError(f"make_sem_seg: id '{name}': {e}") from None
+        # Score first: an id counts as done only when its PNG exists too.
+        save_score(sc_dir / f"{name}.pt", pred, score, keys, fp16)
+        save_png(sem_dir / f"{name}.png", pred.cpu().numpy().astype(np.uint8))
+
+
+def run(args: Any) -> dict[str, Any]:
+    log = get_logger()
+    ids = read_ids(args, "train_list")
+    sem_dir, sc_dir = sem_seg_dir(args), score_dir(args)
+    sem_dir.mkdir(parents=True, exist_ok=True)
+    sc_dir.mkdir(parents=True, exist_ok=True)
+    overwrite = getattr(args, "overwrite", False)
+    todo = ids if overwrite else [i for i in ids if not ((sem_dir / f"{i}.png").is_file()
+                                                         and (sc_dir / f"{i}.pt").is_file())]
+    log.info(f"make_sem_seg: {len(ids)} ids, {len(ids) - len(todo)} already done, rw_mode {args.rw_mode}, "
+             f"beta {args.beta}, exp_times {args.exp_times}, radius {args.rw_radius}, "
+             f"bg threshold {args.sem_seg_bg_thres}")
+    start = time.perf_counter()
+    if todo:
+        device = resolve_device(args.device)
+        n_parts = torch.cuda.device_count() if device.type == "cuda" and args.device in ("auto", "cuda") else 1
+        if n_parts > 1:
+            torch.multiprocessing.spawn(_work, nprocs=n_parts, args=(n_parts, args, todo), join=True)
+        else:
+            _work(0, 1, args, todo)
+    seconds = time.perf_counter() - start
+    return {"images": len(ids), "written": len(todo),
+            "seconds_per_image": seconds / len(todo) if todo else None, "rw_mode": args.rw_mode}
+
+
+__all__ = ["run", "save_score", "labels_for_image", "build_inference_net", "sem_seg_dir", "score_dir"]

@@ -1,0 +1,123 @@
+"""Step train_cam (spec §6): multi-label classifier whose 1×1 classifier gives the CAMs."""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from misc.runtime import get_logger, progress, read_ids, resolve_device
+from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps
+from utils.io import atomic_write, save_json
+from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDataset
+
+
+def multilabel_soft_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over batch and classes of −y·log σ(z) − (1−y)·log σ(−z) (§6.3)."""
+    return F.multilabel_soft_margin_loss(logits, target)
+
+
+def build_cam_net(args: Any, weights_from_imagenet: bool = True) -> nn.Module:
+    """The training-form CAM network named by ``--cam_network`` (module exposing ``Net``)."""
+    module = importlib.import_module(args.cam_network)
+    return module.Net(depth=args.backbone_depth, weights=args.backbone_weights if weights_from_imagenet else None,
+                      freeze_until=args.cam_freeze_until, bn_mode=args.backbone_bn)
+
+
+def _validate(model: nn.Module, loader: DataLoader, device: torch.device, show: bool) -> float:
+    """Mean loss over the validation loader; prints only, no model selection (QUIRK-25 KEEP)."""
+    total, n = 0.0, 0
+    model.eval()  # matters only with --backbone_bn batch: no statistics updates from val data
+    with torch.no_grad():
+        for batch in progress(loader, "train_cam val", enabled=show, unit="batch"):
+            logits = model(batch["img"].to(device))
+            total += float(multilabel_soft_margin(logits, batch["label"].to(device)))
+            n += 1
+    model.train()
+    return total / max(n, 1)
+
+
+def run(args: Any) -> dict[str, Any]:
+    log = get_logger()
+    out_path = args.cam_weights_name
+    if out_path.is_file() and not args.overwrite:
+        log.info(f"train_cam: {out_path} exists, skipping (pass --overwrite to retrain)")
+        return {"skipped": True, "weights": str(out_path)}
+    device = resolve_device(args.device)
+    show = not args.no_progress
+
+    train_ids = read_ids(args, "train_list")
+    dataset = VOC12ClassificationDataset(
+        train_ids, args.voc12_root, resize_long=tuple(args.cam_resize_long), hor_flip=True,
+        crop_size=args.cam_crop_size, crop_method="random", img_normal=TorchvisionNormalize(),
+        cls_labels_file=args.cls_labels)
+    if len(dataset) < args.cam_batch_size:
+        raise ValueError(f"train_cam: {len(dataset)} training images < batch size {args.cam_batch_size}; "
+                         "lower --cam_batch_size")
+    loader = DataLoader(dataset, batch_size=args.cam_batch_size, shuffle=True, drop_last=True,
+                        pin_memory=device.type == "cuda", **loader_kwargs(args.seed, args.num_workers))
+    max_step = max_steps(len(dataset), args.cam_batch_size, args.cam_num_epoches)
+
+    model = build_cam_net(args)
+    backbone_params, classifier_params = model.param_groups()
+    optimizer = PolyOptimizer(
+        [{"params": backbone_params, "lr_mult": 1.0},
+         {"params": classifier_params, "lr_mult": args.cam_classifier_lr_mult}],
+        lr=args.cam_learning_rate, weight_decay=args.cam_weight_decay, max_step=max_step,
+        momentum=args.sgd_momentum, power=args.poly_power)
+    model = model.to(device)
+    net: nn.Module = nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
+    model.train()
+
+    val_loader = None
+    if args.cam_val_loss:
+        val_ids = read_ids(args, "val_list")
+        val_set = VOC12ClassificationDataset(val_ids, args.voc12_root, crop_size=args.cam_crop_size,
+                                             crop_method="top_left", cls_labels_file=args.cls_labels)
+        if len(val_set) >= args.cam_batch_size:
+            val_loader = DataLoader(val_set, batch_size=args.cam_batch_size, shuffle=False, drop_last=True,
+                                    **loader_kwargs(args.seed, args.num_workers))
+        else:
+            log.info(f"train_cam: {len(val_set)} val images < batch size; no validation loss")
+
+    log.info(f"train_cam: {len(dataset)} images, batch {args.cam_batch_size}, {args.cam_num_epoches} epochs, "
+             f"max_step {max_step}, ResNet-{args.backbone_depth}, device {device}")
+    start = time.perf_counter()
+    last_loss = float("nan")
+    history = []
+    for epoch in range(args.cam_num_epoches):
+        running, count = 0.0, 0
+        bar = progress(loader, f"train_cam ep {epoch + 1}/{args.cam_num_epoches}", total=len(loader),
+                       enabled=show, unit="batch")
+        for batch in bar:
+            logits = net(batch["img"].to(device, non_blocking=True))
+            loss = multilabel_soft_margin(logits, batch["label"].to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last_loss = float(loss)
+            running += last_loss
+            count += 1
+            if show and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        record = {"epoch": epoch + 1, "train_loss": running / max(count, 1), "step": optimizer.global_step}
+        if val_loader is not None:
+            record["val_loss"] = _validate(net, val_loader, device, show)
+        history.append(record)
+        log.info("train_cam: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in record.items()))
+
+    save_json(Path(args.log_dir) / "train_cam.json", {"max_step": max_step, "epochs": history})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(out_path, lambda tmp: torch.save(state, tmp))
+    log.info(f"train_cam: saved {out_path} ({time.perf_counter() - start:.1f} s)")
+    out = {"weights": str(out_path), "max_step": max_step, "final_train_loss": history[-1]["train_loss"],
+           "last_batch_loss": last_loss}
+    if "val_loss" in history[-1]:
+        out["final_val_loss"] = history[-1]["val_loss"]
+    return out

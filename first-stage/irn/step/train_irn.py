@@ -1,0 +1,177 @@
+"""Step train_irn (spec §11): boundary + displacement branches from the ir_label seeds.
+
+Training: affinity samples of ``train_list`` (random scale 0.5–1.5, flip, random crop), the
+four-part loss of §11.3, poly SGD with the edge branch at lr and the displacement branch at
+10×lr (§11.4). Then the mean-shift calibration: the mean displacement over top-left crops of
+``infer_list`` (eval mode, padding included, full batches only) becomes the network's
+``mean_shift.running_mean``. The state dict is written atomically; an existing file is kept
+unless ``--overwrite``.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from misc.indexing import PathIndex
+from misc.runtime import get_logger, progress, read_ids, resolve_device
+from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
+from utils.io import atomic_write
+from voc12.affinity import VOC12AffinityDataset, reduced_size
+from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
+
+# IRN's data augmentation (§11.2); not a tuning knob of the reference.
+IRN_SCALE_RANGE = (0.5, 1.5)
+
+
+def work_path(args: Any, name: str, *default: str) -> Path:
+    """``args.<name>`` when the driver set it, else ``<work_dir>/<default...>``."""
+    value = getattr(args, name, None)
+    return Path(value) if value else Path(args.work_dir).joinpath(*default)
+
+
+def irn_weights_path(args: Any) -> Path:
+    return work_path(args, "irn_weights_name", "sess", f"res{args.backbone_depth}_irn.pth")
+
+
+def ir_label_dir(args: Any) -> Path:
+    return work_path(args, "ir_label_out_dir", "result", "ir_label")
+
+
+def irn_module(args: Any):
+    return importlib.import_module(getattr(args, "irn_network", None) or "net.resnet50_irn")
+
+
+def load_backbone_from_cam(model: nn.Module, cam_weights: str | Path) -> None:
+    """Copy the trained CAM network's backbone into IRN's (``--irn_backbone_from_cam``).
+
+    Not the reference (IRN starts from ImageNet, §5). For runs without ImageNet weights it gives
+    IRN's frozen backbone features learnt on the data instead of random ones.
+    """
+    path = Path(cam_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"--irn_backbone_from_cam: CAM weights not found: {path} (run train_cam first)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise RuntimeError(f"--irn_backbone_from_cam: {path} holds no 'backbone.*' entries")
+    try:
+        model.backbone.load_state_dict(backbone, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"--irn_backbone_from_cam: the backbone in {path} does not fit "
+                           f"ResNet-{model.backbone.depth}: {e}") from None
+
+
+def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, show: bool) -> list[float]:
+    """m = mean over full batches of the per-batch, per-channel mean displacement (§11.4)."""
+    log = get_logger()
+    ids = read_ids(args, "infer_list")
+    dataset = VOC12ImageDataset(ids, args.voc12_root, img_normal=TorchvisionNormalize(),
+                                crop_size=args.irn_crop_size, crop_method="top_left")
+    drop_last = len(dataset) >= args.irn_batch_size
+    if not drop_last:
+        # The reference drops incomplete batches; with fewer images than one batch it would
+        # average nothing (NaN), so use the one incomplete batch instead.
+        log.warning(f"train_irn: {len(dataset)} infer_list images < batch {args.irn_batch_size}; "
+                    "mean-shift calibration uses the incomplete batch")
+    loader = DataLoader(dataset, batch_size=args.irn_batch_size, shuffle=False, drop_last=drop_last,
+                        **loader_kwargs(args.seed, args.num_workers))
+    model.eval()
+    model.mean_shift.running_mean.zero_()  # calibrate the raw displacement (m still 0, as the reference)
+    means = []
+    with torch.no_grad():
+        for batch in progress(loader, "train_irn mean-shift", total=len(loader), enabled=show, unit="batch"):
+            _, disp = model.edge_and_displacement(batch["img"].to(device, non_blocking=True))
+            means.append(disp.mean(dim=(0, 2, 3)))
+    m = torch.stack(means).mean(dim=0)
+    model.mean_shift.running_mean.copy_(m)
+    return [float(v) for v in m]
+
+
+def run(args: Any) -> dict[str, Any]:
+    log = get_logger()
+    out_path = irn_weights_path(args)
+    if out_path.is_file() and not getattr(args, "overwrite", False):
+        log.info(f"train_irn: {out_path} exists, skipping (pass --overwrite to retrain)")
+        return {"skipped": True, "weights": str(out_path)}
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    show = not getattr(args, "no_progress", False)
+
+    path_index = PathIndex(args.radius)
+    ids = read_ids(args, "train_list")
+    dataset = VOC12AffinityDataset(ids, ir_label_dir(args), args.irn_crop_size, args.voc12_root, path_index,
+                                   rescale=IRN_SCALE_RANGE, hor_flip=True, crop_method="random")
+    if len(dataset) < args.irn_batch_size:
+        raise ValueError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
+                         "lower --irn_batch_size")
+    loader = DataLoader(dataset, batch_size=args.irn_batch_size, shuffle=True, drop_last=True,
+                        pin_memory=device.type == "cuda", **loader_kwargs(args.seed, args.num_workers))
+    max_step = max_steps(len(dataset), args.irn_batch_size, args.irn_num_epoches)
+
+    module = irn_module(args)
+    from_cam = getattr(args, "irn_backbone_from_cam", False)
+    if from_cam:
+        from net.resnet import ResNet
+        model = module.AffinityDisplacementLoss(path_index, backbone=ResNet(args.backbone_depth))
+        load_backbone_from_cam(model, args.cam_weights_name)
+        log.info(f"train_irn: backbone initialised from the CAM network {args.cam_weights_name}")
+    else:
+        model = module.AffinityDisplacementLoss(path_index, depth=args.backbone_depth, weights=args.backbone_weights)
+    edge_params, disp_params = model.param_groups()
+    optimizer = PolyOptimizer(
+        [{"params": edge_params, "lr_mult": 1.0},
+         {"params": disp_params, "lr_mult": getattr(args, "irn_disp_lr_mult", 10.0)}],
+        lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay, max_step=max_step,
+        momentum=args.sgd_momentum, power=args.poly_power)
+    model = model.to(device)
+    net: nn.Module = nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
+    model.train()
+
+    log.info(f"train_irn: {len(dataset)} images, crop {args.irn_crop_size} (map {reduced_size(args.irn_crop_size)}), "
+             f"radius {args.radius} ({path_index.n_dirs} directions), batch {args.irn_batch_size}, "
+             f"{args.irn_num_epoches} epochs, max_step {max_step}, ResNet-{args.backbone_depth}, device {device}")
+    start = time.perf_counter()
+    history = []
+    for epoch in range(args.irn_num_epoches):
+        sums: dict[str, float] = {}
+        count = 0
+        bar = progress(loader, f"train_irn ep {epoch + 1}/{args.irn_num_epoches}", total=len(loader),
+                       enabled=show, unit="batch")
+        for batch in bar:
+            parts = net(batch["img"].to(device, non_blocking=True),
+                        batch["aff_bg_pos_label"].to(device, non_blocking=True),
+                        batch["aff_fg_pos_label"].to(device, non_blocking=True),
+                        batch["aff_neg_label"].to(device, non_blocking=True))
+            losses = module.combine_losses(parts)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+            if show and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(losses['total'].detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        record = {"epoch": epoch + 1, "step": optimizer.global_step, **{k: v / max(count, 1) for k, v in sums.items()}}
+        history.append(record)
+        log.info("train_irn: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in record.items()))
+
+    mean_shift = _calibrate_mean_shift(model, args, device, show)
+    log.info(f"train_irn: mean shift (dy, dx) = ({mean_shift[0]:.4f}, {mean_shift[1]:.4f})")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(out_path, lambda tmp: torch.save(state, tmp))
+    seconds = time.perf_counter() - start
+    log.info(f"train_irn: saved {out_path} ({seconds:.1f} s)")
+    last = history[-1]
+    return {"weights": str(out_path), "max_step": max_step, "final_loss": last["total"],
+            "final_losses": {k: last[k] for k in ("pos", "neg", "disp_fg", "disp_bg")},
+            "mean_shift": mean_shift}
+
+
+__all__ = ["run", "irn_weights_path", "ir_label_dir", "work_path", "irn_module"]

@@ -1,0 +1,1 @@
+"""VOC-format data access for the first stage."""

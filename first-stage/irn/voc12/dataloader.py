@@ -1,0 +1,387 @@
+"""VOC-format data for the first stage: ids, images, class labels, geometric helpers, datasets.
+
+The helpers reproduce the reference's semantics exactly (spec §4.3): PIL resampling
+(order 3 = BICUBIC, 0 = NEAREST) of uint8 arrays, numpy round-half-to-even sizes, the
+random crop that places small images at a random offset in the canvas, etc.
+Randomness comes from a ``numpy.random.Generator`` passed in; datasets create theirs
+lazily per process from ``torch.initial_seed()`` so that a seeded DataLoader (see
+``misc.torchutils.loader_kwargs``) gives reproducible augmentation.
+
+Ids are strings everywhere (QUIRK-8).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from datasets.voc_cls_labels import ClassLabels
+
+IMAGE_DIR = "JPEGImages"
+GT_DIR = "SegmentationClass"
+IGNORE = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Missing or unreadable input; the message names the id and the file."""
+
+
+# ----------------------------------------------------------------------------- ids and files
+
+
+def load_id_list(path: str | Path) -> list[str]:
+    """One id per line (first token), kept as a string."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"id list not found: {path}")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"id list is empty: {path}")
+    return ids
+
+
+def _as_ids(id_list: str | Path | Sequence[str]) -> list[str]:
+    if isinstance(id_list, (str, Path)):
+        return load_id_list(id_list)
+    return [str(i) for i in id_list]
+
+
+def image_path(voc12_root: str | Path, item_id: str) -> Path:
+    return Path(voc12_root) / IMAGE_DIR / f"{item_id}.jpg"
+
+
+def load_image(voc12_root: str | Path, item_id: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3)."""
+    return read_rgb(image_path(voc12_root, item_id), item_id)
+
+
+def read_rgb(path: str | Path, item_id: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))  # writable (PIL buffers are read-only)
+    except FileNotFoundError:
+        raise DataError(f"image missing for id '{item_id}': {path}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise DataError(f"image for id '{item_id}' is unreadable or truncated: {path} ({e})") from None
+
+
+def read_label_png(path: str | Path, item_id: str, what: str = "label") -> np.ndarray:
+    """Single-channel PNG as uint8 (H, W); palette PNGs give their raw indices."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise DataError(f"{what} for id '{item_id}' must be a single-channel PNG, got {img.mode}: {path}")
+            return np.array(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{what} missing for id '{item_id}': {path}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise DataError(f"{what} for id '{item_id}' is unreadable: {path} ({e})") from None
+
+
+def check_files(ids: Sequence[str], directory: str | Path, suffix: str, what: str) -> None:
+    """Fail early, naming the first missing file, instead of inside a worker later."""
+    directory = Path(directory)
+    missing = [i for i in ids if not (directory / f"{i}{suffix}").is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{what} missing for id '{missing[0]}': {directory / (missing[0] + suffix)}{more}")
+
+
+# ----------------------------------------------------------------------------- geometric helpers (§4.3)
+
+_PIL_ORDER = {3: Image.BICUBIC, 0: Image.NEAREST}
+
+
+def resize(img: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
+    """PIL resize of a uint8 array to (h, w); order 3 = bicubic, 0 = nearest; no-op if same size."""
+    h, w = int(size[0]), int(size[1])
+    if img.shape[:2] == (h, w):
+        return img
+    if order not in _PIL_ORDER:
+        raise ValueError(f"resize order must be 3 (bicubic) or 0 (nearest), got {order}")
+    if img.dtype != np.uint8:
+        raise TypeError(f"resize expects uint8 arrays (PIL), got {img.dtype}")
+    return np.asarray(Image.fromarray(img).resize((w, h), resample=_PIL_ORDER[order]))
+
+
+def rescale(img: np.ndarray, scale: float, order: int) -> np.ndarray:
+    """Resize by ``scale`` with numpy's round-half-to-even sizes (187.5 -> 188, 562.5 -> 562)."""
+    h, w = img.shape[:2]
+    return resize(img, (int(np.round(h * scale)), int(np.round(w * scale))), order)
+
+
+def random_resize_long(img: np.ndarray, min_long: int, max_long: int, rng: np.random.Generator) -> np.ndarray:
+    """Bicubic rescale so the long side becomes L ~ U{min_long..max_long}; square images use W."""
+    target = int(rng.integers(min_long, max_long + 1))
+    h, w = img.shape[:2]
+    scale = target / h if w < h else target / w
+    return rescale(img, scale, 3)
+
+
+def random_scale(arrays: np.ndarray | tuple[np.ndarray, ...], scale_range: tuple[float, float],
+                 orders: int | tuple[int, ...], rng: np.random.Generator):
+    """One s = lo + U[0,1)·(hi − lo) for all arrays, each rescaled with its own order.
+
+    (QUIRK-9 fixed: the single-array form rescales the array itself.)
+    """
+    s = scale_range[0] + rng.random() * (scale_range[1] - scale_range[0])
+    if isinstance(arrays, tuple):
+        orders = orders if isinstance(orders, tuple) else (orders,) * len(arrays)
+        return tuple(rescale(a, s, o) for a, o in zip(arrays, orders))
+    return rescale(arrays, s, orders if isinstance(orders, int) else orders[0])
+
+
+def random_lr_flip(arrays: np.ndarray | tuple[np.ndarray, ...], rng: np.random.Generator):
+    """Horizontal flip with probability 1/2, one decision shared by all arrays of a tuple."""
+    flip = bool(rng.integers(0, 2))
+    if isinstance(arrays, tuple):
+        return tuple(np.ascontiguousarray(np.fliplr(a)) if flip else a for a in arrays)
+    return np.ascontiguousarray(np.fliplr(arrays)) if flip else arrays
+
+
+def random_crop_box(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int, int, int, int, int]:
+    """(cont_top, cont_bottom, cont_left, cont_right, img_top, img_bottom, img_left, img_right).
+
+    Per axis: an input longer than ``size`` gets a random image offset and container offset 0;
+    otherwise the image offset is 0 and the container offset is random, so a small image lands
+    at a random place of the canvas.
+    """
+    def axis(n: int) -> tuple[int, int, int]:
+        if n > size:
+            return 0, int(rng.integers(0, n - size + 1)), size
+        return int(rng.integers(0, size - n + 1)), 0, n
+    cl, il, cw = axis(w)  # horizontal first, as the reference draws them
+    ct, it, ch = axis(h)
+    return ct, ct + ch, cl, cl + cw, it, it + ch, il, il + cw
+
+
+def random_crop(arrays: np.ndarray | tuple[np.ndarray, ...], size: int, fills: float | tuple[float, ...],
+                rng: np.random.Generator):
+    """Crop/pad to ``size``×``size`` with one shared box; each array padded with its fill value."""
+    single = not isinstance(arrays, tuple)
+    arrs = (arrays,) if single else arrays
+    fill_t = fills if isinstance(fills, tuple) else (fills,) * len(arrs)
+    h, w = arrs[0].shape[:2]
+    ct, cb, cl, cr, it, ib, il, ir = random_crop_box(h, w, size, rng)
+    out = []
+    for a, f in zip(arrs, fill_t):
+        canvas = np.full((size, size) + a.shape[2:], f, dtype=a.dtype)
+        canvas[ct:cb, cl:cr] = a[it:ib, il:ir]
+        out.append(canvas)
+    return out[0] if single else tuple(out)
+
+
+def top_left_crop(img: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """``size``×``size`` canvas of ``fill`` with ``img[:size, :size]`` in its top-left corner."""
+    h, w = img.shape[:2]
+    canvas = np.full((size, size) + img.shape[2:], fill, dtype=img.dtype)
+    ch, cw = min(size, h), min(size, w)
+    canvas[:ch, :cw] = img[:ch, :cw]
+    return canvas
+
+
+def hwc_to_chw(img: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(img, (2, 0, 1)))
+
+
+class TorchvisionNormalize:
+    """(v/255 − mean)/std per RGB channel, float32 (applied before flip and crop, §4.2)."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- datasets (§4.4)
+
+
+class _RngMixin:
+    """A numpy Generator per process, seeded from torch's (per-worker) initial seed."""
+
+    _rng: np.random.Generator | None = None
+    _rng_pid: int | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng = np.random.default_rng(torch.initial_seed() % 2**63)
+            self._rng_pid = os.getpid()
+        return self._rng
+
+
+class VOC12ImageDataset(_RngMixin, Dataset):
+    """Image pipeline: resize_long → random_scale → normalise → flip → crop → CHW (all optional)."""
+
+    def __init__(self, id_list: str | Path | Sequence[str], voc12_root: str | Path,
+                 resize_long: tuple[int, int] | None = None, rescale: tuple[float, float] | None = None,
+                 img_normal: TorchvisionNormalize | None = TorchvisionNormalize(), hor_flip: bool = False,
+                 crop_size: int | None = None, crop_method: str | None = None, to_torch: bool = True):
+        self.ids = _as_ids(id_list)
+        self.voc12_root = Path(voc12_root)
+        self.resize_long = resize_long
+        self.rescale = rescale
+        self.img_normal = img_normal
+        self.hor_flip = hor_flip
+        self.crop_size = crop_size
+        if crop_size is not None and crop_method not in ("random", "top_left"):
+            raise ValueError(f"crop_method must be 'random' or 'top_left' with a crop size, got {crop_method!r}")
+        self.crop_method = crop_method
+        self.to_torch = to_torch
+        check_files(self.ids, self.voc12_root / IMAGE_DIR, ".jpg", "image")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def transform_image(self, img: np.ndarray) -> np.ndarray:
+        rng = self.rng
+        if self.resize_long:
+            img = random_resize_long(img, self.resize_long[0], self.resize_long[1], rng)
+        if self.rescale:
+            img = random_scale(img, self.rescale, 3, rng)
+        if self.img_normal:
+            img = self.img_normal(img)
+        if self.hor_flip:
+            img = random_lr_flip(img, rng)
+        if self.crop_size:
+            if self.crop_method == "random":
+                img = random_crop(img, self.crop_size, 0, rng)
+            else:
+                img = top_left_crop(img, self.crop_size, 0)
+        if self.to_torch:
+            img = hwc_to_chw(img)
+        return img
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        name = self.ids[idx]
+        img = self.transform_image(load_image(self.voc12_root, name))
+        return {"name": name, "img": img}
+
+
+class VOC12ClassificationDataset(VOC12ImageDataset):
+    """Image dataset + ``label``: float32 multi-hot over the 20 classes."""
+
+    def __init__(self, id_list, voc12_root, resize_long=None, rescale=None,
+                 img_normal=TorchvisionNormalize(), hor_flip=False, crop_size=None, crop_method=None,
+                 to_torch=True, labels: ClassLabels | None = None, cls_labels_file: str | Path | None = None):
+        super().__init__(id_list, voc12_root, resize_long, rescale, img_normal, hor_flip, crop_size,
+                         crop_method, to_torch)
+        self.labels = labels or ClassLabels(self.voc12_root, cls_labels_file)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        out = super().__getitem__(idx)
+        out["label"] = torch.from_numpy(self.labels.vector(out["name"]))
+        return out
+
+
+def msf_inputs(img: np.ndarray, scales: Sequence[float],
+               img_normal: TorchvisionNormalize | None = TorchvisionNormalize()) -> list[np.ndarray]:
+    """Per scale the pair [img_s, fliplr(img_s)] as float32 (2, 3, h_s, w_s); scale 1 keeps the original."""
+    out = []
+    for s in scales:
+        x = img if s == 1.0 else rescale(img, s, 3)
+        x = img_normal(x) if img_normal else x.astype(np.float32)
+        x = hwc_to_chw(x)
+        out.append(np.stack([x, np.ascontiguousarray(np.flip(x, -1))], axis=0))
+    return out
+
+
+class VOC12ClassificationDatasetMSF(VOC12ClassificationDataset):
+    """Multi-scale inference items: ``img`` = list over scales of (2, 3, h_s, w_s) (a single array
+    if only one scale), ``size`` = (H, W), ``label``."""
+
+    def __init__(self, id_list, voc12_root, img_normal=TorchvisionNormalize(), scales: Sequence[float] = (1.0,),
+                 labels: ClassLabels | None = None, cls_labels_file: str | Path | None = None):
+        super().__init__(id_list, voc12_root, img_normal=img_normal, labels=labels, cls_labels_file=cls_labels_file)
+        self.scales = tuple(float(s) for s in scales)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        name = self.ids[idx]
+        img = load_image(self.voc12_root, name)
+        ms = msf_inputs(img, self.scales, self.img_normal)
+        return {"name": name, "img": ms[0] if len(ms) == 1 else ms, "size": (img.shape[0], img.shape[1]),
+                "label": torch.from_numpy(self.labels.vector(name))}
+
+
+class VOC12SegmentationDataset(_RngMixin, Dataset):
+    """Image + label PNG (``<label_dir>/<id>.png``): random_scale (bicubic / nearest) → normalise →
+    joint flip → joint crop (random: fills 0 / 255; top_left) → CHW image, (S, S) uint8 label."""
+
+    def __init__(self, id_list: str | Path | Sequence[str], label_dir: str | Path, crop_size: int,
+                 voc12_root: str | Path, rescale: tuple[float, float] | None = None,
+                 img_normal: TorchvisionNormalize | None = TorchvisionNormalize(), hor_flip: bool = False,
+                 crop_method: str = "random"):
+        if crop_method not in ("random", "top_left"):
+            raise ValueError(f"crop_method must be 'random' or 'top_left', got {crop_method!r}")
+        self.ids = _as_ids(id_list)
+        self.label_dir = Path(label_dir)
+        self.voc12_root = Path(voc12_root)
+        self.crop_size = crop_size
+        self.rescale = rescale
+        self.img_normal = img_normal
+        self.hor_flip = hor_flip
+        self.crop_method = crop_method
+        check_files(self.ids, self.voc12_root / IMAGE_DIR, ".jpg", "image")
+        check_files(self.ids, self.label_dir, ".png", "label")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        name = self.ids[idx]
+        img = load_image(self.voc12_root, name)
+        label = read_label_png(self.label_dir / f"{name}.png", name)
+        if img.shape[:2] != label.shape:
+            raise DataError(f"id '{name}': label {self.label_dir / (name + '.png')} is {label.shape} "
+                            f"but the image is {img.shape[:2]}")
+        rng = self.rng
+        if self.rescale:
+            img, label = random_scale((img, label), self.rescale, (3, 0), rng)
+        if self.img_normal:
+            img = self.img_normal(img)
+        if self.hor_flip:
+            img, label = random_lr_flip((img, label), rng)
+        if self.crop_method == "random":
+            img, label = random_crop((img, label), self.crop_size, (0, IGNORE), rng)
+        else:
+            img = top_left_crop(img, self.crop_size, 0)
+            label = top_left_crop(label, self.crop_size, IGNORE)
+        return {"name": name, "img": hwc_to_chw(img), "label": label}
+
+
+class VOC12GTDataset(Dataset):
+    """Ground-truth maps for evaluation: ``SegmentationClass/<id>.png`` as int64 with 255 → −1
+    (chainercv's convention, §8)."""
+
+    def __init__(self, id_list: str | Path | Sequence[str], voc12_root: str | Path, gt_dir: str = GT_DIR):
+        self.ids = _as_ids(id_list)
+        self.dir = Path(voc12_root) / gt_dir
+        check_files(self.ids, self.dir, ".png", "ground truth")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        name = self.ids[idx]
+        gt = read_label_png(self.dir / f"{name}.png", name, "ground truth").astype(np.int64)
+        gt[gt == IGNORE] = -1
+        return gt
+
+
+__all__ = [
+    "DataError", "load_id_list", "image_path", "load_image", "read_rgb", "read_label_png", "check_files",
+    "resize", "rescale", "random_resize_long", "random_scale", "random_lr_flip", "random_crop_box",
+    "random_crop", "top_left_crop", "hwc_to_chw", "TorchvisionNormalize", "msf_inputs",
+    "VOC12ImageDataset", "VOC12ClassificationDataset", "VOC12ClassificationDatasetMSF",
+    "VOC12SegmentationDataset", "VOC12GTDataset", "IGNORE", "IMAGE_DIR", "GT_DIR",
+]
