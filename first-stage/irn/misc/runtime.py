@@ -54,6 +54,23 @@ def round_robin(items: Sequence[T], n_parts: int, part: int) -> list[T]:
     return list(items[part::n_parts])
 
 
+def worker_share(device_name: str, part: int, n_parts: int, items: Sequence[T]) -> tuple[torch.device, list[T]]:
+    """The device and the round-robin share of ``items`` of inference worker ``part``.
+
+    With several GPUs worker p drives GPU p; results do not depend on the split.
+    """
+    device = resolve_device(device_name)
+    if device.type == "cuda" and n_parts > 1:
+        device = torch.device("cuda", part)
+        torch.cuda.set_device(device)
+    return device, round_robin(items, n_parts, part)
+
+
+def first_item(batch: list) -> Any:
+    """collate_fn for batch size 1 with variable-size multi-scale items."""
+    return batch[0]
+
+
 def confusion(gt: np.ndarray, pred: np.ndarray, n_classes: int, ignore: int = -1) -> np.ndarray:
     """(n, n) int64 counts ``conf[gt, pred]`` over pixels whose gt is not ``ignore``."""
     if gt.shape != pred.shape:

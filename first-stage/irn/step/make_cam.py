@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from misc.cam_io import save_cam
-from misc.runtime import get_logger, progress, read_ids, resolve_device, round_robin
+from misc.runtime import first_item, get_logger, progress, read_ids, resolve_device, worker_share
 from net.resnet50_cam import load_cam_weights
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDatasetMSF
 
@@ -64,22 +64,14 @@ def build_cam_infer_net(args: Any) -> torch.nn.Module:
     return load_cam_weights(model, args.cam_weights_name).eval()
 
 
-def _first_item(batch: list[dict]) -> dict:
-    return batch[0]
-
-
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
-    device = resolve_device(args.device)
-    if device.type == "cuda" and n_parts > 1:
-        device = torch.device("cuda", part)
-        torch.cuda.set_device(device)
-    mine = round_robin(ids, n_parts, part)
+    device, mine = worker_share(args.device, part, n_parts, ids)
     if not mine:
         return
     model = build_cam_infer_net(args).to(device)
     dataset = VOC12ClassificationDatasetMSF(mine, args.voc12_root, img_normal=TorchvisionNormalize(),
                                             scales=args.cam_scales, cls_labels_file=args.cls_labels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=_first_item,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=args.num_workers if n_parts == 1 else 0)
     out_dir = Path(args.cam_out_dir)
     with torch.no_grad():

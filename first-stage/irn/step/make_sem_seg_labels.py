@@ -24,7 +24,7 @@ import torch
 
 from misc.cam_io import load_cam
 from misc.random_walk import random_walk, rw_to_scores
-from misc.runtime import get_logger, progress, read_ids, resolve_device, round_robin
+from misc.runtime import first_item, get_logger, progress, read_ids, resolve_device, worker_share
 from step.train_irn import irn_module, irn_weights_path, work_path
 from utils.io import atomic_write, save_png
 from voc12.dataloader import TorchvisionNormalize, load_image, msf_inputs
@@ -103,21 +103,13 @@ class PairDataset(torch.utils.data.Dataset):
         return {"name": name, "img": msf_inputs(img, (1.0,), self.normalize)[0], "size": img.shape[:2]}
 
 
-def _first_item(batch: list[dict]) -> dict:
-    return batch[0]
-
-
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
-    device = resolve_device(args.device)
-    if device.type == "cuda" and n_parts > 1:
-        device = torch.device("cuda", part)
-        torch.cuda.set_device(device)
-    mine = round_robin(ids, n_parts, part)
+    device, mine = worker_share(args.device, part, n_parts, ids)
     if not mine:
         return
     model = build_inference_net(args, device)
     dataset = PairDataset(mine, args.voc12_root)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=_first_item,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=args.num_workers if n_parts == 1 else 0)
     sem_dir, sc_dir, c_dir = sem_seg_dir(args), score_dir(args), cam_dir(args)
     fp16 = getattr(args, "score_fp16", False)
