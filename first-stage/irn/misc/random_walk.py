@@ -45,6 +45,16 @@ def _as_edge_map(edge: torch.Tensor) -> torch.Tensor:
     return edge if edge.is_floating_point() else edge.float()
 
 
+def _padded_path_affinity(edge: torch.Tensor, radius: int):
+    """Pad the boundary map as the reference does (1 on the left, right and bottom, ``radius``
+    wide) and compute every path's affinity on it. Returns (edge, padded, path index, affinity)."""
+    e = _as_edge_map(edge)
+    r = int(radius)
+    padded = F.pad(e[None, None], (r, r, 0, r), value=1.0)[0, 0]
+    idx = _path_index(r).indices(tuple(padded.shape), e.device, cache=False)
+    return e, padded, idx, edge_to_affinity(padded.reshape(1, -1), idx)[0]
+
+
 def affinity_pairs(edge: torch.Tensor, radius: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-pixel pairs ``(i, j, A_ij)`` of the half-disc, i.e. each unordered pair once.
 
@@ -53,14 +63,10 @@ def affinity_pairs(edge: torch.Tensor, radius: int = 5) -> tuple[torch.Tensor, t
     every image pixel, take ``1 - max(boundary on the path)``, then drop pairs with a pad end.
     i, j are row-major indices into the unpadded (h, w) map.
     """
-    e = _as_edge_map(edge)
+    e, padded, idx, aff = _padded_path_affinity(edge, radius)  # aff: (n_dirs, N_src)
     h, w = e.shape
     r = int(radius)
-    pi = _path_index(r)
-    padded = F.pad(e[None, None], (r, r, 0, r), value=1.0)[0, 0]
     hp, wp = padded.shape
-    idx = pi.indices((hp, wp), e.device, cache=False)
-    aff = edge_to_affinity(padded.reshape(1, -1), idx)[0]  # (n_dirs, N_src)
     # Padded linear index -> image index (-1 for pad pixels).
     lookup = torch.full((hp * wp,), -1, dtype=torch.long, device=e.device)
     ys, xs = torch.meshgrid(torch.arange(h, device=e.device), torch.arange(r, r + w, device=e.device), indexing="ij")
@@ -78,14 +84,10 @@ def dense_affinity(edge: torch.Tensor, radius: int = 5) -> torch.Tensor:
     Np×Np matrix in both orientations, set the diagonal to 1, then keep the image pixels.
     Symmetric, entries in [0, 1], non-zero only for offsets with dy² + dx² < r².
     """
-    e = _as_edge_map(edge)
+    e, padded, idx, aff = _padded_path_affinity(edge, radius)
     h, w = e.shape
     r = int(radius)
-    pi = _path_index(r)
-    padded = F.pad(e[None, None], (r, r, 0, r), value=1.0)[0, 0]
     hp, wp = padded.shape
-    idx = pi.indices((hp, wp), e.device, cache=False)
-    aff = edge_to_affinity(padded.reshape(1, -1), idx)[0]
     n_pad = hp * wp
     dense = torch.zeros((n_pad, n_pad), dtype=e.dtype, device=e.device)
     src = idx.src.unsqueeze(0).expand_as(aff)

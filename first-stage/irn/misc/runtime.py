@@ -66,6 +66,16 @@ def worker_share(device_name: str, part: int, n_parts: int, items: Sequence[T]) 
     return device, round_robin(items, n_parts, part)
 
 
+def run_on_devices(work: Any, args: Any, ids: list) -> None:
+    """Call ``work(part, n_parts, args, ids)`` once per visible GPU (spawned), or once in-process."""
+    device = resolve_device(args.device)
+    n_parts = torch.cuda.device_count() if device.type == "cuda" and args.device in ("auto", "cuda") else 1
+    if n_parts > 1:
+        torch.multiprocessing.spawn(work, nprocs=n_parts, args=(n_parts, args, ids), join=True)
+    else:
+        work(0, 1, args, ids)
+
+
 def first_item(batch: list) -> Any:
     """collate_fn for batch size 1 with variable-size multi-scale items."""
     return batch[0]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from misc.cam_io import save_cam
-from misc.runtime import first_item, get_logger, progress, read_ids, resolve_device, worker_share
+from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
 from net.resnet50_cam import load_cam_weights
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDatasetMSF
 
@@ -90,10 +90,5 @@ def run(args: Any) -> dict[str, Any]:
     todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}.npy").is_file()]
     log.info(f"make_cam: {len(ids)} ids, {len(ids) - len(todo)} already done, scales {tuple(args.cam_scales)}")
     if todo:
-        device = resolve_device(args.device)
-        n_parts = torch.cuda.device_count() if device.type == "cuda" and args.device in ("auto", "cuda") else 1
-        if n_parts > 1:
-            torch.multiprocessing.spawn(_work, nprocs=n_parts, args=(n_parts, args, todo), join=True)
-        else:
-            _work(0, 1, args, todo)
+        run_on_devices(_work, args, todo)
     return {"images": len(ids), "written": len(todo)}

@@ -24,7 +24,7 @@ import torch
 
 from misc.cam_io import load_cam
 from misc.random_walk import random_walk, rw_to_scores
-from misc.runtime import first_item, get_logger, progress, read_ids, resolve_device, worker_share
+from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
 from step.train_irn import irn_module, irn_weights_path, work_path
 from utils.io import atomic_write, save_png
 from voc12.dataloader import TorchvisionNormalize, load_image, msf_inputs
@@ -142,12 +142,7 @@ def run(args: Any) -> dict[str, Any]:
              f"bg threshold {args.sem_seg_bg_thres}")
     start = time.perf_counter()
     if todo:
-        device = resolve_device(args.device)
-        n_parts = torch.cuda.device_count() if device.type == "cuda" and args.device in ("auto", "cuda") else 1
-        if n_parts > 1:
-            torch.multiprocessing.spawn(_work, nprocs=n_parts, args=(n_parts, args, todo), join=True)
-        else:
-            _work(0, 1, args, todo)
+        run_on_devices(_work, args, todo)
     seconds = time.perf_counter() - start
     return {"images": len(ids), "written": len(todo),
             "seconds_per_image": seconds / len(todo) if todo else None, "rw_mode": args.rw_mode}
