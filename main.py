@@ -115,7 +115,8 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
             log.info(f"no data under {root}: generating the synthetic VOC-format set with simulated "
                      f"first-stage pseudo-labels and masks")
         summary = make_synthetic_voc(root, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
-                                     classes=syn.classes, seed=syn.seed, progress=True)
+                                     classes=syn.classes, seed=syn.seed, colours=syn.colours,
+                                     colour_jitter=syn.colour_jitter, progress=True)
         log.info(f"synthetic data under {root}: pseudo-label mIoU {summary['pseudo_label']['miou']:.3f}")
     barrier()
 

@@ -32,6 +32,7 @@ so the same arguments give the same bytes for every file.
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from pathlib import Path
@@ -113,6 +114,22 @@ def _colour_pair(rng: np.random.Generator, min_dist: float = 90.0) -> tuple[np.n
         if float(np.linalg.norm(a - b)) >= min_dist:
             break
     return a, b
+
+
+COLOUR_MODES = ("instance", "class")
+
+
+def _class_colour_pair(cls: int, rng: np.random.Generator, jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colour mode "class": class ``cls`` (1-based) has a fixed hue, bright and dark tone.
+
+    Hues step by the golden angle so the first K classes are spread around the wheel
+    whatever K is; ``jitter`` (per channel, 0..255 scale) varies each instance.
+    """
+    hue = ((cls - 1) * 0.381966) % 1.0
+    light = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95), np.float32) * 255
+    dark = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.45), np.float32) * 255
+    shift = rng.uniform(-jitter, jitter, 3).astype(np.float32)
+    return np.clip(light + shift, 0, 255), np.clip(dark + shift, 0, 255)
 
 
 # ----------------------------------------------------------------------------- shapes and textures
@@ -300,12 +317,16 @@ def _layout(rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray, classes: i
 
 
 def _render(rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray,
-            objects: list[dict[str, Any]], img: np.ndarray, noise_sigma: float) -> np.ndarray:
+            objects: list[dict[str, Any]], img: np.ndarray, noise_sigma: float,
+            colours: str, colour_jitter: float) -> np.ndarray:
     h, w = gx.shape
     for obj in objects:
         u, v = _local_coords(gx, gy, obj["cx"], obj["cy"], obj["angle"] + rng.uniform(-0.3, 0.3))
         t = _texture(CLASS_STYLES[obj["cls"] - 1][1], u, v, rng)[..., None]
-        ca, cb = _colour_pair(rng)
+        if colours == "class":
+            ca, cb = _class_colour_pair(obj["cls"], rng, colour_jitter)
+        else:
+            ca, cb = _colour_pair(rng)
         shading = 1.0 + 0.25 * _smooth_field(rng, h, w, 2.0 * obj["r"])[..., None]
         fill = (ca * (1 - t) + cb * t) * np.clip(shading, 0.6, 1.4)
         # A slightly soft edge, as a camera's anti-aliasing gives.
@@ -476,7 +497,8 @@ def _generate(k: int, settings: dict[str, Any], with_label: bool) -> dict[str, A
     bg, distractors = _background(scene_rng, gx, gy)
     objects = _layout(scene_rng, gx, gy, settings["classes"], tuple(settings["object_scale"]),
                       settings["max_objects"], settings["void_width"])
-    image = _render(scene_rng, gx, gy, objects, bg, settings["image_noise"])
+    image = _render(scene_rng, gx, gy, objects, bg, settings["image_noise"],
+                    settings.get("colours", "instance"), settings.get("colour_jitter", 0.0))
     gt = _ground_truth(objects, (h, w), settings["void_width"])
     out = {"image": image, "gt": gt, "objects": objects, "shape": (h, w)}
     if with_label:
@@ -516,6 +538,7 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
                        object_scale: tuple[float, float] = (0.14, 0.3), max_objects: int = 4,
                        image_noise: float = 4.0, jpeg_quality: int = 90, label_noise: float = 1.0,
                        mask_keep: float = 0.5, mask_score_noise: float = 0.5,
+                       colours: str = "instance", colour_jitter: float = 25.0,
                        overwrite: bool = False, progress: bool | Callable = False) -> dict:
     """Write a synthetic VOC-format data set with simulated first-stage outputs under ``out``.
 
@@ -539,6 +562,12 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         mask_keep: the gen_mask keep fraction ``thd``.
         mask_score_noise: std (px) of the noise added to the boundary distance that
             ranks pixels for the confidence mask.
+        colours: "instance" draws every object's two colours at random, so only shape
+            and texture tell classes apart (the hard default); "class" gives each class
+            a fixed hue (bright and dark tone, ``colour_jitter`` per instance), which a
+            network trained from scratch on a CPU learns in minutes (the demo).
+        colour_jitter: per-channel range (0..255 scale) of the instance shift in
+            "class" mode.
         overwrite: replace an existing set made with different settings.
         progress: True for a tqdm bar over images, or a callable wrapping an iterable.
 
@@ -558,6 +587,8 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         raise ValueError(f"size must be (height, width), each >= 32, got {size}")
     if not 0.0 < mask_keep <= 1.0:
         raise ValueError(f"mask_keep must be in (0, 1], got {mask_keep}")
+    if colours not in COLOUR_MODES:
+        raise ValueError(f"colours must be one of {COLOUR_MODES}, got {colours!r}")
     settings = {
         "generator_version": GENERATOR_VERSION, "train": int(train), "val": int(val), "test": int(test),
         "size": [int(size[0]), int(size[1])], "classes": int(classes), "seed": int(seed),
@@ -567,6 +598,8 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         "label_noise": float(label_noise), "mask_keep": float(mask_keep),
         "mask_score_noise": float(mask_score_noise),
     }
+    if colours != "instance":  # absent for the default, so sets made before this option still match
+        settings.update(colours=colours, colour_jitter=float(colour_jitter))
     summary_path = out / SUMMARY_NAME
     if summary_path.is_file():
         stored = json.loads(summary_path.read_text())

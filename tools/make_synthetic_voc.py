@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--void-width", type=int, default=2, help="void band width in px (default 2)")
     p.add_argument("--size-jitter", type=float, default=0.0, help="per-image size factor range 1 +- j (default 0)")
     p.add_argument("--label-noise", type=float, default=1.0, help="scale of the pseudo-label errors (default 1)")
+    p.add_argument("--colours", choices=("instance", "class"), default="instance",
+                   help="instance: random colours per object (hard); class: a fixed hue per class (the demo)")
+    p.add_argument("--colour-jitter", type=float, default=25.0, help="per-instance colour shift in class mode")
     p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out, train=args.train, val=args.val, test=args.test, size=tuple(args.size),
             classes=args.classes, seed=args.seed, void_width=args.void_width,
             size_jitter=args.size_jitter, label_noise=args.label_noise,
+            colours=args.colours, colour_jitter=args.colour_jitter,
             overwrite=args.overwrite, progress=not args.quiet)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

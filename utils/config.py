@@ -30,6 +30,8 @@ class SyntheticCfg:
     size: list[int]
     classes: int
     seed: int
+    colours: str           # instance (random per object, hard) | class (fixed hue per class)
+    colour_jitter: float   # per-instance colour shift in "class" mode
 
 
 @dataclass
@@ -188,6 +190,7 @@ class Config:
 # Values a key may take, where a free string would let a typo through.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("voc",),
+    "data.synthetic.colours": ("instance", "class"),
     "data.scale_mode": ("rrc", "jitter"),
     "model.backbone.norm_layer": ("BN", "SyncBN", "GN"),
     "model.decoder.norm_layer": ("BN", "SyncBN", "GN"),
