@@ -285,6 +285,29 @@ def test_irn_shapes_loss_and_mean_shift(monkeypatch):
     assert float(parts["disp_fg_sum"]) == 0 and float(parts["disp_fg_count"]) == pi.n_dirs * idx.n_src
 
 
+def test_irn_train_backbone_option():
+    """--irn_train_backbone: the backbone follows train mode, gets gradients and sits in the edge group;
+    the default keeps the reference's frozen, eval-mode backbone."""
+    from net import resnet50_irn as irn
+    from net.resnet import ResNet
+    torch.manual_seed(2)
+    pi = PathIndex(5)
+    idx = pi.indices((12, 12))
+    label = torch.randint(0, 3, (2, 12, 12))
+    labels = [torch.stack(t) for t in zip(*(affinity_labels(label[i], idx) for i in range(2)))]
+    net = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18), train_backbone=True).train()
+    assert net.backbone.training
+    irn.combine_losses(net(torch.randn(2, 3, 48, 48), *labels))["total"].backward()
+    edge_p, disp_p = net.param_groups()
+    backbone_ids = {id(p) for p in net.backbone.parameters()}
+    assert backbone_ids <= {id(p) for p in edge_p} and not backbone_ids & {id(p) for p in disp_p}
+    assert net.backbone.layer1[0].conv1.weight.grad is not None
+    assert float(net.backbone.layer1[0].conv1.weight.grad.abs().sum()) > 0
+    frozen = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18)).train()
+    assert not frozen.backbone.training and not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert len(frozen.param_groups()[0]) == len(edge_p) - len(backbone_ids)
+
+
 def test_irn_backbone_from_cam_weights(tmp_path):
     from net import resnet50_irn as irn
     from net.resnet import ResNet

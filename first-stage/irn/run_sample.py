@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--irn_disp_lr_mult", type=float, default=10.0, help="displacement-branch lr = this × irn_learning_rate")
     a("--irn_backbone_from_cam", type=str2bool, default=False,
       help="start IRN's (frozen) backbone from the trained CAM backbone (not the reference; for runs without ImageNet)")
+    a("--irn_train_backbone", type=str2bool, default=False,
+      help="train IRN's backbone with the edge branch (reference: frozen); a from-scratch aid")
     a("--radius", type=int, default=10, help="IRN training path radius")
     a("--rw_radius", type=int, default=5, help="random-walk radius")
     a("--beta", type=int, default=10)

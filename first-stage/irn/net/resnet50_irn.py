@@ -1,6 +1,7 @@
 """IRN: inter-pixel relation network on a frozen ResNet (spec §11.1, §11.3, §12.1).
 
-Two light branches read the five backbone stages (all detached; the backbone never trains):
+Two light branches read the five backbone stages (all detached; the backbone never trains,
+unless ``train_backbone``, a from-scratch aid that is not the reference):
 
 * the boundary (edge) branch: 32 channels per stage at stride 4, concatenated, 1×1 conv → 1
   boundary logit per stride-4 pixel;
@@ -66,11 +67,16 @@ class Net(nn.Module):
     """Frozen backbone + boundary and displacement branches; ``forward`` → (edge logits, displacement),
     both (B, ·, ceil(H/4), ceil(W/4))."""
 
-    def __init__(self, depth: int = 50, weights: str | Path | None = None, backbone: ResNet | None = None):
+    def __init__(self, depth: int = 50, weights: str | Path | None = None, backbone: ResNet | None = None,
+                 train_backbone: bool = False):
         super().__init__()
         self.backbone = backbone if backbone is not None else build_backbone(depth, weights)
+        # The reference freezes the backbone (§11.1). train_backbone is a from-scratch aid: a
+        # classification-trained backbone without ImageNet features localises no boundaries,
+        # so the boundary branch alone cannot learn them.
+        self.train_backbone = train_backbone
         for p in self.backbone.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_backbone)
         ch = self.backbone.out_channels
         c1, c2, c3, c4, c5 = ch["conv1"], ch["layer1"], ch["layer2"], ch["layer3"], ch["layer4"]
         # Boundary branch (32 channels per stage, all brought to stride 4).
@@ -93,9 +99,10 @@ class Net(nn.Module):
         self.backbone.eval()
 
     def train(self, mode: bool = True) -> "Net":
-        """Branches follow ``mode``; the backbone stays in eval mode (it is frozen)."""
+        """Branches follow ``mode``; a frozen backbone stays in eval mode."""
         super().train(mode)
-        self.backbone.eval()
+        if not self.train_backbone:
+            self.backbone.eval()
         return self
 
     def edge_modules(self) -> list[nn.Module]:
@@ -105,15 +112,20 @@ class Net(nn.Module):
         return [self.disp1, self.disp2, self.disp3, self.disp4, self.disp5, self.disp6, self.disp7]
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(edge branch parameters, displacement branch parameters) — the two optimiser groups (§11.4)."""
+        """(edge branch parameters, displacement branch parameters) — the two optimiser groups (§11.4).
+
+        A trainable backbone joins the edge group (base lr): boundaries are what it must learn.
+        """
         edge = [p for m in self.edge_modules() for p in m.parameters()]
+        if self.train_backbone:
+            edge += list(self.backbone.parameters())
         disp = [p for m in self.displacement_modules() for p in m.parameters()]
         return edge, disp
 
     def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The five backbone outputs x1..x5, computed without gradients (all detached in §11.1)."""
+        """The five backbone outputs x1..x5, detached as in §11.1 unless the backbone trains."""
         b = self.backbone
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
             x1 = b.stem(x)
             x2 = b.layer1(x1)
             x3 = b.layer2(x2)
@@ -149,8 +161,8 @@ class AffinityDisplacementLoss(Net):
     """
 
     def __init__(self, path_index: PathIndex, depth: int = 50, weights: str | Path | None = None,
-                 backbone: ResNet | None = None):
-        super().__init__(depth, weights, backbone)
+                 backbone: ResNet | None = None, train_backbone: bool = False):
+        super().__init__(depth, weights, backbone, train_backbone)
         self.path_index = path_index
         # Target displacement of each direction, (1, 2, n_dirs, 1): δ(s, s+d) should equal d.
         target = torch.as_tensor(path_index.search_dst, dtype=torch.float32).t()

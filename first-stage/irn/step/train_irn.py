@@ -116,13 +116,18 @@ def run(args: Any) -> dict[str, Any]:
 
     module = irn_module(args)
     from_cam = getattr(args, "irn_backbone_from_cam", False)
+    train_backbone = getattr(args, "irn_train_backbone", False)
     if from_cam:
         from net.resnet import ResNet
-        model = module.AffinityDisplacementLoss(path_index, backbone=ResNet(args.backbone_depth))
+        model = module.AffinityDisplacementLoss(path_index, backbone=ResNet(args.backbone_depth),
+                                                train_backbone=train_backbone)
         load_backbone_from_cam(model, args.cam_weights_name)
         log.info(f"train_irn: backbone initialised from the CAM network {args.cam_weights_name}")
     else:
-        model = module.AffinityDisplacementLoss(path_index, depth=args.backbone_depth, weights=args.backbone_weights)
+        model = module.AffinityDisplacementLoss(path_index, depth=args.backbone_depth, weights=args.backbone_weights,
+                                                train_backbone=train_backbone)
+    if train_backbone:
+        log.info("train_irn: --irn_train_backbone: the backbone trains with the edge branch (not the reference)")
     edge_params, disp_params = model.param_groups()
     optimizer = PolyOptimizer(
         [{"params": edge_params, "lr_mult": 1.0},
