@@ -116,7 +116,8 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
                      f"first-stage pseudo-labels and masks")
         summary = make_synthetic_voc(root, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
                                      classes=syn.classes, seed=syn.seed, colours=syn.colours,
-                                     colour_jitter=syn.colour_jitter, progress=True)
+                                     colour_jitter=syn.colour_jitter, object_scale=tuple(syn.object_scale),
+                                     max_objects=syn.max_objects, progress=True)
         log.info(f"synthetic data under {root}: pseudo-label mIoU {summary['pseudo_label']['miou']:.3f}")
     barrier()
 

@@ -508,7 +508,7 @@ def _generate(k: int, settings: dict[str, Any], with_label: bool) -> dict[str, A
     return out
 
 
-def _near_boundary(gt: np.ndarray, radius: float) -> np.ndarray:
+def near_boundary(gt: np.ndarray, radius: float) -> np.ndarray:
     """Pixels within ``radius`` px of a GT boundary (the void band, or label changes if none)."""
     k = np.ones((3, 3), np.uint8)
     boundary = (gt == IGNORE_INDEX) | (cv2.dilate(gt, k) != cv2.erode(gt, k))
@@ -656,7 +656,7 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         valid = gt != IGNORE_INDEX
         correct = pseudo == gt
         kept = mask > 0
-        near = _near_boundary(gt, 3.0)
+        near = near_boundary(gt, 3.0)
         stats["pixels"] += gt.size
         stats["kept"] += int(kept.sum())
         stats["kept_valid"] += int((kept & valid).sum())
@@ -719,4 +719,4 @@ def _remove_previous(out: Path, old: dict[str, Any], new: dict[str, Any]) -> Non
             path.unlink()
 
 
-__all__ = ["make_synthetic_voc", "synthetic_ids", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]
+__all__ = ["make_synthetic_voc", "synthetic_ids", "near_boundary", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]

@@ -203,12 +203,13 @@ def test_short_run_beats_the_untrained_model(syn_root, tmp_path):
 def test_demo_config_generates_missing_synthetic_data(tmp_path):
     root = tmp_path / "fresh"
     args = ["--config", str(REPO / "configs/demo.yaml"), "--logging_path_base", str(tmp_path / "logs"),
-            f"data.root={root}", "data.synthetic={train: 8, val: 2, test: 1, size: [64, 64], classes: 5, seed: 3}",
+            f"data.root={root}", "data.synthetic.train=8", "data.synthetic.val=2", "data.synthetic.test=1",
+            "data.synthetic.size=[64, 64]", "data.synthetic.seed=3",
             "data.crop_size=64", "data.val_size=64", "data.batch_size=4", "data.num_workers=0", "train.epochs=1"]
     r = _run(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "generating the synthetic VOC-format set" in (tmp_path / "logs" / "demo" / "train.log").read_text()
+    assert "generating the synthetic VOC-format set" in (tmp_path / "logs" / "quickstart" / "train.log").read_text()
     assert len(list((root / "irn_mask").glob("*.png"))) == 8
     # Other generator settings on the same root: refused by name, not trained on stale data.
-    r = _run(args[:-6] + ["data.synthetic={train: 9, val: 2, test: 1, size: [64, 64], classes: 5, seed: 3}"] + args[-5:])
+    r = _run(args + ["data.synthetic.train=9"])
     assert r.returncode == 1 and "synthetic" in r.stderr and "train" in r.stderr

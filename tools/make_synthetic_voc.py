@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--void-width", type=int, default=2, help="void band width in px (default 2)")
     p.add_argument("--size-jitter", type=float, default=0.0, help="per-image size factor range 1 +- j (default 0)")
     p.add_argument("--label-noise", type=float, default=1.0, help="scale of the pseudo-label errors (default 1)")
+    p.add_argument("--object-scale", type=float, nargs=2, default=(0.14, 0.3), metavar=("MIN", "MAX"),
+                   help="object radius range as a fraction of the short side (default 0.14 0.3)")
+    p.add_argument("--max-objects", type=int, default=4, help="at most this many objects per image (default 4)")
     p.add_argument("--colours", choices=("instance", "class"), default="instance",
                    help="instance: random colours per object (hard); class: a fixed hue per class (the demo)")
     p.add_argument("--colour-jitter", type=float, default=25.0, help="per-instance colour shift in class mode")
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             classes=args.classes, seed=args.seed, void_width=args.void_width,
             size_jitter=args.size_jitter, label_noise=args.label_noise,
             colours=args.colours, colour_jitter=args.colour_jitter,
+            object_scale=tuple(args.object_scale), max_objects=args.max_objects,
             overwrite=args.overwrite, progress=not args.quiet)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,8 @@ class SyntheticCfg:
     seed: int
     colours: str           # instance (random per object, hard) | class (fixed hue per class)
     colour_jitter: float   # per-instance colour shift in "class" mode
+    object_scale: list[float]  # object radius range, fraction of the short side
+    max_objects: int
 
 
 @dataclass
@@ -342,6 +344,8 @@ def check_consistency(cfg: Config) -> None:
     syn = cfg.data.synthetic
     if syn is not None and len(syn.size) != 2:
         raise ConfigError("config key 'data.synthetic.size': expected [height, width]")
+    if syn is not None and (len(syn.object_scale) != 2 or not 0 < syn.object_scale[0] <= syn.object_scale[1]):
+        raise ConfigError("config key 'data.synthetic.object_scale': expected [low, high] with 0 < low <= high")
     if syn is not None and syn.classes + 1 != cfg.data.num_classes:
         raise ConfigError(f"config key 'data.synthetic.classes' ({syn.classes} foreground classes) needs "
                           f"'data.num_classes' = {syn.classes + 1} (background included), got {cfg.data.num_classes}")
