@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv clean-venv
+.PHONY: test demo venv clean-venv
 
 venv: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): requirements.txt requirements-test.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The whole method on the embedded synthetic data: first stage, BECO and the CE baseline,
+# testing with and without CRF; writes data/logging/demo/results.md, curves.png, samples.png.
+# DEMO_ARGS passes options to tools/demo.py, e.g. make demo DEMO_ARGS="--seed 1 --out data/logging/demo_seed1".
+demo: $(STAMP)
+	$(PY) tools/demo.py $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,114 @@
+"""Smoke test of `make demo` (tools/demo.py) at a tiny size: every stage runs for real, the
+report's numbers come from the run, a rerun skips finished work, and a different seed in the
+same folder is refused."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "tools" / "demo.py"
+RUNS_DIR = {"train_beco": "beco", "train_baseline": "baseline"}
+
+
+def _configs(tmp: Path) -> list[str]:
+    """Tiny versions of the three demo configs, inheriting everything else from them."""
+    beco = tmp / "beco.yaml"
+    beco.write_text(f"""_base_: {REPO / 'configs/demo.yaml'}
+data:
+  root: {tmp / 'data'}
+  synthetic: {{train: 8, val: 3, test: 1, size: [48, 64], classes: 3, seed: 5, colours: class,
+              colour_jitter: 25.0, object_scale: [0.22, 0.4], max_objects: 3}}
+  num_classes: 4
+  crop_size: 48
+  val_size: 48
+  batch_size: 4
+  num_workers: 0
+model:
+  decoder:
+    num_classes: 4
+train:
+  epochs: 2
+  num_vis: 1
+""")
+    base = tmp / "baseline.yaml"
+    base.write_text(f"""_base_: {beco}
+method: {{name: baseline, co_training: false, mixing: false, strong_aug: {{enabled: false}}}}
+""")
+    first = tmp / "first_stage.yaml"
+    first.write_text(f"""_base_: {REPO / 'configs/demo_first_stage.yaml'}
+cam_crop_size: 48
+cam_resize_long: [40, 64]
+cam_batch_size: 4
+cam_num_epoches: 1
+cam_scales: [1.0, 0.5]
+irn_crop_size: 48
+irn_batch_size: 4
+irn_num_epoches: 1
+num_workers: 0
+no_progress: true
+""")
+    return ["--beco-config", str(beco), "--baseline-config", str(base), "--first-stage-config", str(first)]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=400, cwd=REPO)
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    args = _configs(tmp_path) + ["--out", str(out), "--seed", "7", "--samples", "2"]
+    r = _run(args)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for stage in ("data", "first_stage", "train_beco", "train_baseline", "test", "report"):
+        assert f"stage {stage} done" in r.stdout
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["seed"] == res["first_stage_seed"] == res["second_stage_seed"] == 7
+    fs = res["first_stage"]
+    for key in ("cam_miou", "pseudo_label_miou", "mask_kept_precision"):
+        assert 0.0 <= fs[key] <= 1.0
+    assert 0.4 < fs["mask_kept_fraction"] <= 0.5  # gen_mask keeps floor(n_c / 2) of every class region
+    for tag in ("beco", "baseline"):
+        assert 0.0 <= res[tag]["no_crf"] <= 1.0 and 0.0 <= res[tag]["crf"] <= 1.0
+        assert [r["epoch"] for r in res[tag]["val_log"]] == [1, 2]
+        # The report's numbers are the stages' own outputs, not typed in.
+        scores = json.loads((out / tag / "val_pred_scores.json").read_text())
+        assert res[tag]["no_crf"] == scores["miou"]
+    summary = json.loads((out / "first_stage" / "summary.json").read_text())
+    assert fs["pseudo_label_miou"] == summary["steps"]["eval_sem_seg"]["metrics"]["sem_seg_miou"]
+    assert summary["config"]["seed"] == 7
+    for tag in ("beco", "baseline"):
+        assert yaml.safe_load((out / tag / "config.yaml").read_text())["train"]["seed"] == 7
+
+    md = (out / "results.md").read_text()
+    assert f"{100 * res['beco']['no_crf']:.1f}" in md and f"{100 * fs['cam_miou']:.1f}" in md
+    assert set(res["timings"]) == {"data", "first_stage", "train_beco", "train_baseline", "test", "report"}
+    assert all(re.search(rf"\| {s} \| \d+\.\d \|", md) for s in res["timings"])
+
+    samples = Image.open(out / "samples.png")
+    assert samples.mode == "RGB" and samples.width > 6 * 64 and samples.height > 2 * 48
+    assert Image.open(out / "curves.png").size[0] > 300
+    # The pseudo-label column holds the exported first-stage labels, in the VOC palette.
+    assert (out / "pseudo_labels" / "irn_pseudo_label").is_dir()
+    assert np.asarray(Image.open(out / "samples.png")).std() > 10
+
+    # Rerun: trainings are complete and skipped, the first stage redoes nothing.
+    again = _run(args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for stage in ("data", "first_stage", "test"):
+        assert f"stage {stage}: nothing to do" in again.stdout
+    for stage in ("train_beco", "train_baseline"):
+        assert f"stage {stage}: {out / RUNS_DIR[stage]} is complete, skipped" in again.stdout
+    assert json.loads((out / "timings.json").read_text())["first_stage"] == res["timings"]["first_stage"]
+
+    # Another seed into the same folder would mix two runs: refused with the file named.
+    other = _run(_configs(tmp_path) + ["--out", str(out), "--seed", "8"])
+    assert other.returncode != 0 and "demo_settings.json" in other.stderr

@@ -1,0 +1,458 @@
+"""`make demo`: the whole BECO method on the embedded synthetic data, end to end on a CPU.
+
+    python tools/demo.py [--out data/logging/demo] [--seed N] [--fresh]
+
+Stages, a line each (the tools they run show their own progress bars):
+  1. data         the synthetic VOC-format set of configs/demo.yaml (data.synthetic), reused
+                  when it is already there with the same settings
+  2. first_stage  first-stage/irn/run_sample.py with configs/demo_first_stage.yaml: CAM training,
+                  CAMs, IRN training, random-walk pseudo-labels, confidence masks
+  3. train_beco   main.py with configs/demo.yaml on those pseudo-labels and masks
+  4. train_baseline  main.py with configs/demo_baseline.yaml (one net, plain CE) on the same labels
+  5. test         main.py --test and test.py (without and with dense CRF) for both
+  6. report       <out>/results.md and results.json, curves.png, samples.png
+
+Every number of the report is read from what the stages wrote; nothing is typed in. A rerun
+picks up where the last one stopped (finished stages are skipped, a killed training resumes
+from its latest_ckpt.pth); --fresh deletes <out> first. Sizes, epochs and backbones live in
+the three config files, not here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils.config import Config, load_config, load_yaml  # noqa: E402
+from utils.io import save_json, save_text  # noqa: E402
+
+STAGES = ("data", "first_stage", "train_beco", "train_baseline", "test", "report")
+RUNS = {"beco": "train_beco", "baseline": "train_baseline"}  # run folder -> stage that trains it
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("data/logging/demo"), help="everything the demo writes")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of both stages' training (default: the configs' train.seed and seed)")
+    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--beco-config", type=Path, default=REPO / "configs/demo.yaml")
+    p.add_argument("--baseline-config", type=Path, default=REPO / "configs/demo_baseline.yaml")
+    p.add_argument("--first-stage-config", type=Path, default=REPO / "configs/demo_first_stage.yaml",
+                   help="run_sample.py options as a YAML mapping (option: value)")
+    p.add_argument("--samples", type=int, default=6, help="rows of samples.png")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    """Run a stage's tool with its output on our console; stop the demo if it fails."""
+    say("$ " + " ".join(str(c) for c in cmd))
+    r = subprocess.run([str(c) for c in cmd], cwd=REPO)
+    if r.returncode != 0:
+        raise SystemExit(f"demo: stage command failed with exit code {r.returncode}: {' '.join(map(str, cmd))}")
+
+
+def _run_sample():
+    """The first-stage driver module (its folder is not a package)."""
+    sys.path.insert(0, str(REPO / "first-stage" / "irn"))
+    import run_sample
+    return run_sample
+
+
+def _switches() -> set[str]:
+    """run_sample.py's value-less flags (--overwrite, --no_progress): YAML true adds them."""
+    return {a.dest for a in _run_sample().build_parser()._actions if isinstance(a, argparse._StoreTrueAction)}
+
+
+def first_stage_argv(options: dict[str, Any]) -> list[str]:
+    """YAML mapping -> run_sample.py flags (lists become the comma form the driver parses)."""
+    argv = []
+    switches = _switches()
+    for key, value in options.items():
+        if key in switches:
+            argv += [f"--{key}"] if value else []
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_finished(run_dir: Path, epochs: int) -> bool:
+    log = read_jsonl(run_dir / "val_log.jsonl")
+    return bool(log) and log[-1]["epoch"] >= epochs and (run_dir / "best_ckpt.pth").is_file()
+
+
+class Timings:
+    """Wall time of each stage, kept in <out>/timings.json: a skipped stage keeps the time it took."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, stage: str, seconds: float) -> None:
+        self.data[stage] = round(seconds, 1)
+        save_json(self.path, self.data)
+
+
+def peak_rss_mb(path: Path) -> float:
+    """Largest resident memory of this process or any stage process, over this run and the
+    earlier runs into the same folder (a resumed run's skipped stages used memory then)."""
+    now = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024  # kB on Linux
+    before = json.loads(path.read_text())["peak_rss_mb"] if path.is_file() else 0.0
+    peak = max(now, before)
+    save_json(path, {"peak_rss_mb": peak})
+    return peak
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_data(cfg: Config) -> dict:
+    """The config's synthetic set; one made by the generator with other settings is replaced
+    (it is the demo's own output), anything else under data.root is refused by the generator."""
+    from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc
+    syn = cfg.data.synthetic
+    if syn is None:
+        raise SystemExit(f"demo: the BECO config has no data.synthetic section (data.root {cfg.data.root})")
+    summary_path = Path(cfg.data.root) / SUMMARY_NAME
+    before = summary_path.read_text() if summary_path.is_file() else None
+    summary = make_synthetic_voc(cfg.data.root, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
+                              classes=syn.classes, seed=syn.seed, colours=syn.colours,
+                              colour_jitter=syn.colour_jitter, object_scale=tuple(syn.object_scale),
+                              max_objects=syn.max_objects, overwrite=(Path(cfg.data.root) / SUMMARY_NAME).is_file(),
+                              progress=True)
+    return "skipped" if summary_path.read_text() == before else summary
+
+
+def first_stage_finished(work: Path, export: Path, ids: list[str]) -> bool:
+    """Every step recorded in summary.json and every id's label and mask exported."""
+    path = work / "summary.json"
+    if not path.is_file():
+        return False
+    steps = json.loads(path.read_text()).get("steps", {})
+    done = all(s in steps and not steps[s].get("metrics", {}).get("skipped") for s in _run_sample().STEPS)
+    return done and all((export / d / f"{i}.png").is_file() for d in ("irn_pseudo_label", "irn_mask") for i in ids)
+
+
+def stage_first_stage(cfg: Config, options: dict, work: Path, export: Path, seed: int | None) -> dict | str:
+    ids = (Path(cfg.data.root) / cfg.data.list_dir / "train_aug.txt").read_text().split()
+    if first_stage_finished(work, export, ids):
+        say(f"stage first_stage: {work} is complete, skipped")
+        return "skipped"
+    options = dict(options)
+    if seed is not None:
+        options["seed"] = seed
+    cmd = [sys.executable, REPO / "first-stage/irn/run_sample.py", "--voc12_root", Path(cfg.data.root) / "VOC2012",
+           "--work_dir", work, "--steps", "all", "--export_to", export] + first_stage_argv(options)
+    run(cmd)  # run_sample.py itself skips outputs that exist, so a killed run resumes
+    return {}
+
+
+def second_stage_overrides(out: Path, export: Path, seed: int | None) -> list[str]:
+    over = [f"logging.path_base={out}", "logging.run_id=null",
+            f"data.pseudo_label_dir={export.resolve() / 'irn_pseudo_label'}",
+            f"data.mask_dir={export.resolve() / 'irn_mask'}"]
+    if seed is not None:
+        over.append(f"train.seed={seed}")
+    return over
+
+
+def stage_train(config: Path, tag: str, cfg: Config, out: Path, overrides: list[str]) -> None:
+    run_dir = out / tag
+    cmd = [sys.executable, REPO / "main.py", "--config", config, *overrides, f"logging.tag={tag}"]
+    if (run_dir / "latest_ckpt.pth").is_file():
+        say(f"{tag}: resuming from {run_dir / 'latest_ckpt.pth'}")
+        cmd += ["--ckpt", run_dir / "latest_ckpt.pth"]
+    run(cmd)
+
+
+def stage_test(config: Path, tag: str, out: Path, overrides: list[str]) -> dict:
+    run_dir = out / tag
+    run([sys.executable, REPO / "main.py", "--config", config, "--test", "--ckpt", run_dir / "best_ckpt.pth",
+         *overrides, f"logging.tag={tag}"])
+    for crf in (False, True):
+        run([sys.executable, REPO / "test.py", "--logits_dir", run_dir / "logits", "--mode", "val"]
+            + (["--crf"] if crf else []))
+    return {}
+
+
+def _tested(run_dir: Path) -> bool:
+    ckpt = run_dir / "best_ckpt.pth"
+    scores = [run_dir / f"{name}_scores.json" for name in ("val_pred", "val_pred_crf")]
+    return ckpt.is_file() and all(p.is_file() and p.stat().st_mtime > ckpt.stat().st_mtime for p in scores)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot_curves(out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for tag, style in (("beco", "o-"), ("baseline", "s--")):
+        log = read_jsonl(out / tag / "val_log.jsonl")
+        if log:
+            ax.plot([r["epoch"] for r in log], [100 * r["miou"] for r in log], style, label=tag.upper()
+                    if tag == "beco" else "CE baseline")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("Synthetic demo: validation mIoU per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def predict_train_images(cfg: Config, ckpt: Path, ids: list[str]) -> dict[str, Any]:
+    """Full-resolution argmax of a run's nets on training images (what samples.png shows)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from datasets.voc import VOCEvalSet
+    from engine.inference import load_test_nets, predict_maps
+    data = VOCEvalSet(cfg.data, "train_aug", with_labels=False)
+    index = {i: k for k, i in enumerate(data.ids)}
+    nets = load_test_nets(cfg, ckpt, torch.device("cpu"))
+    preds = {}
+    with torch.no_grad():
+        for i in ids:
+            item = data[index[i]]
+            _, logits = predict_maps(nets, item["image"][None], cfg)
+            h, w = item["size"].tolist()
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=cfg.model.decoder.align_corners)
+            preds[i] = logits.argmax(1)[0].numpy().astype(np.uint8)
+    return preds
+
+
+def plot_samples(out: Path, cfg_beco: Config, cfg_base: Config, export: Path, n: int) -> Path:
+    """Rows: image | pseudo-label | confidence mask | baseline | BECO | ground truth (VOC palette)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from utils.voc import colorize
+    root = Path(cfg_beco.data.root)
+    ids = (root / cfg_beco.data.list_dir / "train_aug.txt").read_text().split()[:n]
+    beco = predict_train_images(cfg_beco, out / "beco" / "best_ckpt.pth", ids)
+    base = predict_train_images(cfg_base, out / "baseline" / "best_ckpt.pth", ids)
+    titles = ["image", "pseudo-label", "mask (white = kept)", "CE baseline", "BECO", "ground truth"]
+    rows = []
+    for i in ids:
+        image = np.asarray(Image.open(root / cfg_beco.data.image_dir / f"{i}.jpg").convert("RGB"))
+        pseudo = np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png"))
+        mask = np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L"))
+        gt = np.asarray(Image.open(root / "VOC2012/SegmentationClassAug" / f"{i}.png"))
+        tiles = [image, colorize(pseudo), np.repeat(mask[..., None], 3, 2), colorize(base[i]), colorize(beco[i]),
+                 colorize(gt)]
+        gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], 1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    grid = np.concatenate(rows, 0)
+    scale = 2  # the demo's images are small; nearest-neighbour keeps labels crisp
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    header = Image.new("RGB", (picture.width, 24), "white")
+    draw = ImageDraw.Draw(header)
+    tile_w = (image.shape[1] + 4) * scale
+    for k, t in enumerate(titles):
+        draw.text((k * tile_w + 4, 6), t, fill="black")
+    canvas = Image.new("RGB", (picture.width, picture.height + header.height), "white")
+    canvas.paste(header, (0, 0))
+    canvas.paste(picture, (0, header.height))
+    path = out / "samples.png"
+    canvas.save(path)
+    return path
+
+
+def label_error_profile(cfg: Config, export: Path, radius: float = 3.0) -> dict:
+    """Where the first stage's pseudo-labels are wrong (train_aug against its ground truth, void
+    ignored): error rate within ``radius`` px of a true boundary and farther away, the share of
+    all errors that lie near a boundary, and the share of errors the confidence mask drops."""
+    import numpy as np
+    from PIL import Image
+    from datasets.synthetic_voc import near_boundary
+    root = Path(cfg.data.root)
+    n = dict.fromkeys(("near", "near_wrong", "far", "far_wrong", "wrong_dropped"), 0)
+    for i in (root / cfg.data.list_dir / "train_aug.txt").read_text().split():
+        gt = np.asarray(Image.open(root / "VOC2012/SegmentationClassAug" / f"{i}.png"))
+        pseudo = np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png"))
+        kept = np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L")) > 0
+        valid = gt != 255
+        wrong = valid & (pseudo != gt)
+        near = near_boundary(gt, radius)
+        n["near"] += int((valid & near).sum())
+        n["near_wrong"] += int((wrong & near).sum())
+        n["far"] += int((valid & ~near).sum())
+        n["far_wrong"] += int((wrong & ~near).sum())
+        n["wrong_dropped"] += int((wrong & ~kept).sum())
+    wrong = n["near_wrong"] + n["far_wrong"]
+    return {"radius_px": radius, "error_rate_near": n["near_wrong"] / max(n["near"], 1),
+            "error_rate_far": n["far_wrong"] / max(n["far"], 1),
+            "errors_near_share": n["near_wrong"] / max(wrong, 1), "errors_dropped_share": n["wrong_dropped"] / max(wrong, 1)}
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def write_report(out: Path, results: dict, timings: dict) -> Path:
+    fs = results["first_stage"]
+    lines = [
+        "# BECO demo on the synthetic data",
+        "",
+        f"Seeds: first stage {results['first_stage_seed']}, second stage {results['second_stage_seed']}; "
+        f"data: {results['data']['train']} train / {results['data']['val']} val images of "
+        f"{results['data']['size'][0]}×{results['data']['size'][1]} px, {results['data']['classes']} classes. "
+        "Every number below was measured by this run.",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| CAM mIoU, train list (threshold {fs['cam_eval_thres']}) | {pct(fs['cam_miou'])} |",
+        f"| pseudo-label mIoU, train list (IRN random walk) | {pct(fs['pseudo_label_miou'])} |",
+        f"| confidence mask: share of pixels kept | {pct(fs['mask_kept_fraction'])} |",
+        f"| confidence mask: pseudo-label precision on kept / dropped pixels | "
+        f"{pct(fs['mask_kept_precision'])} / {pct(fs['mask_unkept_precision'])} |",
+        f"| pseudo-label error rate within {fs['errors']['radius_px']:g} px of a true boundary / farther | "
+        f"{pct(fs['errors']['error_rate_near'])} / {pct(fs['errors']['error_rate_far'])} |",
+        f"| share of pseudo-label errors near a boundary / dropped by the mask | "
+        f"{pct(fs['errors']['errors_near_share'])} / {pct(fs['errors']['errors_dropped_share'])} |",
+        f"| CE baseline, val mIoU (no CRF / CRF) | {pct(results['baseline']['no_crf'])} / "
+        f"{pct(results['baseline']['crf'])} |",
+        f"| BECO, val mIoU (no CRF / CRF) | {pct(results['beco']['no_crf'])} / {pct(results['beco']['crf'])} |",
+        f"| best val mIoU during training (labels resized to the val size): baseline / BECO | "
+        f"{pct(results['baseline']['best_during_training'])} / {pct(results['beco']['best_during_training'])} |",
+        "",
+        "val mIoU is measured at the original resolution by test.py, from the best checkpoint of each run.",
+        "",
+        "| stage | wall time (s) |",
+        "|---|---|",
+    ]
+    lines += [f"| {s} | {timings[s]:.1f} |" for s in STAGES if s in timings]
+    lines.append(f"| total | {sum(timings.get(s, 0.0) for s in STAGES):.1f} |")
+    lines += ["", f"Peak resident memory of any one stage process: {results['peak_rss_mb']:.0f} MB.", "",
+              "![val mIoU per epoch](curves.png)", "", "![samples](samples.png)", ""]
+    return save_text(out / "results.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.chdir(REPO)
+    out = args.out
+    if args.fresh and out.exists():
+        say(f"--fresh: removing {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Same folder, other seed: results would mix runs; refuse instead.
+    settings_path = out / "demo_settings.json"
+    settings = {"seed": args.seed, "beco_config": str(args.beco_config), "baseline_config": str(args.baseline_config),
+                "first_stage_config": str(args.first_stage_config)}
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise SystemExit(f"demo: {out} holds a demo run with other settings ({settings_path}); "
+                         f"use --fresh or another --out")
+    save_json(settings_path, settings)
+
+    cfg_beco = load_config(args.beco_config)
+    cfg_base = load_config(args.baseline_config)
+    fs_options = load_yaml(args.first_stage_config)
+    timings = Timings(out / "timings.json")
+    work, export = out / "first_stage", out / "pseudo_labels"
+    overrides = second_stage_overrides(out, export, args.seed)
+
+    def stage(name: str, fn, *a) -> Any:
+        say(f"stage {STAGES.index(name) + 1}/{len(STAGES)}: {name}")
+        start = time.perf_counter()
+        result = fn(*a)
+        if isinstance(result, str) and result == "skipped":
+            say(f"stage {name}: nothing to do (its recorded time is kept)")
+        else:
+            timings.record(name, time.perf_counter() - start)
+            say(f"stage {name} done ({time.perf_counter() - start:.1f} s)")
+        return result
+
+    stage("data", stage_data, cfg_beco)
+    data = json.loads((Path(cfg_beco.data.root) / "synthetic_voc.json").read_text())
+    stage("first_stage", stage_first_stage, cfg_beco, fs_options, work, export, args.seed)
+    for tag, config in (("beco", args.beco_config), ("baseline", args.baseline_config)):
+        cfg = cfg_beco if tag == "beco" else cfg_base
+        if training_finished(out / tag, cfg.train.epochs):
+            say(f"stage {RUNS[tag]}: {out / tag} is complete, skipped")
+        else:
+            stage(RUNS[tag], stage_train, config, tag, cfg, out, overrides)
+
+    def test_both() -> dict | str:
+        if all(_tested(out / tag) for tag in RUNS):
+            say(f"stage test: scores newer than the checkpoints in {out}, skipped")
+            return "skipped"
+        for tag, config in (("beco", args.beco_config), ("baseline", args.baseline_config)):
+            stage_test(config, tag, out, overrides)
+        return {}
+    stage("test", test_both)
+    tests = {tag: {key: json.loads((out / tag / f"{name}_scores.json").read_text())["miou"]
+                   for key, name in (("no_crf", "val_pred"), ("crf", "val_pred_crf"))} for tag in RUNS}
+
+    steps = json.loads((work / "summary.json").read_text())["steps"]
+    eval_cam, eval_sem, gen_mask = (steps[s]["metrics"] for s in ("eval_cam", "eval_sem_seg", "gen_mask"))
+    results = {
+        "seed": args.seed,  # None: each stage's config seed (below)
+        "first_stage_seed": args.seed if args.seed is not None else fs_options.get("seed", 0),
+        "second_stage_seed": args.seed if args.seed is not None else cfg_beco.train.seed,
+        "data": {k: data["settings"][k] for k in ("train", "val", "size", "classes")},
+        "first_stage": {"cam_miou": eval_cam["cam_miou"], "cam_eval_thres": eval_cam["cam_eval_thres"],
+                        "pseudo_label_miou": eval_sem["sem_seg_miou"],
+                        "mask_kept_fraction": gen_mask["kept_fraction"],
+                        "mask_kept_precision": gen_mask["kept_precision"],
+                        "mask_unkept_precision": gen_mask["unkept_precision"],
+                        "errors": label_error_profile(cfg_beco, export)},
+        "peak_rss_mb": peak_rss_mb(out / "peak_rss.json"),
+    }
+    for tag in ("beco", "baseline"):
+        log = read_jsonl(out / tag / "val_log.jsonl")
+        results[tag] = {**tests[tag], "best_during_training": max(r["miou"] for r in log),
+                        "val_log": [{"epoch": r["epoch"], "miou": r["miou"]} for r in log]}
+
+    def pictures() -> dict:
+        plot_curves(out)
+        plot_samples(out, cfg_beco, cfg_base, export, args.samples)
+        return {}
+    stage("report", pictures)
+    save_json(out / "results.json", {**results, "timings": timings.data})
+    write_report(out, results, timings.data)
+    print((out / "results.md").read_text())
+    say(f"done: {out / 'results.md'}, {out / 'curves.png'}, {out / 'samples.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
