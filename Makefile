@@ -1,4 +1,4 @@
-# The README's two commands: `make test` and (later) `make demo`.
+# The README's two commands: `make test` and `make demo`.
 # Both create .venv when missing; nothing is installed outside it.
 PYTHON ?= python3
 VENV := .venv
