@@ -164,7 +164,6 @@ def first_stage_finished(work: Path, export: Path, ids: list[str]) -> bool:
 def stage_first_stage(cfg: Config, options: dict, work: Path, export: Path, seed: int | None) -> dict | str:
     ids = (Path(cfg.data.root) / cfg.data.list_dir / "train_aug.txt").read_text().split()
     if first_stage_finished(work, export, ids):
-        say(f"stage first_stage: {work} is complete, skipped")
         return "skipped"
     options = dict(options)
     if seed is not None:
@@ -184,13 +183,16 @@ def second_stage_overrides(out: Path, export: Path, seed: int | None) -> list[st
     return over
 
 
-def stage_train(config: Path, tag: str, cfg: Config, out: Path, overrides: list[str]) -> None:
+def stage_train(config: Path, tag: str, cfg: Config, out: Path, overrides: list[str]) -> dict | str:
     run_dir = out / tag
+    if training_finished(run_dir, cfg.train.epochs):
+        return "skipped"
     cmd = [sys.executable, REPO / "main.py", "--config", config, *overrides, f"logging.tag={tag}"]
     if (run_dir / "latest_ckpt.pth").is_file():
         say(f"{tag}: resuming from {run_dir / 'latest_ckpt.pth'}")
         cmd += ["--ckpt", run_dir / "latest_ckpt.pth"]
     run(cmd)
+    return {}
 
 
 def stage_test(config: Path, tag: str, out: Path, overrides: list[str]) -> dict:
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = fn(*a)
         if isinstance(result, str) and result == "skipped":
-            say(f"stage {name}: nothing to do (its recorded time is kept)")
+            say(f"stage {name}: already done, skipped (its recorded time is kept)")
         else:
             timings.record(name, time.perf_counter() - start)
             say(f"stage {name} done ({time.perf_counter() - start:.1f} s)")
@@ -404,19 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     stage("data", stage_data, cfg_beco)
     data = json.loads((Path(cfg_beco.data.root) / "synthetic_voc.json").read_text())
     stage("first_stage", stage_first_stage, cfg_beco, fs_options, work, export, args.seed)
-    for tag, config in (("beco", args.beco_config), ("baseline", args.baseline_config)):
-        cfg = cfg_beco if tag == "beco" else cfg_base
-        if training_finished(out / tag, cfg.train.epochs):
-            say(f"stage {RUNS[tag]}: {out / tag} is complete, skipped")
-        else:
-            stage(RUNS[tag], stage_train, config, tag, cfg, out, overrides)
+    configs = {"beco": (args.beco_config, cfg_beco), "baseline": (args.baseline_config, cfg_base)}
+    for tag, (path, cfg) in configs.items():
+        stage(RUNS[tag], stage_train, path, tag, cfg, out, overrides)
 
     def test_both() -> dict | str:
-        if all(_tested(out / tag) for tag in RUNS):
-            say(f"stage test: scores newer than the checkpoints in {out}, skipped")
+        if all(_tested(out / tag) for tag in RUNS):  # scores newer than the checkpoints
             return "skipped"
-        for tag, config in (("beco", args.beco_config), ("baseline", args.baseline_config)):
-            stage_test(config, tag, out, overrides)
+        for tag, (path, _) in configs.items():
+            stage_test(path, tag, out, overrides)
         return {}
     stage("test", test_both)
     tests = {tag: {key: json.loads((out / tag / f"{name}_scores.json").read_text())["miou"]
