@@ -252,3 +252,39 @@ def test_refuses_foreign_voc_dir(tmp_path):
     (tmp_path / "VOC2012").mkdir()
     with pytest.raises(FileExistsError):
         make_synthetic_voc(tmp_path, seed=0, **SMALL)
+
+
+def _class_hues(root: Path, classes: int) -> dict[int, list[float]]:
+    """Per image and class: the circular mean hue (degrees) of the class's pixels."""
+    hues: dict[int, list[float]] = {c: [] for c in range(1, classes + 1)}
+    for i in (root / "VOC2012/ImageSets/Segmentation/train_aug.txt").read_text().split():
+        img = np.asarray(Image.open(root / "VOC2012/JPEGImages" / f"{i}.jpg").convert("RGB"))
+        gt = np.asarray(Image.open(root / "VOC2012/SegmentationClass" / f"{i}.png"))
+        hue = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(np.float64) * 2 * np.pi / 256
+        for c in np.unique(gt):
+            if 0 < c <= classes:
+                sel = hue[gt == c]
+                hues[int(c)].append(float(np.angle(np.exp(1j * sel).mean(), deg=True)))
+    return hues
+
+
+def test_class_colour_mode(tmp_path):
+    """colours="class": every instance of a class has that class's hue, so the per-image mean
+    hue of a class varies little across images; the default mode draws colours at random and
+    keeps the stored settings (and bytes) of sets made before the option existed."""
+    kw = dict(train=12, val=1, test=1, size=(48, 64), classes=3, seed=4, object_scale=(0.25, 0.4), max_objects=2)
+    fixed = make_synthetic_voc(tmp_path / "class", colours="class", colour_jitter=10.0, **kw)
+    free = make_synthetic_voc(tmp_path / "instance", **kw)
+    assert fixed["settings"]["colours"] == "class" and "colours" not in free["settings"]
+    assert fixed["settings"]["object_scale"] == [0.25, 0.4] and fixed["settings"]["max_objects"] == 2
+
+    def spread(hues: list[float]) -> float:  # circular std of the per-image mean hues, degrees
+        r = abs(np.exp(1j * np.radians(hues)).mean())
+        return float(np.degrees(np.sqrt(-2 * np.log(max(r, 1e-9)))))
+    fixed_h, free_h = _class_hues(tmp_path / "class", 3), _class_hues(tmp_path / "instance", 3)
+    counted = [c for c in fixed_h if len(fixed_h[c]) >= 3 and len(free_h[c]) >= 3]
+    assert counted
+    for c in counted:
+        assert spread(fixed_h[c]) < 20 < spread(free_h[c]), (c, fixed_h[c], free_h[c])
+    with pytest.raises(ValueError, match="colours must be one of"):
+        make_synthetic_voc(tmp_path / "bad", colours="rainbow", **kw)

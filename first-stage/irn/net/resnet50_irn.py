@@ -71,9 +71,9 @@ class Net(nn.Module):
                  train_backbone: bool = False):
         super().__init__()
         self.backbone = backbone if backbone is not None else build_backbone(depth, weights)
-        # The reference freezes the backbone (§11.1). train_backbone is a from-scratch aid: a
-        # classification-trained backbone without ImageNet features localises no boundaries,
-        # so the boundary branch alone cannot learn them.
+        # The reference freezes the backbone (§11.1). train_backbone is an option for runs without
+        # ImageNet weights: the affinity loss then shapes the backbone's features too. (On the
+        # synthetic demo data it did not improve the boundary maps; see the README.)
         self.train_backbone = train_backbone
         for p in self.backbone.parameters():
             p.requires_grad_(train_backbone)
