@@ -110,14 +110,11 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
     syn = cfg.data.synthetic
     root = Path(cfg.data.root)
     if syn is not None and is_main:
-        from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc
+        from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc_from_config
         if not (root / SUMMARY_NAME).is_file():
             log.info(f"no data under {root}: generating the synthetic VOC-format set with simulated "
                      f"first-stage pseudo-labels and masks")
-        summary = make_synthetic_voc(root, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
-                                     classes=syn.classes, seed=syn.seed, colours=syn.colours,
-                                     colour_jitter=syn.colour_jitter, object_scale=tuple(syn.object_scale),
-                                     max_objects=syn.max_objects, progress=True)
+        summary = make_synthetic_voc_from_config(root, syn)
         log.info(f"synthetic data under {root}: pseudo-label mIoU {summary['pseudo_label']['miou']:.3f}")
     barrier()
 

@@ -707,6 +707,15 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
     return json.loads(summary_path.read_text())
 
 
+def make_synthetic_voc_from_config(out: str | Path, syn: Any, *, overwrite: bool = False,
+                                   progress: bool | Callable = True) -> dict:
+    """``make_synthetic_voc`` with the settings of a config's ``data.synthetic`` section."""
+    return make_synthetic_voc(out, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
+                              classes=syn.classes, seed=syn.seed, colours=syn.colours,
+                              colour_jitter=syn.colour_jitter, object_scale=tuple(syn.object_scale),
+                              max_objects=syn.max_objects, overwrite=overwrite, progress=progress)
+
+
 def _remove_previous(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Delete the files of a previous synthetic set that the new one will not rewrite."""
     try:
@@ -719,4 +728,4 @@ def _remove_previous(out: Path, old: dict[str, Any], new: dict[str, Any]) -> Non
             path.unlink()
 
 
-__all__ = ["make_synthetic_voc", "synthetic_ids", "near_boundary", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]
+__all__ = ["make_synthetic_voc", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]

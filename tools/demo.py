@@ -38,6 +38,7 @@ from utils.io import save_json, save_text  # noqa: E402
 
 STAGES = ("data", "first_stage", "train_beco", "train_baseline", "test", "report")
 RUNS = {"beco": "train_beco", "baseline": "train_baseline"}  # run folder -> stage that trains it
+SCORES = {"no_crf": "val_pred_scores.json", "crf": "val_pred_crf_scores.json"}  # what test.py writes in a run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +104,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def train_ids(cfg: Config) -> list[str]:
+    from datasets.voc import read_split
+    return read_split(Path(cfg.data.root) / cfg.data.list_dir, "train_aug")
+
+
 def training_finished(run_dir: Path, epochs: int) -> bool:
     log = read_jsonl(run_dir / "val_log.jsonl")
     return bool(log) and log[-1]["epoch"] >= epochs and (run_dir / "best_ckpt.pth").is_file()
@@ -134,21 +140,16 @@ def peak_rss_mb(path: Path) -> float:
 # ----------------------------------------------------------------------------- stages
 
 
-def stage_data(cfg: Config) -> dict:
+def stage_data(cfg: Config) -> dict | str:
     """The config's synthetic set; one made by the generator with other settings is replaced
     (it is the demo's own output), anything else under data.root is refused by the generator."""
-    from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc
-    syn = cfg.data.synthetic
-    if syn is None:
+    from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc_from_config
+    if cfg.data.synthetic is None:
         raise SystemExit(f"demo: the BECO config has no data.synthetic section (data.root {cfg.data.root})")
     summary_path = Path(cfg.data.root) / SUMMARY_NAME
     before = summary_path.read_text() if summary_path.is_file() else None
-    summary = make_synthetic_voc(cfg.data.root, train=syn.train, val=syn.val, test=syn.test, size=tuple(syn.size),
-                              classes=syn.classes, seed=syn.seed, colours=syn.colours,
-                              colour_jitter=syn.colour_jitter, object_scale=tuple(syn.object_scale),
-                              max_objects=syn.max_objects, overwrite=(Path(cfg.data.root) / SUMMARY_NAME).is_file(),
-                              progress=True)
-    return "skipped" if summary_path.read_text() == before else summary
+    make_synthetic_voc_from_config(cfg.data.root, cfg.data.synthetic, overwrite=before is not None)
+    return "skipped" if summary_path.read_text() == before else {}
 
 
 def first_stage_finished(work: Path, export: Path, ids: list[str]) -> bool:
@@ -162,7 +163,7 @@ def first_stage_finished(work: Path, export: Path, ids: list[str]) -> bool:
 
 
 def stage_first_stage(cfg: Config, options: dict, work: Path, export: Path, seed: int | None) -> dict | str:
-    ids = (Path(cfg.data.root) / cfg.data.list_dir / "train_aug.txt").read_text().split()
+    ids = train_ids(cfg)
     if first_stage_finished(work, export, ids):
         return "skipped"
     options = dict(options)
@@ -207,7 +208,7 @@ def stage_test(config: Path, tag: str, out: Path, overrides: list[str]) -> dict:
 
 def _tested(run_dir: Path) -> bool:
     ckpt = run_dir / "best_ckpt.pth"
-    scores = [run_dir / f"{name}_scores.json" for name in ("val_pred", "val_pred_crf")]
+    scores = [run_dir / name for name in SCORES.values()]
     return ckpt.is_file() and all(p.is_file() and p.stat().st_mtime > ckpt.stat().st_mtime for p in scores)
 
 
@@ -257,22 +258,31 @@ def predict_train_images(cfg: Config, ckpt: Path, ids: list[str]) -> dict[str, A
     return preds
 
 
+def train_maps(cfg: Config, export: Path, i: str):
+    """(ground truth, pseudo-label, mask as bool) of training id ``i``; train GT is in SegmentationClassAug."""
+    import numpy as np
+    from PIL import Image
+    gt_dir = Path(cfg.data.root) / Path(cfg.data.gt_dir).parent / "SegmentationClassAug"
+    return (np.asarray(Image.open(gt_dir / f"{i}.png")),
+            np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png")),
+            np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L")) > 0)
+
+
 def plot_samples(out: Path, cfg_beco: Config, cfg_base: Config, export: Path, n: int) -> Path:
     """Rows: image | pseudo-label | confidence mask | baseline | BECO | ground truth (VOC palette)."""
     import numpy as np
     from PIL import Image, ImageDraw
     from utils.voc import colorize
     root = Path(cfg_beco.data.root)
-    ids = (root / cfg_beco.data.list_dir / "train_aug.txt").read_text().split()[:n]
+    ids = train_ids(cfg_beco)[:n]
     beco = predict_train_images(cfg_beco, out / "beco" / "best_ckpt.pth", ids)
     base = predict_train_images(cfg_base, out / "baseline" / "best_ckpt.pth", ids)
     titles = ["image", "pseudo-label", "mask (white = kept)", "CE baseline", "BECO", "ground truth"]
     rows = []
     for i in ids:
         image = np.asarray(Image.open(root / cfg_beco.data.image_dir / f"{i}.jpg").convert("RGB"))
-        pseudo = np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png"))
-        mask = np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L"))
-        gt = np.asarray(Image.open(root / "VOC2012/SegmentationClassAug" / f"{i}.png"))
+        gt, pseudo, kept = train_maps(cfg_beco, export, i)
+        mask = kept.astype(np.uint8) * 255
         tiles = [image, colorize(pseudo), np.repeat(mask[..., None], 3, 2), colorize(base[i]), colorize(beco[i]),
                  colorize(gt)]
         gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
@@ -299,16 +309,12 @@ def label_error_profile(cfg: Config, export: Path, radius: float = 3.0) -> dict:
     """Where the first stage's pseudo-labels are wrong (train_aug against its ground truth, void
     ignored): error rate within ``radius`` px of a true boundary and farther away, the share of
     all errors that lie near a boundary, and the share of errors the confidence mask drops."""
-    import numpy as np
-    from PIL import Image
     from datasets.synthetic_voc import near_boundary
-    root = Path(cfg.data.root)
+    from utils.voc import IGNORE_INDEX
     n = dict.fromkeys(("near", "near_wrong", "far", "far_wrong", "wrong_dropped"), 0)
-    for i in (root / cfg.data.list_dir / "train_aug.txt").read_text().split():
-        gt = np.asarray(Image.open(root / "VOC2012/SegmentationClassAug" / f"{i}.png"))
-        pseudo = np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png"))
-        kept = np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L")) > 0
-        valid = gt != 255
+    for i in train_ids(cfg):
+        gt, pseudo, kept = train_maps(cfg, export, i)
+        valid = gt != IGNORE_INDEX
         wrong = valid & (pseudo != gt)
         near = near_boundary(gt, radius)
         n["near"] += int((valid & near).sum())
@@ -417,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_test(path, tag, out, overrides)
         return {}
     stage("test", test_both)
-    tests = {tag: {key: json.loads((out / tag / f"{name}_scores.json").read_text())["miou"]
-                   for key, name in (("no_crf", "val_pred"), ("crf", "val_pred_crf"))} for tag in RUNS}
+    tests = {tag: {key: json.loads((out / tag / name).read_text())["miou"] for key, name in SCORES.items()}
+             for tag in RUNS}
 
     steps = json.loads((work / "summary.json").read_text())["steps"]
     eval_cam, eval_sem, gen_mask = (steps[s]["metrics"] for s in ("eval_cam", "eval_sem_seg", "gen_mask"))
