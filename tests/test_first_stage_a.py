@@ -526,6 +526,42 @@ def test_eval_cam_perfect_cams_give_miou_one(tmp_path, synthetic_voc):
     assert out["cam_iou"][1:] == [0.0 if v is not None else None for v in out["cam_iou"][1:]]
 
 
+def test_pseudo_labels_compared_with_cams():
+    from step.eval_sem_seg import compare_with_cams
+    cam = {"images": 10, "cam_miou": 0.40, "cam_eval_thres": 0.15, "cam_miou_sweep": {"0.3": 0.50, "0.4": 0.55}}
+    gains = compare_with_cams(0.62, 10, cam)
+    assert gains["gain_over_cam"] == pytest.approx(0.22) and gains["best_cam_thres"] == 0.4
+    assert gains["gain_over_best_cam"] == pytest.approx(0.07)
+    assert set(compare_with_cams(0.62, 10, {**cam, "cam_miou_sweep": {}})) == {"gain_over_cam"}
+    # CAMs scored on other images, or none recorded: nothing to compare.
+    assert compare_with_cams(0.62, 9, cam) == {} and compare_with_cams(0.62, 10, None) == {}
+
+
+def test_eval_sem_seg_warns_when_cams_win(tmp_path, synthetic_voc, caplog):
+    """All-background labels against a recorded eval_cam: the gains are negative and logged as a warning."""
+    import json
+    import logging
+    from argparse import Namespace
+    from step import eval_sem_seg
+    root = synthetic_voc / "VOC2012"
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    for i in ids:
+        gt = np.asarray(Image.open(root / "SegmentationClass" / f"{i}.png"))
+        (tmp_path / "sem").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros_like(gt)).save(tmp_path / "sem" / f"{i}.png")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"steps": {"eval_cam": {"metrics": {
+        "images": len(ids), "cam_miou": 0.3, "cam_eval_thres": 0.15, "cam_miou_sweep": {"0.4": 0.6}}}}}))
+    args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, sem_seg_out_dir=tmp_path / "sem",
+                     no_progress=True, summary_path=summary)
+    with caplog.at_level(logging.INFO):
+        out = eval_sem_seg.run(args)
+    assert out["gain_over_cam"] == pytest.approx(out["sem_seg_miou"] - 0.3)
+    assert out["gain_over_best_cam"] == pytest.approx(out["sem_seg_miou"] - 0.6) and out["gain_over_best_cam"] < 0
+    assert any(r.levelno == logging.WARNING and "does not beat thresholded CAMs" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_seeded_loader_is_reproducible(synthetic_voc):
     from torch.utils.data import DataLoader
     from misc.torchutils import loader_kwargs, seed_everything

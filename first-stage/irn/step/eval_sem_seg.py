@@ -5,9 +5,12 @@ Ground truth ``SegmentationClass/<id>.png`` (255 ignored), prediction ``<sem_seg
 accumulated image by image. Besides IoU/mIoU (nan-mean over the 21 classes, background
 included, classes absent from both GT and prediction not counted) it reports for background
 and, averaged over the foreground classes present, ``fp = FP/union`` and ``fn = FN/union``.
+When summary.json holds an eval_cam entry for the same images, the pseudo-labels are also
+compared with the CAMs, at ``cam_eval_thres`` and at the best threshold of its sweep.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,33 @@ def read_prediction(path: Path, name: str) -> np.ndarray:
     return pred
 
 
+def compare_with_cams(sem_seg_miou: float, images: int, eval_cam: dict[str, Any] | None) -> dict[str, Any]:
+    """Gains of the pseudo-labels over the CAMs of an eval_cam entry on as many images.
+
+    The random walk exists to beat the CAMs; where it does not beat them at their best swept
+    threshold, the labels add nothing a threshold would not (on the demo data this meant an
+    undertrained IRN). Returns {} when there is nothing comparable.
+    """
+    if not eval_cam or eval_cam.get("images") != images or eval_cam.get("cam_miou") is None:
+        return {}
+    out = {"gain_over_cam": sem_seg_miou - eval_cam["cam_miou"]}
+    sweep = eval_cam.get("cam_miou_sweep") or {}
+    if sweep:
+        best = max(sweep, key=sweep.get)
+        out.update(best_cam_thres=float(best), gain_over_best_cam=sem_seg_miou - sweep[best])
+    return out
+
+
+def _recorded_eval_cam(args: Any) -> dict[str, Any] | None:
+    path = getattr(args, "summary_path", None)
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text()).get("steps", {}).get("eval_cam", {}).get("metrics")
+    except (json.JSONDecodeError, AttributeError):
+        return None  # a damaged summary only costs the comparison; run_sample rewrites it
+
+
 def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     ids = eval_ids(args)
@@ -65,7 +95,19 @@ def run(args: Any) -> dict[str, Any]:
     log.info("eval_sem_seg: IoU per class " + " ".join("-" if v is None else f"{100 * v:.1f}" for v in scores["iou"]))
     log.info("eval_sem_seg: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()
                                           if k.startswith(("fp", "fn")) and v is not None))
+    eval_cam = _recorded_eval_cam(args)
+    gains = compare_with_cams(scores["miou"], len(ids), eval_cam)
+    out.update(gains)
+    if gains:
+        msg = f"eval_sem_seg: pseudo-labels {100 * gains['gain_over_cam']:+.1f} points over the CAMs at " \
+              f"threshold {eval_cam.get('cam_eval_thres')}"
+        if "gain_over_best_cam" in gains:
+            msg += f", {100 * gains['gain_over_best_cam']:+.1f} over the sweep's best threshold {gains['best_cam_thres']:g}"
+        log.info(msg)
+        if gains.get("gain_over_best_cam", gains["gain_over_cam"]) <= 0:
+            log.warning("eval_sem_seg: the random walk does not beat thresholded CAMs; an IRN trained for too "
+                        "few updates learns objectness instead of boundaries (README, 'Generating pseudo-labels')")
     return out
 
 
-__all__ = ["run", "fp_fn_rates", "read_prediction", "NUM_LABELS"]
+__all__ = ["run", "compare_with_cams", "fp_fn_rates", "read_prediction", "NUM_LABELS"]
