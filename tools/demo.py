@@ -332,13 +332,13 @@ def pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def best_swept_threshold(sweep: dict[str, float] | None) -> dict:
-    """The CAM threshold sweep's best entry: the fair rival of the random walk, since
-    CAMs learned from scratch are best thresholded far above the reference's 0.15."""
-    if not sweep:
+def best_swept_cams(eval_cam: dict, eval_sem: dict) -> dict:
+    """The CAMs at the sweep's best threshold (eval_sem_seg picked it): the fair rival of the
+    random walk, since CAMs learned from scratch are best thresholded far above 0.15."""
+    thres = eval_sem.get("best_cam_thres")
+    if thres is None:
         return {"cam_best_thres": None, "cam_best_miou": None}
-    thres = max(sweep, key=sweep.get)
-    return {"cam_best_thres": float(thres), "cam_best_miou": sweep[thres]}
+    return {"cam_best_thres": thres, "cam_best_miou": eval_cam["cam_miou_sweep"][f"{thres:g}"]}
 
 
 def write_report(out: Path, results: dict, timings: dict) -> Path:
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "second_stage_seed": args.seed if args.seed is not None else cfg_beco.train.seed,
         "data": {k: data["settings"][k] for k in ("train", "val", "size", "classes")},
         "first_stage": {"cam_miou": eval_cam["cam_miou"], "cam_eval_thres": eval_cam["cam_eval_thres"],
-                        **best_swept_threshold(eval_cam.get("cam_miou_sweep")),
+                        **best_swept_cams(eval_cam, eval_sem),
                         "pseudo_label_miou": eval_sem["sem_seg_miou"],
                         "mask_kept_fraction": gen_mask["kept_fraction"],
                         "mask_kept_precision": gen_mask["kept_precision"],
