@@ -413,17 +413,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"stage {STAGES.index(name) + 1}/{len(STAGES)}: {name}")
         start = time.perf_counter()
         result = fn(*a)
-        if isinstance(result, str) and result == "skipped" and name in timings.data:
+        seconds, skipped = time.perf_counter() - start, result == "skipped"
+        if skipped and name in timings.data:
             say(f"stage {name}: already done, skipped (its recorded time is kept)")
-        elif isinstance(result, str) and result == "skipped":
-            # Done outside this folder (the data set of an earlier --out or --fresh run): the
-            # time to find it reused is this run's cost of the stage.
-            timings.record(name, time.perf_counter() - start)
-            say(f"stage {name}: already done, reused (no recorded time, "
-                f"{time.perf_counter() - start:.1f} s counted)")
-        else:
-            timings.record(name, time.perf_counter() - start)
-            say(f"stage {name} done ({time.perf_counter() - start:.1f} s)")
+            return result
+        # A stage done outside this folder (the data set of an earlier --out or --fresh run)
+        # costs this run the time to find it done.
+        timings.record(name, seconds)
+        say(f"stage {name}: already done, reused (no recorded time, {seconds:.1f} s counted)" if skipped
+            else f"stage {name} done ({seconds:.1f} s)")
         return result
 
     stage("data", stage_data, cfg_beco)
