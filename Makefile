@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean-venv
+.PHONY: test test-fast demo venv clean-venv
 
 venv: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): requirements.txt requirements-test.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the end-to-end runs marked `slow` (training, demo, torchrun).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The whole method on the embedded synthetic data: first stage, BECO and the CE baseline,
 # testing with and without CRF; writes data/logging/demo/results.md, curves.png, samples.png.

@@ -443,6 +443,7 @@ def test_segmentation_dataset_item(synthetic_voc):
 # ----------------------------------------------------------------------------- smoke run through the driver
 
 
+@pytest.mark.slow
 def test_driver_smoke_cam_steps(tmp_path, synthetic_voc):
     work = tmp_path / "work"
     cmd = [sys.executable, str(IRN / "run_sample.py"), "--voc12_root", str(synthetic_voc / "VOC2012"),
