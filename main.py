@@ -1,4 +1,4 @@
-"""BECO second stage: train (default) or test (--test) two co-trained DeepLabV3+ nets.
+"""BECO second stage: train (default) or test (--test) two co-trained segmenters.
 
     python main.py --config configs/beco_voc.yaml [key=value ...]
     torchrun --nproc_per_node=4 main.py --config configs/beco_voc.yaml
@@ -143,16 +143,12 @@ def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, Distribute
 
 
 def build_nets(cfg: Config, info) -> list[nn.Module]:
-    """Two nets from one config (one for the baseline); the second's decoder draws its own init."""
-    from models import DeepLabV3Plus
-    count = 1 if cfg.method.name == "baseline" else 2
-    backbone = dict(vars(cfg.model.backbone))
-    if backbone["pretrained"] and not Path(backbone["pretrained"]).is_file():
-        raise FileNotFoundError(f"config key 'model.backbone.pretrained': no file {backbone['pretrained']} "
-                                f"(set it to null to train from scratch)")
+    """The method's nets from one config (two for BECO); each draws its own head init."""
+    from engine.beco import num_nets
+    from models import build_model
     nets = []
-    for _ in range(count):
-        net = DeepLabV3Plus(backbone=backbone, decoder=vars(cfg.model.decoder)).to(info.device)
+    for _ in range(num_nets(cfg)):
+        net = build_model(cfg.model, cfg.data.num_classes).to(info.device)
         if info.distributed:
             # SyncBatchNorm runs on GPUs only; CPU (Gloo) processes keep per-process statistics.
             if info.device.type == "cuda":
@@ -230,6 +226,7 @@ def vis_grid(vis: list, cfg: Config) -> np.ndarray:
 def train(cfg: Config, args: argparse.Namespace) -> dict:
     from engine import checkpoint as ckpt_io
     from engine.evaluate import evaluate
+    from models import build_optimizer
     from utils.distributed import barrier, init_distributed
     from utils.io import save_text
 
@@ -242,13 +239,12 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
         save_text(run_dir / "config.yaml", to_yaml(cfg))
     setup_logging(run_dir / "train.log" if info.is_main else None)
     log.info(f"run folder {run_dir} | {info.world_size} process(es) on {info.device} | "
-             f"method {cfg.method.name} | amp {cfg.train.amp}")
+             f"method {cfg.method.name} | model {cfg.model.name} | amp {cfg.train.amp}")
 
     ensure_data(cfg, info.is_main)
     train_loader, val_loader, sampler = build_loaders(cfg, info)
     nets = build_nets(cfg, info)
-    optimizer = torch.optim.SGD([{"params": n.parameters()} for n in nets], lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(nets, cfg.optim)
     iters_per_epoch = len(train_loader)
     max_it = cfg.train.epochs * iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(

@@ -345,13 +345,13 @@ def run(args: argparse.Namespace) -> dict:
     pred_dir = run_dir / f"{args.mode}_pred{'_crf' if args.crf else ''}"
     crf_settings = dataclasses.asdict(cfg.test.crf) if args.crf else None
     check_settings(pred_dir, {"logits_dir": logits_dir.name, "split": split, "num_classes": cfg.data.num_classes,
-                              "align_corners": cfg.model.decoder.align_corners, "crf": crf_settings},
+                              "align_corners": cfg.model.align_corners, "crf": crf_settings},
                    args.overwrite, ids)
     names = class_names(cfg.data.num_classes)
     job = Job(image_dir=root / cfg.data.image_dir, gt_dir=gt_dir, logits_dir=logits_dir, pred_dir=pred_dir,
               vis_dir=run_dir / f"{args.mode}_vis", num_classes=cfg.data.num_classes, names=tuple(names),
               crf=cfg.test.crf if args.crf else None, crf_for_vis=cfg.test.crf,
-              align_corners=cfg.model.decoder.align_corners, overwrite=args.overwrite)
+              align_corners=cfg.model.align_corners, overwrite=args.overwrite)
     n_jobs = args.n_jobs or available_cores()
     if n_jobs < 1:
         raise ConfigError("--n-jobs must be >= 1")

@@ -97,7 +97,7 @@ def dataset_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.
         gt = np.asarray(Image.open(root / cfg.data.gt_dir / f"{i}.png"))
         inputs.append((fake_logits(gt, cfg.data.num_classes, 4, rng, args.logit_scale, args.blur, args.noise,
                                    args.noise_cell, args.absent_offset), image))
-    return inputs, cfg.model.decoder.align_corners
+    return inputs, cfg.model.align_corners
 
 
 def saved_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
@@ -110,7 +110,7 @@ def saved_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.nd
     ids = read_split(root / cfg.data.list_dir, cfg.test.split)[: args.images]
     inputs = [(np.load(logits_dir / f"{i}.npy").astype(np.float32),
                np.asarray(Image.open(root / cfg.data.image_dir / f"{i}.jpg").convert("RGB"))) for i in ids]
-    return inputs, cfg.model.decoder.align_corners
+    return inputs, cfg.model.align_corners
 
 
 def _share(inputs: list, settings: dict) -> None:

@@ -1,11 +1,16 @@
-"""Time the BECO training step (2 nets, mixing, strong augmentation, loss, backward, SGD).
+"""Time the training step of any segmenter (BECO: 2 nets, mixing, strong augmentation,
+loss, backward, optimiser step).
 
-    python benchmarks/train_step.py                                   # CPU-sized: R18, 128 px, batch 4
-    python benchmarks/train_step.py --depth 101 --size 512 --batch 4  # the reference's per-GPU setting
-    python benchmarks/train_step.py --depth 101 --size 512 --batch 4 --amp
+    python benchmarks/train_step.py                                       # CPU size: demo.yaml (DeepLabV3+ R18), 128 px
+    python benchmarks/train_step.py --config configs/demo_segformer.yaml  # SegFormer MiT-B0 at CPU size
+    python benchmarks/train_step.py --config configs/demo.yaml model.name=deeplabv2 model.backbone.depth=18
+    python benchmarks/train_step.py --config configs/beco_voc.yaml --size 512 --batch 4 [--amp]  # reference per GPU
+    python benchmarks/train_step.py --config configs/beco_voc_segformer_b2.yaml --size 512
 
-Synthetic random batches, so it measures compute only (no data loading). Prints
-iterations/s, images/s and, on CUDA, peak memory.
+Any config and trailing ``key=value`` overrides, as for main.py; the nets are built
+by the same ``models.build_model`` without ImageNet weights. Synthetic random batches,
+so it measures compute only (no data loading). Prints iterations/s, images/s and, on
+CUDA, peak memory.
 """
 from __future__ import annotations
 
@@ -18,31 +23,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.beco import training_step  # noqa: E402
+from engine.beco import num_nets, training_step  # noqa: E402
 from main import make_autocast  # noqa: E402
-from models import DeepLabV3Plus  # noqa: E402
+from models import build_model, build_optimizer  # noqa: E402
 from utils.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=18)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--config", default=str(REPO / "configs/demo.yaml"), help="config (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.name=deeplabv2")
+    p.add_argument("--size", type=int, default=128, help="square crop size")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--amp", action="store_true")
     p.add_argument("--epoch", type=int, default=1, help="1 = after warm-up: online labels and band are computed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
 
     device = torch.device(args.device)
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/beco_voc.yaml",
-                      [f"model.backbone.depth={args.depth}", "model.backbone.pretrained=null",
-                       f"data.crop_size={args.size}", f"train.amp={str(args.amp).lower()}"])
+    cfg = load_config(args.config, [*args.overrides, f"data.crop_size={args.size}", f"data.batch_size={args.batch}",
+                                    f"train.amp={str(args.amp).lower()}"])
     torch.backends.cudnn.benchmark = True
-    nets = [DeepLabV3Plus(vars(cfg.model.backbone), vars(cfg.model.decoder)).to(device) for _ in range(2)]
-    opt = torch.optim.SGD([{"params": n.parameters()} for n in nets], lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    nets = [build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device) for _ in range(num_nets(cfg))]
+    opt = build_optimizer(nets, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     autocast = make_autocast(cfg, device)
     g = torch.Generator().manual_seed(0)
@@ -70,7 +77,9 @@ def main() -> None:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.iters
     mem = f" peak_mem_gib {torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else ""
-    print(f"device {device} depth {args.depth} size {args.size} batch {args.batch} amp {args.amp}: "
+    params = sum(p.numel() for p in nets[0].parameters())
+    print(f"device {device} {cfg.method.name} {cfg.model.name} ({params:,} parameters per net) size {args.size} "
+          f"batch {args.batch} amp {args.amp}: "
           f"{1 / dt:.2f} it/s {args.batch / dt:.1f} img/s{mem}")
 
 

@@ -1,14 +1,14 @@
-"""One BECO training iteration (spec second-stage §4): online labels, boundary-enhanced
-mixing, strong augmentation, the two nets' forward passes and the four-term loss.
+"""One training iteration of each method, and the table that picks one by ``method.name``.
 
-The baseline (``method.name: baseline``) is one net trained with plain cross entropy
-on the offline pseudo-labels, for the ablation.
+BECO (spec second-stage §4): online labels, boundary-enhanced mixing, strong
+augmentation, the two nets' forward passes and the four-term loss. The baseline is
+one net trained with plain cross entropy on the offline pseudo-labels, for the ablation.
 """
 from __future__ import annotations
 
 import random
 from contextlib import AbstractContextManager
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -43,9 +43,20 @@ def augment(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     return normalize(strong_augment(raw, cfg.method.strong_aug, None), cfg.data.mean, cfg.data.std)
 
 
-def training_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
+def baseline_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
                   autocast: Callable[[], AbstractContextManager], device: torch.device,
                   py_rng=random, np_rng=np.random) -> dict[str, torch.Tensor]:
+    """Plain cross entropy of the one net on the (strongly augmented, if enabled) batch."""
+    images = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    with autocast():
+        logits = nets[0](augment(images, cfg))["logits"]
+    return baseline_loss(logits.float(), label)
+
+
+def beco_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
+              autocast: Callable[[], AbstractContextManager], device: torch.device,
+              py_rng=random, np_rng=np.random) -> dict[str, torch.Tensor]:
     """Forward both nets on the mixed, augmented batch; return the loss terms (``total`` to backprop).
 
     ``nets`` may be DDP-wrapped; the no-grad online-label pass uses the bare modules
@@ -55,11 +66,6 @@ def training_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
     label = batch["label"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True)
     method = cfg.method
-
-    if method.name == "baseline":
-        with autocast():
-            logits = nets[0](augment(images, cfg))["logits"]
-        return baseline_loss(logits.float(), label)
 
     warmup = epoch < method.warmup_epochs
     band = torch.zeros_like(mask, dtype=torch.float32)
@@ -77,3 +83,25 @@ def training_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
         logits2 = nets[1](images)["logits"]
     co_training = method.co_training and epoch >= method.co_training_start_epoch
     return beco_loss(logits1.float(), logits2.float(), label, mask, band, method, co_training)
+
+
+class Method(NamedTuple):
+    num_nets: int   # nets built, trained, checkpointed (network1, network2) and averaged at test time
+    step: Callable[..., dict[str, torch.Tensor]]
+
+
+METHODS: dict[str, Method] = {
+    "beco": Method(2, beco_step),
+    "baseline": Method(1, baseline_step),
+}
+
+
+def num_nets(cfg: Config) -> int:
+    return METHODS[cfg.method.name].num_nets
+
+
+def training_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
+                  autocast: Callable[[], AbstractContextManager], device: torch.device,
+                  py_rng=random, np_rng=np.random) -> dict[str, torch.Tensor]:
+    """The configured method's iteration: its loss terms, ``total`` to backprop."""
+    return METHODS[cfg.method.name].step(nets, batch, epoch, cfg, autocast, device, py_rng, np_rng)

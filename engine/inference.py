@@ -1,6 +1,7 @@
 """``main.py --test``: the two nets' averaged score maps over a split, saved for test.py (spec §7).
 
-For every id the stride-4 ``pre_logits`` of the two nets are averaged (optionally also
+For every id the ``pre_logits`` of the two nets (at the segmenter's head resolution,
+stride 4 or 8 by segmenter) are averaged (optionally also
 over a horizontal flip, and maxed over scales) and saved as ``<run>/<folder>/<id>.npy``;
 the 512x512 metrics of §6 are printed and logged. Ranks started by torchrun each take a
 shard of the ids (every id exactly once) and their confusion matrices are summed.
@@ -61,11 +62,10 @@ def resolve_checkpoint(cfg: Config, ckpt: str | None, run_dir: Path) -> Path:
 
 def build_test_nets(cfg: Config, device: torch.device) -> list[nn.Module]:
     """The run's nets in eval mode, ImageNet initialisation skipped (the checkpoint holds every weight)."""
-    from models import DeepLabV3Plus
-    backbone = dict(vars(cfg.model.backbone), pretrained=None)
-    count = 1 if cfg.method.name == "baseline" else 2
-    return [DeepLabV3Plus(backbone=backbone, decoder=vars(cfg.model.decoder)).to(device).eval()
-            for _ in range(count)]
+    from engine.beco import num_nets
+    from models import build_model
+    return [build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device).eval()
+            for _ in range(num_nets(cfg))]
 
 
 def load_test_nets(cfg: Config, path: Path, device: torch.device) -> list[nn.Module]:
@@ -102,14 +102,14 @@ def _one_scale(nets: list[nn.Module], images: torch.Tensor, flip: bool) -> tuple
 
 @torch.no_grad()
 def predict_maps(nets: list[nn.Module], images: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stride-4 map to save, full-size logits for the metrics) of a normalised batch.
+    """(head-resolution map to save, full-size logits for the metrics) of a normalised batch.
 
-    Multi-scale (spec §7): the input is also resized by every scale, each stride-4 map is
+    Multi-scale (spec §7): the input is also resized by every scale, each head-resolution map is
     resized to the base one's size, and the pixel-wise maximum over the base and the scaled
     maps is kept; its full-size logits are that map upsampled. Without multi-scale the
     full-size logits are the nets' own, as in validation (§6).
     """
-    align = cfg.model.decoder.align_corners
+    align = cfg.model.align_corners
     pre, full = _one_scale(nets, images, cfg.test.flip)
     if not cfg.test.multi_scale:
         return pre, full
@@ -230,7 +230,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
              f"flip {cfg.test.flip} | maps -> {out_dir} ({dtype})")
 
     num_classes = cfg.data.num_classes
-    align = cfg.model.decoder.align_corners
+    align = cfg.model.align_corners
     autocast = torch.autocast(info.device.type, dtype=torch.float16 if info.device.type == "cuda" else torch.bfloat16,
                               enabled=cfg.train.amp)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=info.device)

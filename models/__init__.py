@@ -1,38 +1,24 @@
-"""Segmentation networks of the second stage."""
+"""Segmentation networks of the second stage, built by name from `build.MODELS`."""
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from .checkpoint import (
-    CheckpointMismatchError,
-    detect_and_map,
-    load_backbone_weights,
-    mmcls_to_ours,
-    strip_module_prefix,
-    torchvision_to_ours,
-)
+from .build import MODELS, OPTIMIZERS, build_model, build_optimizer, param_groups
+from .checkpoint import CheckpointMismatchError, load_pretrained
+from .deeplabv2 import DeepLabV2
 from .deeplabv3plus import DeepLabV3Plus
-from .resnetv1d import ResNetV1d, make_norm_layer
-
-
-def build_model(cfg: Mapping[str, Any]) -> DeepLabV3Plus:
-    """Build the network from `{"backbone": {...}, "decoder": {...}}`; any
-    other top-level key is an error."""
-    unknown = sorted(set(cfg) - {"backbone", "decoder"})
-    if unknown:
-        raise ValueError(f"unknown model config key(s): {', '.join(unknown)}; known keys: backbone, decoder")
-    return DeepLabV3Plus(backbone=cfg.get("backbone"), decoder=cfg.get("decoder"))
-
+from .resnet import ResNet, make_norm_layer
+from .segformer import SegFormer
 
 __all__ = [
     "CheckpointMismatchError",
+    "DeepLabV2",
     "DeepLabV3Plus",
-    "ResNetV1d",
+    "MODELS",
+    "OPTIMIZERS",
+    "ResNet",
+    "SegFormer",
     "build_model",
-    "detect_and_map",
-    "load_backbone_weights",
+    "build_optimizer",
+    "load_pretrained",
     "make_norm_layer",
-    "mmcls_to_ours",
-    "strip_module_prefix",
-    "torchvision_to_ours",
+    "param_groups",
 ]

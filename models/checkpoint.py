@@ -1,23 +1,23 @@
-"""Backbone checkpoint key mapping and strict loading (spec/second-stage.md §3,
-"Loading the mmclassification checkpoint").
+"""Generic strict loading of foreign (ImageNet) weights into a submodule.
 
-The mapping is a chain of small pure functions on state dicts; only
-`load_backbone_weights` touches a module or the disk. Loading is always
-strict: any key that does not match, or a shape that differs, is an error,
-never a partial load.
+Each segmenter's file owns a pure `checkpoint_filter_fn(state_dict) ->
+state_dict` that renames a foreign file's keys to its own (timm's idea); this
+module holds the small key helpers those filters share and the one loader that
+reads a file, unwraps it, applies a filter and loads strictly. Any key that
+does not match, or a shape that differs, is an error naming it, never a
+partial load.
 """
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Dict, Iterable, List, Mapping, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Union
 
 import torch
 from torch import Tensor, nn
 
 StateDict = Dict[str, Tensor]
+FilterFn = Callable[[Mapping[str, Tensor]], StateDict]
 
-_MMCLS_STEM = re.compile(r"^stem\.(\d+)\.(conv|bn)\.(.+)$")
 _LIST_LIMIT = 20
 
 
@@ -45,45 +45,8 @@ def drop_num_batches_tracked(state_dict: Mapping[str, Tensor]) -> StateDict:
     return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
 
 
-def drop_keys_with_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
-    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-
-
-def mmcls_stem_key(key: str) -> str:
-    """`stem.<i>.conv.*` -> `stem_layer.conv<i+1>.*`, `stem.<i>.bn.*` -> `stem_layer.bn<i+1>.*`."""
-    match = _MMCLS_STEM.match(key)
-    if match is None:
-        return key
-    index, kind, rest = match.groups()
-    return f"stem_layer.{kind}{int(index) + 1}.{rest}"
-
-
-def mmcls_to_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """mmclassification ResNetV1d naming -> ours.
-
-    Drops `num_batches_tracked` and the ImageNet classifier `head.fc.*`,
-    strips `backbone.`, renames the stem. Block names already agree.
-    """
-    sd = drop_num_batches_tracked(state_dict)
-    sd = drop_keys_with_prefix(sd, "head.fc.")
-    sd = strip_prefix(sd, "backbone.")
-    return {mmcls_stem_key(k): v for k, v in sd.items()}
-
-
-def torchvision_to_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """A plain torchvision-style state dict (no `backbone.` prefix, block names
-    `layerN.M.convK/bnK/downsample.*`, classifier `fc.*`) -> ours.
-
-    Drops `fc.*` and `num_batches_tracked`; nothing is renamed. A real
-    torchvision ResNet has a single 7x7 `conv1`/`bn1` stem, which has no
-    counterpart in the deep V1d stem: it is left as is, so the strict loader
-    reports `conv1.*`/`bn1.*` as unexpected and `stem_layer.*` as missing
-    instead of loading the blocks alone. A state dict already in our naming
-    (such as the reference's converted `resnetv1d101_mmcv.pth`) passes
-    through unchanged apart from the dropped keys.
-    """
-    sd = drop_num_batches_tracked(state_dict)
-    return drop_keys_with_prefix(sd, "fc.")
+def drop_keys_with_prefix(state_dict: Mapping[str, Tensor], *prefixes: str) -> StateDict:
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -91,19 +54,9 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def _looks_mmcls(state_dict: Mapping[str, Tensor]) -> bool:
-    return any(k.startswith(("backbone.", "head.fc.")) or _MMCLS_STEM.match(k) for k in state_dict)
-
-
-def detect_and_map(obj: Any) -> StateDict:
-    """Backbone state dict in our naming from any accepted checkpoint form:
-
-    - an mmclassification checkpoint `{"state_dict": ..., "meta": ...}`;
-    - a plain state dict in mmclassification naming (with or without `backbone.`);
-    - a plain torchvision-style state dict, or one already in our naming.
-
-    `module.` prefixes are removed first.
-    """
+def unwrap_state_dict(obj: Any) -> StateDict:
+    """The state dict inside a checkpoint object: a flat dict of tensors, or one
+    wrapped as `{"state_dict": ..., ...}` (mmcv/mmcls files); `module.` prefixes removed."""
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
         obj = obj["state_dict"]
     if not _is_state_dict(obj):
@@ -112,9 +65,9 @@ def detect_and_map(obj: Any) -> StateDict:
             detail = f"a dict whose keys are {head} (values not all tensors)"
         else:
             detail = f"a {type(obj).__name__}"
-        raise ValueError(f"not a recognised checkpoint: expected a state dict or a dict with 'state_dict', got {detail}")
-    sd = strip_module_prefix(obj)
-    return mmcls_to_ours(sd) if _looks_mmcls(sd) else torchvision_to_ours(sd)
+        raise ValueError(f"not a recognised checkpoint: expected a state dict or a dict with 'state_dict', "
+                         f"got {detail}")
+    return strip_module_prefix(obj)
 
 
 def _listing(keys: Iterable[str]) -> str:
@@ -141,33 +94,39 @@ def check_state_dict_matches(module: nn.Module, state_dict: Mapping[str, Tensor]
         raise CheckpointMismatchError(f"checkpoint {source}: {len(wrong)} shape mismatch(es): {shown}")
 
 
-def load_backbone_weights(
-    backbone: nn.Module,
+def load_pretrained(
+    module: nn.Module,
     path_or_obj: Union[str, "os.PathLike[str]", Mapping[str, Any]],
+    filter_fn: FilterFn,
+    config_key: str = "",
     weights_only: bool = True,
 ) -> List[str]:
-    """Load a backbone checkpoint strictly; returns the loaded keys.
+    """Load foreign weights into `module` strictly; returns the loaded keys.
 
-    `path_or_obj` is a file path or an already-loaded checkpoint object.
-    `weights_only=True` refuses arbitrary pickled objects in the file; the
-    mmclassification ImageNet checkpoints load with it.
+    `path_or_obj` is a file path or an already-loaded checkpoint object;
+    `filter_fn` maps its keys to the module's; `config_key` names the setting
+    the path came from in the error for a missing file. `weights_only=True`
+    refuses arbitrary pickled objects in the file; the torchvision, mmcls and
+    NVlabs ImageNet files load with it.
     """
     if isinstance(path_or_obj, (str, os.PathLike)):
         source = os.fspath(path_or_obj)
+        if not os.path.isfile(source):
+            where = f"config key '{config_key}': " if config_key else ""
+            raise FileNotFoundError(f"{where}no file {source} (set it to null to train from scratch)")
         obj = torch.load(source, map_location="cpu", weights_only=weights_only)
     else:
         source, obj = "<in-memory object>", path_or_obj
     try:
-        state_dict = detect_and_map(obj)
+        state_dict = drop_num_batches_tracked(filter_fn(unwrap_state_dict(obj)))
     except ValueError as err:
         raise ValueError(f"checkpoint {source}: {err}") from None
-    check_state_dict_matches(backbone, state_dict, source)
+    check_state_dict_matches(module, state_dict, source)
     # BN step counters were dropped on purpose; keep the module's own so the
     # strict load below sees a complete dict.
-    own = backbone.state_dict()
     full: Dict[str, Tensor] = dict(state_dict)
-    for k, v in own.items():
+    for k, v in module.state_dict().items():
         if k.endswith("num_batches_tracked"):
             full[k] = v
-    backbone.load_state_dict(full, strict=True)
+    module.load_state_dict(full, strict=True)
     return sorted(state_dict)

@@ -1,49 +1,50 @@
 """DeepLabV3+ with a separable ASPP on a ResNetV1d backbone
-(spec/second-stage.md §3).
+(spec/second-stage.md §3): the reference's default segmenter.
 
 Submodule and parameter names are the reference's, so its released
 checkpoints load: `backbone.*`, `aspp.convs.*`, `aspp.projector.*`,
-`projector.*`, `pre_classifier.convs.*`, `classifier.*`.
+`projector.*`, `pre_classifier.convs.*`, `classifier.*`. The values live in
+`configs/model/deeplabv3plus.yaml`; `DeepLabV3PlusCfg` only declares the keys.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+import re
+from dataclasses import dataclass
+from typing import Dict, Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_backbone_weights
-from .resnetv1d import NormLayer, ResNetV1d, init_conv_and_norm, make_norm_layer
-
-BACKBONE_DEFAULTS: Dict[str, Any] = {
-    "depth": 101,
-    "output_stride": 16,
-    "multi_grid": [1, 2, 4],
-    "contract_dilation": False,
-    "norm_layer": "BN",
-    "pretrained": None,
-}
-
-DECODER_DEFAULTS: Dict[str, Any] = {
-    "num_classes": 21,
-    "aspp_channels": 256,
-    "aspp_dilations": [6, 12, 18],
-    "low_level_channels": 48,
-    "dropout": 0.1,
-    "norm_layer": "BN",
-    "align_corners": False,
-}
+from .checkpoint import StateDict, load_pretrained
+from .resnet import NormLayer, NormName, ResNet, imagenet_resnet_keys, init_conv_and_norm, make_norm_layer
 
 
-def _with_defaults(cfg: Optional[Mapping[str, Any]], defaults: Mapping[str, Any], what: str) -> Dict[str, Any]:
-    """Fill in defaults; a key we do not know is an error rather than silently
-    ignored, because a misspelt key would otherwise fall back to the default."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {what} config key(s): {', '.join(unknown)}; known keys: {', '.join(defaults)}")
-    return {**defaults, **cfg}
+@dataclass
+class BackboneCfg:
+    depth: int
+    output_stride: Literal[8, 16]
+    multi_grid: list[int]           # empty: no multi-grid
+    contract_dilation: bool
+    norm_layer: NormName
+    pretrained: Optional[str]       # ImageNet ResNetV1d file; null trains from scratch
+
+
+@dataclass
+class DecoderCfg:
+    aspp_channels: int
+    aspp_dilations: list[int]
+    low_level_channels: int
+    dropout: float
+    norm_layer: NormName
+
+
+@dataclass
+class DeepLabV3PlusCfg:
+    name: Literal["deeplabv3plus"]
+    align_corners: bool
+    backbone: BackboneCfg
+    decoder: DecoderCfg
 
 
 class SeparableConv(nn.Module):
@@ -125,57 +126,43 @@ class SeparableASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ segmentation network.
-
-    Args:
-        backbone: keys of `BACKBONE_DEFAULTS` (depth, output_stride,
-            multi_grid, contract_dilation, norm_layer, pretrained).
-        decoder: keys of `DECODER_DEFAULTS` (num_classes, aspp_channels,
-            aspp_dilations, low_level_channels, dropout, norm_layer,
-            align_corners).
-    Unknown keys raise ValueError.
+    """DeepLabV3+ segmentation network on a built ResNet backbone.
 
     forward(x) returns a dict: `logits` (N x C x H x W, the input's size),
     `pre_logits` (stride 4), `embeddings` (pre-classifier features, stride 4)
     and the backbone's `layer1`..`layer4` features.
     """
 
-    def __init__(self, backbone: Optional[Mapping[str, Any]] = None,
-                 decoder: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        backbone: ResNet,
+        num_classes: int,
+        *,
+        aspp_channels: int,
+        aspp_dilations: Sequence[int],
+        low_level_channels: int,
+        dropout: float,
+        norm_layer: str,
+        align_corners: bool,
+    ) -> None:
         super().__init__()
-        bcfg = _with_defaults(backbone, BACKBONE_DEFAULTS, "backbone")
-        dcfg = _with_defaults(decoder, DECODER_DEFAULTS, "decoder")
-        self.align_corners = bool(dcfg["align_corners"])
-
+        self.align_corners = align_corners
         # Construction order mirrors the reference (backbone, ASPP, low-level
         # projector, pre-classifier, classifier, then the decoder re-init), so
         # with the same seed both draw identical initial weights.
-        self.backbone = ResNetV1d(
-            depth=bcfg["depth"],
-            output_stride=bcfg["output_stride"],
-            multi_grid=bcfg["multi_grid"],
-            contract_dilation=bcfg["contract_dilation"],
-            norm_layer=bcfg["norm_layer"],
-        )
-        if bcfg["pretrained"]:
-            load_backbone_weights(self.backbone, bcfg["pretrained"])
-
-        norm = make_norm_layer(dcfg["norm_layer"])
-        high_channels = self.backbone.out_channels["layer4"]
-        low_channels = self.backbone.out_channels["layer1"]
-        channels = dcfg["aspp_channels"]
-        projected = dcfg["low_level_channels"]
-
-        self.aspp = SeparableASPP(high_channels, channels, dcfg["aspp_dilations"], dcfg["dropout"], norm,
-                                  self.align_corners)
+        self.backbone = backbone
+        norm = make_norm_layer(norm_layer)
+        high_channels = backbone.out_channels["layer4"]
+        low_channels = backbone.out_channels["layer1"]
+        self.aspp = SeparableASPP(high_channels, aspp_channels, aspp_dilations, dropout, norm, align_corners)
         self.projector = nn.Sequential(
-            nn.Conv2d(low_channels, projected, 1, bias=False),
-            norm(projected),
+            nn.Conv2d(low_channels, low_level_channels, 1, bias=False),
+            norm(low_level_channels),
             nn.ReLU(inplace=True),
         )
-        self.pre_classifier = SeparableConv(projected + channels, channels, 3, padding=1, dilation=1,
-                                            norm_layer=norm)
-        self.classifier = nn.Conv2d(channels, dcfg["num_classes"], 1)
+        self.pre_classifier = SeparableConv(low_level_channels + aspp_channels, aspp_channels, 3, padding=1,
+                                            dilation=1, norm_layer=norm)
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
         for module in (self.projector, self.pre_classifier, self.classifier):
             init_conv_and_norm(module)
 
@@ -192,3 +179,41 @@ class DeepLabV3Plus(nn.Module):
         out["logits"] = F.interpolate(pre_logits, size=x.shape[-2:], mode="bilinear",
                                       align_corners=self.align_corners)
         return out
+
+
+_MMCLS_STEM = re.compile(r"^stem\.(\d+)\.(conv|bn)\.(.+)$")
+
+
+def _mmcls_stem_key(key: str) -> str:
+    """`stem.<i>.conv.*` -> `stem_layer.conv<i+1>.*`, `stem.<i>.bn.*` -> `stem_layer.bn<i+1>.*`."""
+    match = _MMCLS_STEM.match(key)
+    if match is None:
+        return key
+    index, kind, rest = match.groups()
+    return f"stem_layer.{kind}{int(index) + 1}.{rest}"
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """ImageNet ResNetV1d weights -> the backbone's names (spec second-stage §3).
+
+    Accepts mmclassification's file (`backbone.` prefix, deep stem as
+    `stem.<i>.conv/bn`, classifier `head.fc.*`, the reference's
+    `resnetv1d101_mmcv.pth`) and our own names. A torchvision ResNet has a
+    single 7x7 `conv1`/`bn1` stem with no counterpart in the deep stem: it is
+    left as is, so the strict loader reports `conv1.*`/`bn1.*` as unexpected
+    and `stem_layer.*` as missing instead of loading the blocks alone.
+    """
+    return {_mmcls_stem_key(k): v for k, v in imagenet_resnet_keys(state_dict).items()}
+
+
+def build(cfg: DeepLabV3PlusCfg, num_classes: int, pretrained: bool = True) -> DeepLabV3Plus:
+    """The network of `cfg`; `pretrained=False` skips the ImageNet file (a checkpoint follows)."""
+    b, d = cfg.backbone, cfg.decoder
+    backbone = ResNet(depth=b.depth, output_stride=b.output_stride, stem="deep", avg_down=True,
+                      multi_grid=b.multi_grid, contract_dilation=b.contract_dilation, norm_layer=b.norm_layer)
+    net = DeepLabV3Plus(backbone, num_classes, aspp_channels=d.aspp_channels, aspp_dilations=d.aspp_dilations,
+                        low_level_channels=d.low_level_channels, dropout=d.dropout, norm_layer=d.norm_layer,
+                        align_corners=cfg.align_corners)
+    if pretrained and b.pretrained:
+        load_pretrained(net.backbone, b.pretrained, checkpoint_filter_fn, "model.backbone.pretrained")
+    return net

@@ -40,7 +40,14 @@ def test_yaml_round_trip():
     ("train.amp=1", "config key 'train.amp': expected true/false"),
     ("data.mean=3", "config key 'data.mean': expected a list"),
     ("data.scale_mode=zoom", "config key 'data.scale_mode': 'zoom' is not one of"),
-    ("data.num_classes=5", "'model.decoder.num_classes' (21) and 'data.num_classes' (5) disagree"),
+    ("model.decoder.num_classes=5",
+     "unknown config key 'model.decoder.num_classes' (the class count is data.num_classes"),
+    ("model.backbone.output_stride=32", "config key 'model.backbone.output_stride': 32 is not one of [8, 16]"),
+    ("model.backbone.norm_layer=GN", "config key 'model.backbone.norm_layer': 'GN' is not one of"),
+    ("model.name=unet", "config key 'model.name': 'unet' is not one of ['deeplabv2', 'deeplabv3plus', 'segformer']"),
+    ("optim.name=adam", "config key 'optim.name': 'adam' is not one of ['adamw', 'sgd']"),
+    ("optim.head_lr_mult=0", "config key 'optim.head_lr_mult': must be > 0 or null"),
+    ("model.backbone.depht=50", "unknown config key 'model.backbone.depht'"),
     ("data.batch_size=3", "config key 'data.batch_size'"),
     ("optim.lr", "not of the form key=value"),
 ])
@@ -52,11 +59,82 @@ def test_bad_overrides_name_the_key(override, message):
 
 def test_missing_key_is_an_error(tmp_path):
     raw = load_yaml(BECO)
-    del raw["optim"]["momentum"]
+    del raw["method"]["threshold"]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="config key 'optim.momentum' is missing"):
+    with pytest.raises(ConfigError, match="config key 'method.threshold' is missing"):
         load_config(path)
+
+
+def test_every_registered_kind_has_its_values_file_and_no_file_is_orphaned():
+    from models.build import MODELS, OPTIMIZERS
+    for section, table in (("model", MODELS), ("optim", OPTIMIZERS)):
+        files = {p.stem for p in (REPO / "configs" / section).glob("*.yaml")}
+        assert files == set(table), section
+        for kind in table:
+            cfg = load_config(BECO, [f"{section}.name={kind}"])
+            assert getattr(cfg, section).name == kind
+
+
+def test_method_names_are_the_method_table():
+    import typing
+    from engine.beco import METHODS
+    from utils.config import MethodCfg
+    assert set(typing.get_args(typing.get_type_hints(MethodCfg)["name"])) == set(METHODS)
+    assert {name: m.num_nets for name, m in METHODS.items()} == {"beco": 2, "baseline": 1}
+
+
+def test_a_child_config_that_changes_the_segmenter_drops_the_old_ones_keys(tmp_path):
+    child = tmp_path / "v2.yaml"
+    child.write_text(f"_base_: {BECO}\nmodel:\n  name: deeplabv2\n  backbone:\n    depth: 50\n")
+    cfg = load_config(child)
+    assert cfg.model.name == "deeplabv2" and cfg.model.backbone.depth == 50
+    assert cfg.model.backbone.output_stride == 8 and cfg.model.decoder.atrous_rates == [6, 12, 18, 24]
+    assert not hasattr(cfg.model.backbone, "multi_grid")
+    # The same kind merges as any section does: demo.yaml keeps the base's other values.
+    demo = load_config(REPO / "configs/demo.yaml")
+    assert demo.model.backbone.depth == 18 and demo.model.backbone.multi_grid == [1, 2, 4]
+
+
+def test_a_kind_override_applies_first_and_starts_from_the_new_kinds_values():
+    cfg = load_config(REPO / "configs/demo.yaml", ["model.backbone.depth=50", "model.name=deeplabv2"])
+    assert cfg.model.name == "deeplabv2" and cfg.model.backbone.depth == 50
+    assert cfg.model.backbone.pretrained == "data/model_zoo/resnet-101_v2.pth"  # demo's null was deeplabv3plus's
+    same = load_config(REPO / "configs/demo.yaml", ["model.name=deeplabv3plus"])
+    assert same.model.backbone.depth == 18 and same.model.backbone.pretrained is None
+    adamw = load_config(REPO / "configs/demo.yaml", ["optim.name=adamw"])
+    assert (adamw.optim.lr, adamw.optim.head_lr_mult, adamw.optim.betas) == (6e-5, 10.0, [0.9, 0.999])
+    with pytest.raises(ConfigError, match="unknown config key 'model.backbone.depth'"):
+        load_config(BECO, ["model.name=segformer", "model.backbone.depth=18"])
+    with pytest.raises(ConfigError, match="unknown config key 'optim.momentum'"):
+        load_config(BECO, ["optim.name=adamw", "optim.momentum=0.9"])
+
+
+def test_family_configs_hold_the_reference_values():
+    v2 = load_config(REPO / "configs/beco_voc_deeplabv2.yaml")
+    assert (v2.model.backbone.depth, v2.model.backbone.output_stride, v2.model.decoder.init_std) == (101, 8, 0.01)
+    assert v2.model.backbone.pretrained == "data/model_zoo/resnet-101_v2.pth"
+    b2 = load_config(REPO / "configs/beco_voc_segformer_b2.yaml")
+    assert (b2.model.backbone.variety, b2.model.backbone.drop_path_rate) == ("b2", 0.1)
+    assert (b2.model.decoder.embed_dim, b2.model.decoder.channels, b2.model.decoder.dropout) == (768, 256, 0.1)
+    assert b2.model.backbone.pretrained == "data/model_zoo/mit_b2.pth"
+    for cfg in (v2, b2):  # QUIRK-S12: the reference's SGD for every segmenter
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.head_lr_mult) == ("sgd", 0.01, None)
+        assert to_dict(cfg)["method"] == to_dict(load_config(BECO))["method"]
+
+
+def test_a_config_saved_before_segmenters_were_named_still_loads():
+    """A run's config.yaml in the old layout (model.decoder.num_classes, decoder.align_corners,
+    optim without a name) builds to today's DeepLabV3+/SGD config with the same values."""
+    new = to_dict(load_config(REPO / "configs/demo.yaml"))
+    old = yaml.safe_load(yaml.safe_dump(new))
+    old["model"] = {"backbone": new["model"]["backbone"],
+                    "decoder": {**new["model"]["decoder"], "num_classes": 6, "align_corners": True}}
+    old["optim"] = {k: v for k, v in new["optim"].items() if k not in ("name", "head_lr_mult")}
+    cfg = build_config(old)
+    assert cfg.model.name == "deeplabv3plus" and cfg.model.align_corners is True
+    assert to_dict(cfg)["model"]["backbone"] == new["model"]["backbone"]
+    assert to_dict(cfg)["optim"] == new["optim"]
 
 
 def test_base_inheritance_and_numeric_override(tmp_path):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -30,9 +31,6 @@ data:
   val_size: 48
   batch_size: 4
   num_workers: 0
-model:
-  decoder:
-    num_classes: 4
 train:
   epochs: 2
   num_vis: 1
@@ -61,6 +59,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=400, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "out"
     args = _configs(tmp_path) + ["--out", str(out), "--seed", "7", "--samples", "2"]

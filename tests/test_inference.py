@@ -23,7 +23,7 @@ from utils.config import load_config
 
 pytestmark = pytest.mark.timeout(300)
 NUM_CLASSES = 4
-OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}", f"model.decoder.num_classes={NUM_CLASSES}",
+OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}",
              "data.crop_size=64", "data.val_size=64", "data.num_workers=0"]
 
 
@@ -202,6 +202,7 @@ def test_split_without_labels_writes_maps_and_no_metrics(syn_root, nets, tmp_pat
     assert not (tmp_path / "t/logits_scores.json").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_shards_then_test_py_finds_the_data_through_the_saved_config(syn_root, nets, tmp_path):
     from utils.distributed import free_port
     ckpt = _reference_format(nets, tmp_path / "released.pth")

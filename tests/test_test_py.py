@@ -28,7 +28,7 @@ from utils.voc import voc_palette
 
 pytestmark = pytest.mark.timeout(300)
 NUM_CLASSES = 4
-OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}", f"model.decoder.num_classes={NUM_CLASSES}",
+OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}",
              "data.crop_size=64", "data.val_size=64", "data.num_workers=0"]
 
 

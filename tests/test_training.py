@@ -1,5 +1,6 @@
 """End-to-end training on tiny synthetic data (CPU): single process, 2-process Gloo via
-torchrun, AMP, determinism, kill + resume, checkpoint formats, non-finite loss, learning."""
+torchrun, AMP, determinism, kill + resume, checkpoint formats, non-finite loss, learning,
+and every registered segmenter through training, --test and test.py."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from datasets.synthetic_voc import make_synthetic_voc
-from tests.conftest import REPO
+from models import MODELS
+from tests.conftest import CPU_CONFIGS, REPO
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +29,9 @@ def syn_root(tmp_path_factory) -> Path:
     return root
 
 
-def _args(root: Path, logs: Path, tag: str, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs/demo.yaml"), "--logging_path_base", str(logs), "--logging_tag", tag,
-            f"data.root={root}", "data.synthetic=null", "data.num_classes=4", "model.decoder.num_classes=4",
+def _args(root: Path, logs: Path, tag: str, *extra: str, config: str = "demo.yaml") -> list[str]:
+    return ["--config", str(REPO / "configs" / config), "--logging_path_base", str(logs), "--logging_tag", tag,
+            f"data.root={root}", "data.synthetic=null", "data.num_classes=4",
             "data.crop_size=64", "data.val_size=64", "data.batch_size=4", "data.num_workers=0",
             "train.epochs=2", "train.num_vis=2", *extra]
 
@@ -137,12 +140,12 @@ def test_determinism_and_kill_resume(syn_root, tmp_path):
 
 def test_checkpoint_reload_is_bit_identical(syn_root, tmp_path):
     from engine import checkpoint as ckpt_io
-    from models import DeepLabV3Plus
+    from models import build_model
     from utils.config import load_config
     r = _run(_args(syn_root, tmp_path, "reload", "train.epochs=1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = load_config(REPO / "configs/demo.yaml", ["data.synthetic=null", "data.num_classes=4", "model.decoder.num_classes=4"])
-    nets = [DeepLabV3Plus(vars(cfg.model.backbone), vars(cfg.model.decoder)) for _ in range(2)]
+    cfg = load_config(REPO / "configs/demo.yaml", ["data.synthetic=null", "data.num_classes=4"])
+    nets = [build_model(cfg.model, cfg.data.num_classes) for _ in range(2)]
     best = ckpt_io.load(tmp_path / "reload" / "best_ckpt.pth")
     ckpt_io.load_nets(best, nets, "best")
     for name, net in zip(ckpt_io.NET_NAMES, nets):
@@ -213,3 +216,38 @@ def test_demo_config_generates_missing_synthetic_data(tmp_path):
     # Other generator settings on the same root: refused by name, not trained on stale data.
     r = _run(args + ["data.synthetic.train=9"])
     assert r.returncode == 1 and "synthetic" in r.stderr and "train" in r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_segmenter_trains_tests_and_scores_end_to_end(name, syn_root, tmp_path):
+    """2 epochs of BECO and 1 of the CE baseline at CPU size, then main.py --test with
+    multi-scale and flip (score maps at the segmenter's stride) and test.py with the CRF."""
+    config, stride = CPU_CONFIGS[name]
+    r = _run(_args(syn_root, tmp_path, "beco", config=config))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "beco"
+    assert f"model {name}" in (run / "train.log").read_text()
+    vals = [json.loads(line) for line in (run / "val_log.jsonl").read_text().splitlines()]
+    assert [v["epoch"] for v in vals] == [1, 2] and all(0 <= v["miou"] <= 1 for v in vals)
+    best = torch.load(run / "best_ckpt.pth", weights_only=True)["net_state_dict"]
+    assert sorted(best) == ["network1", "network2"]
+    assert all(torch.isfinite(v.float()).all() for v in best["network1"].values())
+
+    r = _run(_args(syn_root, tmp_path, "beco", "--test", "--ckpt", str(run / "best_ckpt.pth"),
+                   "test.multi_scale=true", "test.scales=[0.75, 1.25]", "test.flip=true", config=config))
+    assert r.returncode == 0, r.stderr[-3000:]
+    maps = sorted((run / "logits_msc_flip").glob("*.npy"))
+    assert len(maps) == 6
+    assert np.load(maps[0]).shape == (4, 64 // stride, 64 // stride)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "test.py", "--logits_dir", str(run / "logits_msc_flip"), "--mode", "val",
+                        "--crf", "--n-jobs", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads((run / "val_pred_crf_scores.json").read_text())
+    assert 0 <= scores["miou"] <= 1 and len(scores["iou"]) == 4
+
+    r = _run(_args(syn_root, tmp_path, "baseline", "train.epochs=1", "method.name=baseline", "method.mixing=false",
+                   "method.co_training=false", config=config))
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = torch.load(tmp_path / "baseline" / "best_ckpt.pth", weights_only=True)["net_state_dict"]
+    assert sorted(base) == ["network1"]

@@ -253,7 +253,7 @@ def predict_train_images(cfg: Config, ckpt: Path, ids: list[str]) -> dict[str, A
             item = data[index[i]]
             _, logits = predict_maps(nets, item["image"][None], cfg)
             h, w = item["size"].tolist()
-            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=cfg.model.decoder.align_corners)
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=cfg.model.align_corners)
             preds[i] = logits.argmax(1)[0].numpy().astype(np.uint8)
     return preds
 

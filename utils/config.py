@@ -5,6 +5,13 @@ exist and their types, so a typo or a wrong type fails at start-up with the key'
 dotted name instead of surfacing hours into a run. The dataclasses carry no
 defaults on purpose: a value missing from the YAML is an error, never a silent
 number from the code.
+
+Two sections are *tagged*: `model` and `optim` each name their kind (`name:
+deeplabv2`, `name: adamw`), the kind picks the dataclass that declares the
+section's keys (from the table in `models/build.py`), and the kind's values come
+from `configs/<section>/<name>.yaml` under whatever the config itself sets. A
+config (or a `model.name=...` override) that changes the kind starts that
+section afresh from the new kind's file, so keys of the old kind never leak in.
 """
 from __future__ import annotations
 
@@ -13,13 +20,36 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+# The kinds' own files: configs/model/<name>.yaml, configs/optim/<name>.yaml.
+SECTION_DEFAULTS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """Marks a section whose `key` entry picks its dataclass from `table()`."""
+    key: str
+    table: Callable[[], Mapping[str, type]]
+
+
+def _model_table() -> Mapping[str, type]:
+    # Imported when a config is built, not with this module: the segmenter table is the one
+    # place that knows the segmenters, and it imports torch.
+    from models.build import MODELS
+    return {name: entry.config for name, entry in MODELS.items()}
+
+
+def _optim_table() -> Mapping[str, type]:
+    from models.build import OPTIMIZERS
+    return {name: entry.config for name, entry in OPTIMIZERS.items()}
 
 
 @dataclass
@@ -30,7 +60,7 @@ class SyntheticCfg:
     size: list[int]
     classes: int
     seed: int
-    colours: str           # instance (random per object, hard) | class (fixed hue per class)
+    colours: Literal["instance", "class"]  # random per object (hard) | a fixed hue per class
     colour_jitter: float   # per-instance colour shift in "class" mode
     object_scale: list[float]  # object radius range, fraction of the short side
     max_objects: int
@@ -38,7 +68,7 @@ class SyntheticCfg:
 
 @dataclass
 class DataCfg:
-    dataset: str
+    dataset: Literal["voc"]
     root: str
     num_classes: int
     aug: bool
@@ -51,7 +81,7 @@ class DataCfg:
     synthetic: Optional[SyntheticCfg]
     crop_size: int
     scale: list[float]
-    scale_mode: str
+    scale_mode: Literal["rrc", "jitter"]
     ratio: list[float]
     crop_attempts: int
     flip_prob: float
@@ -61,33 +91,6 @@ class DataCfg:
     batch_size: int
     val_batch_size: int
     num_workers: int
-
-
-@dataclass
-class BackboneCfg:
-    depth: int
-    output_stride: int
-    multi_grid: list[int]
-    contract_dilation: bool
-    norm_layer: str
-    pretrained: Optional[str]
-
-
-@dataclass
-class DecoderCfg:
-    num_classes: int
-    aspp_channels: int
-    aspp_dilations: list[int]
-    low_level_channels: int
-    dropout: float
-    norm_layer: str
-    align_corners: bool
-
-
-@dataclass
-class ModelCfg:
-    backbone: BackboneCfg
-    decoder: DecoderCfg
 
 
 @dataclass
@@ -107,7 +110,7 @@ class StrongAugCfg:
 
 @dataclass
 class MethodCfg:
-    name: str
+    name: Literal["beco", "baseline"]   # behaviour: engine/beco.py's METHODS table
     threshold: float
     warmup_epochs: int
     co_training: bool
@@ -121,15 +124,6 @@ class MethodCfg:
     w_lb: float
     w_li: float
     strong_aug: StrongAugCfg
-
-
-@dataclass
-class OptimCfg:
-    lr: float
-    momentum: float
-    weight_decay: float
-    poly_power: float
-    min_lr: float
 
 
 @dataclass
@@ -169,11 +163,11 @@ class CrfCfg:
 
 @dataclass
 class TestCfg:
-    split: str
+    split: Literal["val", "test", "train", "train_aug"]
     multi_scale: bool
     scales: list[float]
     flip: bool
-    logits_dtype: str
+    logits_dtype: Literal["float32", "float16"]
     chunk_size: int
     crf: CrfCfg
 
@@ -181,30 +175,27 @@ class TestCfg:
 @dataclass
 class Config:
     data: DataCfg
-    model: ModelCfg
+    model: Annotated[Any, Tagged("name", _model_table)]
     method: MethodCfg
-    optim: OptimCfg
+    optim: Annotated[Any, Tagged("name", _optim_table)]
     train: TrainCfg
     logging: LoggingCfg
     test: TestCfg
 
 
-# Values a key may take, where a free string would let a typo through.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("voc",),
-    "data.synthetic.colours": ("instance", "class"),
-    "data.scale_mode": ("rrc", "jitter"),
-    "model.backbone.norm_layer": ("BN", "SyncBN", "GN"),
-    "model.decoder.norm_layer": ("BN", "SyncBN", "GN"),
-    "method.name": ("beco", "baseline"),
-    "test.split": ("val", "test", "train", "train_aug"),
-    "test.logits_dtype": ("float32", "float16"),
-}
-
-
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int -> float)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *marks = typing.get_args(tp)
+        tagged = next((m for m in marks if isinstance(m, Tagged)), None)
+        return _build_tagged(value, tagged, key) if tagged else _convert(value, inner, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        # type() as well as ==, so neither `true` passes for 1 nor 16.0 for 16.
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -239,21 +230,59 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for '{key}'")
 
 
+# Keys that existed before segmenters were chosen by name: their unknown-key error says where they went.
+MOVED_KEYS = {
+    "model.decoder.num_classes": "the class count is data.num_classes, for every segmenter",
+    "model.decoder.align_corners": "it is model.align_corners now",
+}
+
+
 def _build(cls: type, raw: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in raw:
         if k not in hints:
-            raise ConfigError(f"unknown config key '{prefix}{'.' if prefix else ''}{k}'")
+            key = f"{prefix}{'.' if prefix else ''}{k}"
+            hint = f" ({MOVED_KEYS[key]})" if key in MOVED_KEYS else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
     values = {}
     for name in names:
         key = f"{prefix}.{name}" if prefix else name
         if name not in raw:
             raise ConfigError(f"config key '{key}' is missing")
         values[name] = _convert(raw[name], hints[name], key)
-        if key in CHOICES and values[name] not in CHOICES[key]:
-            raise ConfigError(f"config key '{key}': {values[name]!r} is not one of {list(CHOICES[key])}")
     return cls(**values)
+
+
+def section_defaults(section: str, kind: str) -> dict:
+    """The values of one kind of a tagged section (`configs/model/deeplabv2.yaml`), or {}."""
+    path = SECTION_DEFAULTS_DIR / section / f"{kind}.yaml"
+    return load_yaml(path) if path.is_file() else {}
+
+
+def _build_tagged(value: Any, tagged: Tagged, key: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+    table = tagged.table()
+    tag_key = f"{key}.{tagged.key}"
+    if tagged.key not in value:
+        raise ConfigError(f"config key '{tag_key}' is missing (one of {sorted(table)})")
+    kind = value[tagged.key]
+    if kind not in table:
+        raise ConfigError(f"config key '{tag_key}': {kind!r} is not one of {sorted(table)}")
+    return _build(table[kind], _merge(section_defaults(key, kind), value), key)
+
+
+def tagged_sections() -> dict[str, str]:
+    """Top-level section -> the key that names its kind (`{"model": "name", "optim": "name"}`)."""
+    hints = typing.get_type_hints(Config, include_extras=True)
+    out = {}
+    for name, tp in hints.items():
+        marks = typing.get_args(tp)[1:] if typing.get_origin(tp) is Annotated else ()
+        for mark in marks:
+            if isinstance(mark, Tagged):
+                out[name] = mark.key
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -263,6 +292,17 @@ def _merge(base: dict, over: dict) -> dict:
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
+    return out
+
+
+def _merge_config(base: dict, over: dict) -> dict:
+    """`_merge` of whole configs, except that a tagged section whose kind `over`
+    changes is taken from `over` alone (the new kind's file fills in the rest)."""
+    out = _merge(base, over)
+    for section, tag in tagged_sections().items():
+        old, new = base.get(section), over.get(section)
+        if isinstance(old, dict) and isinstance(new, dict) and tag in new and new[tag] != old.get(tag):
+            out[section] = dict(new)
     return out
 
 
@@ -280,18 +320,41 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = raw.pop("_base_", None)
     if base is not None:
-        raw = _merge(load_yaml(path.parent / base), raw)
-    return raw
+        raw = _merge_config(load_yaml(path.parent / base), raw)
+    return _with_section_defaults(raw)
+
+
+def _with_section_defaults(raw: dict) -> dict:
+    """Each tagged section's kind file under the section's own values, so that
+    overrides of nested keys (``model.backbone.depth=50``) find their place."""
+    out = dict(raw)
+    for section, tag in tagged_sections().items():
+        value = raw.get(section)
+        if isinstance(value, dict) and isinstance(value.get(tag), str):
+            out[section] = _merge(section_defaults(section, value[tag]), value)
+    return out
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
+    """Apply ``a.b.c=value`` strings; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``).
+
+    An override that changes a tagged section's kind (``model.name=segformer``) applies
+    first, wherever it stands, and starts that section afresh, so the section's other
+    overrides refine the new kind."""
     raw = _merge(raw, {})
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+    kind_keys = {f"{section}.{tag}" for section, tag in tagged_sections().items()}
+    overrides = sorted(overrides, key=lambda o: o.split("=", 1)[0].strip() not in kind_keys)
+    for item in overrides:
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        value = _parse_override_value(item, text)
+        if ".".join(parts) in kind_keys:
+            section = raw.get(parts[0])
+            if not isinstance(section, dict) or section.get(parts[1]) != value:
+                raw[parts[0]] = section_defaults(parts[0], str(value))  # a new kind starts from its own values
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -300,34 +363,54 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}' in override '{item}'")
             node = child
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from e
-        # YAML reads 1e-4 (no dot) as a string; accept it as the number the user meant.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in "eE.") else value
-            except ValueError:
-                pass
         node[parts[-1]] = value
     return raw
 
 
+def _parse_override_value(item: str, text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from e
+    # YAML reads 1e-4 (no dot) as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return value
+
+
+def upgrade_legacy(raw: dict) -> dict:
+    """A config written before segmenters and optimisers were chosen by name (a run's
+    saved ``config.yaml``) in today's layout: its model is DeepLabV3+, whose class count
+    now comes from ``data.num_classes`` and whose ``align_corners`` moved up a level,
+    and its optimiser is SGD."""
+    raw = dict(raw)
+    model = raw.get("model")
+    if isinstance(model, dict) and "name" not in model and isinstance(model.get("decoder"), dict) \
+            and "num_classes" in model["decoder"]:
+        decoder = {k: v for k, v in model["decoder"].items() if k not in ("num_classes", "align_corners")}
+        model = {"name": "deeplabv3plus", **model, "decoder": decoder}
+        if "align_corners" in raw["model"]["decoder"]:
+            model["align_corners"] = raw["model"]["decoder"]["align_corners"]
+        raw["model"] = model
+    optim = raw.get("optim")
+    if isinstance(optim, dict) and "name" not in optim and "momentum" in optim:
+        raw["optim"] = {"name": "sgd", **optim}
+    return raw
+
+
 def build_config(raw: dict) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, upgrade_legacy(raw), "")
     check_consistency(cfg)
     return cfg
 
 
 def check_consistency(cfg: Config) -> None:
     """Rules that span keys: caught here so a bad combination fails before training."""
-    if cfg.model.decoder.num_classes != cfg.data.num_classes:
-        raise ConfigError(
-            f"config keys 'model.decoder.num_classes' ({cfg.model.decoder.num_classes}) and "
-            f"'data.num_classes' ({cfg.data.num_classes}) disagree")
-    if cfg.model.backbone.output_stride not in (8, 16):
-        raise ConfigError("config key 'model.backbone.output_stride': must be 8 or 16")
+    if cfg.optim.head_lr_mult is not None and cfg.optim.head_lr_mult <= 0:
+        raise ConfigError(f"config key 'optim.head_lr_mult': must be > 0 or null, got {cfg.optim.head_lr_mult}")
     if cfg.method.name == "beco" and cfg.data.batch_size % 2:
         raise ConfigError("config key 'data.batch_size': BECO mixes batch halves, so it must be even")
     for key, pair in (("data.ratio", cfg.data.ratio), ("method.strong_aug.contrast", cfg.method.strong_aug.contrast)):

@@ -1,21 +1,31 @@
-"""ResNetV1d ("ResNet-D") backbone for DeepLab, as described in
-spec/second-stage.md §3.
+"""One ResNet family for the second stage's segmenters: dilated, returning its
+stage features (spec second-stage.md §3, segmenters-and-coco.md §4.1).
 
-V1d differs from the torchvision ResNet in two places: a deep stem of three
-3x3 convs instead of one 7x7 conv, and strided shortcuts that average-pool
-before a stride-1 1x1 conv instead of using a strided 1x1 conv (which would
-throw away three quarters of the input).
+Variants by constructor arguments, as timm does:
 
-Parameter names follow the mmclassification checkpoint after the key mapping
-in `models/checkpoint.py`, so ImageNet weights load strictly.
+* ResNetV1d ("ResNet-D", DeepLabV3+): `stem="deep"` (three 3x3 convs instead of
+  one 7x7) and `avg_down=True` (strided shortcuts average-pool before a stride-1
+  1x1 conv instead of using a strided 1x1 conv, which would throw away three
+  quarters of the input);
+* the reference's "ResNet-B" (DeepLabV2): `stem="plain"` (torchvision's 7x7
+  conv, named `stem_layer.conv1/bn1`) and `avg_down=False` (torchvision's
+  strided 1x1 shortcut), i.e. torchvision's V1.5 bottleneck network.
+
+Parameter names are `stem_layer.*` and `layer1..layer4.*`; each segmenter's
+`checkpoint_filter_fn` maps foreign ImageNet files onto them.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Type, Union
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Sequence, Type, Union
 
 from torch import Tensor, nn
 
+from .checkpoint import StateDict, drop_keys_with_prefix, strip_prefix
+
 NormLayer = Callable[[int], nn.Module]
+# The norm layers a config may name (GroupNorm needs a group count, so only code builds it;
+# under DDP on GPUs, BN is converted to SyncBN anyway).
+NormName = Literal["BN", "SyncBN"]
 
 # Standard block counts per stage. (The reference table has [3, 4, 36, 3] for
 # 152 and a "32" entry; these are the published ResNet tables.)
@@ -85,8 +95,8 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
-def _conv1x1(in_ch: int, out_ch: int) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 1, bias=False)
+def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
 
 
 class DeepStem(nn.Module):
@@ -110,6 +120,25 @@ class DeepStem(nn.Module):
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
         return self.maxpool(x)
+
+
+class PlainStem(nn.Module):
+    """torchvision's stem: a strided 7x7 conv-BN-ReLU then a strided 3x3 max-pool."""
+
+    def __init__(self, norm_layer: NormLayer, in_channels: int = 3) -> None:
+        super().__init__()
+        width = STAGE_WIDTHS[0]
+        self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.out_channels = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+STEMS: Dict[str, Callable[..., nn.Module]] = {"deep": DeepStem, "plain": PlainStem}
 
 
 class BasicBlock(nn.Module):
@@ -189,14 +218,17 @@ Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
 def make_shortcut(
-    in_channels: int, out_channels: int, stride: int, dilation: int, norm_layer: NormLayer
+    in_channels: int, out_channels: int, stride: int, dilation: int, avg_down: bool, norm_layer: NormLayer
 ) -> nn.Sequential:
     """Projection shortcut for the first block of a stage.
 
-    The conv/norm of both ResNet-D variants sit at indices 1/2 so that a
-    stage that is dilated here but strided in the ImageNet model still loads
-    the ImageNet shortcut weights.
+    Without `avg_down` it is torchvision's strided 1x1 conv + norm (indices 0/1).
+    With it (ResNet-D), the conv/norm of a strided or dilated stage sit at
+    indices 1/2, so a stage that is dilated here but strided in the ImageNet
+    model still loads the ImageNet shortcut weights.
     """
+    if not avg_down:
+        return nn.Sequential(_conv1x1(in_channels, out_channels, stride), norm_layer(out_channels))
     if stride != 1:
         # ceil_mode lets odd sizes round up exactly like the strided 3x3 conv
         # beside it does; count_include_pad=False averages the overhanging
@@ -228,28 +260,37 @@ def stage_dilations(
     return [first] + [dilation] * (num_blocks - 1)
 
 
-class ResNetV1d(nn.Module):
-    """Dilated ResNetV1d returning its stage features.
+class ResNet(nn.Module):
+    """Dilated ResNet returning its stage features `layer1`..`layer4`.
+
+    Every argument but `in_channels` is required: the values live in the
+    segmenter's YAML, not here.
 
     Args:
         depth: 18, 34 (basic blocks), 50, 101 or 152 (bottlenecks).
         output_stride: 8 or 16; the deepest stages are dilated instead of strided.
+        stem: "deep" (ResNet-D, three 3x3 convs) or "plain" (torchvision's 7x7).
+        avg_down: average-pool strided shortcuts (ResNet-D) instead of a strided 1x1 conv.
         multi_grid: unit rates for the blocks of layer4, multiplied by that
             stage's dilation (the first len(layer4) rates are used); None or
             empty disables multi-grid.
         contract_dilation: halve the first block's dilation in dilated stages
-            that do not use multi-grid (reference default: False).
+            that do not use multi-grid. Off, every block of a dilated stage, the
+            first included, has the stage's dilation (both reference backbones).
         norm_layer: anything `make_norm_layer` accepts.
         in_channels: image channels.
     """
 
     def __init__(
         self,
-        depth: int = 101,
-        output_stride: int = 16,
-        multi_grid: Optional[Sequence[int]] = (1, 2, 4),
-        contract_dilation: bool = False,
-        norm_layer: Union[str, Mapping, NormLayer, None] = "BN",
+        *,
+        depth: int,
+        output_stride: int,
+        stem: Literal["deep", "plain"],
+        avg_down: bool,
+        multi_grid: Optional[Sequence[int]],
+        contract_dilation: bool,
+        norm_layer: Union[str, Mapping, NormLayer, None],
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -257,18 +298,21 @@ class ResNetV1d(nn.Module):
             raise ValueError(f"unsupported depth {depth}; expected one of {sorted(STAGE_BLOCKS)}")
         if output_stride not in STAGE_STRIDES:
             raise ValueError(f"unsupported output_stride {output_stride}; expected one of {sorted(STAGE_STRIDES)}")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; expected one of {sorted(STEMS)}")
         norm = make_norm_layer(norm_layer)
         block: Block = BasicBlock if depth < 50 else Bottleneck
         self.depth = depth
         self.output_stride = output_stride
 
-        self.stem_layer = DeepStem(norm, in_channels)
+        self.stem_layer = STEMS[stem](norm, in_channels)
         channels = self.stem_layer.out_channels
         self.out_channels: Dict[str, int] = {}
         stages = zip(STAGE_BLOCKS[depth], STAGE_WIDTHS, STAGE_STRIDES[output_stride], STAGE_DILATIONS[output_stride])
         for index, (num_blocks, width, stride, dilation) in enumerate(stages, start=1):
             grid = multi_grid if index == 4 else None
-            layer = self._make_stage(block, channels, width, num_blocks, stride, dilation, grid, contract_dilation, norm)
+            layer = self._make_stage(block, channels, width, num_blocks, stride, dilation, grid, contract_dilation,
+                                     avg_down, norm)
             self.add_module(f"layer{index}", layer)
             channels = width * block.expansion
             self.out_channels[f"layer{index}"] = channels
@@ -285,6 +329,7 @@ class ResNetV1d(nn.Module):
         dilation: int,
         multi_grid: Optional[Sequence[int]],
         contract_dilation: bool,
+        avg_down: bool,
         norm: NormLayer,
     ) -> nn.Sequential:
         if dilation != 1:
@@ -295,7 +340,7 @@ class ResNetV1d(nn.Module):
         if stride != 1 or in_channels != out_channels:
             # Built before the block so that default-init random draws happen
             # in the same order as in the reference.
-            downsample = make_shortcut(in_channels, out_channels, stride, dilation, norm)
+            downsample = make_shortcut(in_channels, out_channels, stride, dilation, avg_down, norm)
         blocks = [block(in_channels, width, stride, dilations[0], norm, downsample)]
         for d in dilations[1:]:
             blocks.append(block(out_channels, width, 1, d, norm))
@@ -317,6 +362,14 @@ class ResNetV1d(nn.Module):
             x = getattr(self, f"layer{index}")(x)
             feats[f"layer{index}"] = x
         return feats
+
+
+def imagenet_resnet_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """The part of a ResNet ImageNet checkpoint's renaming that every variant shares:
+    mmcls's `backbone.` prefix stripped, the classifier (`fc.*`, mmcls `head.fc.*`)
+    dropped. Block names (`layerN.M.convK/bnK/downsample.*`) already agree with
+    ours; each segmenter's filter renames its own stem."""
+    return strip_prefix(drop_keys_with_prefix(state_dict, "fc.", "head.fc."), "backbone.")
 
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)
