@@ -18,6 +18,7 @@ from engine.evaluate import average_logits
 from engine.mixing import mix_batch
 from engine.strong_aug import denormalize, normalize, strong_augment
 from losses.beco_loss import baseline_loss, beco_loss
+from models.checkpoint import unwrap
 from utils.config import Config
 
 
@@ -72,7 +73,7 @@ def beco_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
     if method.mixing:
         online_label = online_mask = None
         if not warmup:
-            bare = [n.module if hasattr(n, "module") else n for n in nets]
+            bare = [unwrap(n) for n in nets]
             online_label, online_mask = online_labels(bare, images, method.threshold, autocast)
         mixed = mix_batch(images, label, mask, online_label, online_mask, warmup, method,
                           cfg.data.num_classes, py_rng, np_rng)

@@ -13,16 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import strip_module_prefix
+from models.checkpoint import strip_module_prefix, unwrap
 from utils.io import atomic_write
 
 LATEST = "latest_ckpt.pth"
 BEST = "best_ckpt.pth"
 NET_NAMES = ("network1", "network2")
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    return net.module if hasattr(net, "module") else net
 
 
 def rng_state() -> dict[str, Any]:

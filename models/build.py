@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import deeplabv2, deeplabv3plus, segformer
+from .checkpoint import unwrap
 
 
 class ModelEntry(NamedTuple):
@@ -67,10 +68,6 @@ class AdamWCfg:
     head_lr_mult: Optional[float]
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if hasattr(net, "module") else net
-
-
 def param_groups(nets: Sequence[nn.Module], lr: float, head_lr_mult: Optional[float]) -> list[dict]:
     """Without a head multiplier, one group per net holding all its parameters
     (the reference's layout, so its optimiser state dicts keep loading). With
@@ -79,7 +76,7 @@ def param_groups(nets: Sequence[nn.Module], lr: float, head_lr_mult: Optional[fl
         return [{"params": list(net.parameters())} for net in nets]
     groups = []
     for net in nets:
-        named = list(_unwrap(net).named_parameters())
+        named = list(unwrap(net).named_parameters())
         groups.append({"params": [p for n, p in named if n.startswith("backbone.")], "lr": lr})
         groups.append({"params": [p for n, p in named if not n.startswith("backbone.")], "lr": lr * head_lr_mult})
     return groups

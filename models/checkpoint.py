@@ -35,6 +35,11 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper (or the net itself)."""
+    return net.module if hasattr(net, "module") else net
+
+
 def strip_module_prefix(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Undo the `module.` prefix that DistributedDataParallel/DataParallel add."""
     return strip_prefix(state_dict, "module.")
