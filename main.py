@@ -101,29 +101,33 @@ def run_dir_for(cfg: Config, ckpt: str | None) -> Path:
 
 
 def ensure_data(cfg: Config, is_main: bool) -> None:
-    """Generate the synthetic data set when the config asks for one.
+    """Generate the data set's synthetic set when the config asks for one.
 
     Same settings as the set on disk: nothing is written. Other settings: the
     generator refuses (FileExistsError) rather than train on a stale set.
     """
+    from datasets.build import dataset_entry
     from utils.distributed import barrier
     syn = cfg.data.synthetic
     root = Path(cfg.data.root)
     if syn is not None and is_main:
-        from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc_from_config
-        if not (root / SUMMARY_NAME).is_file():
-            log.info(f"no data under {root}: generating the synthetic VOC-format set with simulated "
+        entry = dataset_entry(cfg.data.dataset)
+        if not (root / entry.synthetic_summary).is_file():
+            log.info(f"no data under {root}: generating the synthetic {cfg.data.dataset.upper()}-format set with simulated "
                      f"first-stage pseudo-labels and masks")
-        summary = make_synthetic_voc_from_config(root, syn)
+        summary = entry.make_synthetic(root, syn)
         log.info(f"synthetic data under {root}: pseudo-label mIoU {summary['pseudo_label']['miou']:.3f}")
     barrier()
 
 
 def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, DistributedSampler]:
-    from datasets.voc import VOCEvalSet, VOCTrainSet, seed_worker_fn
+    from datasets.segmentation import EvalSet, TrainSet, seed_worker_fn, val_subset_ids
     from engine.evaluate import ShardSampler
-    train_set = VOCTrainSet(cfg.data)
-    val_set = VOCEvalSet(cfg.data, cfg.data.val_split)
+    train_set = TrainSet(cfg.data)
+    val_set = EvalSet(cfg.data, cfg.data.val_split)
+    if cfg.train.val_subset is not None:
+        val_set = EvalSet(cfg.data, cfg.data.val_split,
+                          ids=val_subset_ids(val_set.ids, cfg.train.val_subset, cfg.train.val_subset_seed))
     # One sampler for every case: its order is a function of (seed, epoch), so a resumed
     # run sees the same batches as an uninterrupted one.
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -169,6 +173,9 @@ def make_autocast(cfg: Config, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=cfg.train.amp)
 
 
+VAL_LOGITS = "val_logits"  # the validation's saved maps (train.val_mode dump_logits_only / save_val_logits)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -212,7 +219,7 @@ def train_one_epoch(nets, loader, optimizer, scheduler, scaler, epoch: int, it0:
 
 
 def vis_grid(vis: list, cfg: Config) -> np.ndarray:
-    """Rows of image | prediction | ground truth (VOC palette), HWC uint8."""
+    """Rows of image | prediction | ground truth (the label palette, VOC's for every data set), HWC uint8."""
     from utils.voc import colorize
     mean = np.array(cfg.data.mean)[:, None, None]
     std = np.array(cfg.data.std)[:, None, None]
@@ -283,9 +290,14 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
             it = train_one_epoch(nets, train_loader, optimizer, scheduler, scaler, epoch, it, cfg, info,
                                  autocast, writer, metrics_file)
             scores = None
-            if (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.train.epochs:
+            validated = (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.train.epochs
+            if validated:
+                dump = cfg.train.val_mode == "dump_logits_only" or cfg.train.save_val_logits
                 scores, vis = evaluate(nets, val_loader, cfg.data.num_classes, info.device, autocast,
-                                       cfg.train.num_vis if info.is_main else 0, info.is_main)
+                                       cfg.train.num_vis if info.is_main else 0, info.is_main,
+                                       with_metrics=cfg.train.val_mode == "metrics",
+                                       dump_dir=run_dir / VAL_LOGITS if dump else None,
+                                       dump_dtype=cfg.test.logits_dtype)
             # Every rank gathers its RNG state so a resumed multi-process run continues each stream.
             rng = [ckpt_io.rng_state()]
             if info.distributed:
@@ -312,6 +324,9 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
                         writer.add_image("val/image_pred_gt", vis_grid(vis, cfg), epoch + 1, dataformats="HWC")
                     log.info(f"epoch {epoch + 1}: val mIoU {scores['miou']:.4f} pixel acc {scores['pixel_acc']:.4f}"
                              f"{' (best)' if improved else ''} | {record['time_s']} s")
+                elif validated:  # val_mode dump_logits_only: maps, no metric (the reference's coco_set)
+                    log.info(f"epoch {epoch + 1}: val maps saved to {run_dir / VAL_LOGITS} (val_mode "
+                             f"dump_logits_only: no metric, no {ckpt_io.BEST}) | {record['time_s']} s")
                 history.append(record)
                 with open(run_dir / "val_log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
             return 2
         mp.spawn(_spawned, args=(n, free_port(), sys.argv[1:] if argv is None else argv), nprocs=n)
         return 0
-    from datasets.voc import DataError
+    from datasets.readers import DataError
     from utils.distributed import cleanup
     try:
         if args.test:  # every rank tests its own shard of the ids

@@ -34,14 +34,15 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from datasets.voc import DataError, read_image, read_label, read_split  # noqa: E402
+from datasets.build import dataset_entry  # noqa: E402
+from datasets.readers import DataError, SplitFiles, read_image, read_label  # noqa: E402
 from utils.config import Config, ConfigError, CrfCfg, apply_overrides, build_config, load_yaml  # noqa: E402
 from utils.crf import available_cores, parallel_map, postprocess  # noqa: E402
 from utils.io import atomic_write, save_json, save_png  # noqa: E402
-from utils.voc import IGNORE_INDEX, VOC_CLASSES, colorize, voc_palette  # noqa: E402
+from utils.score_maps import SUFFIX, ScoreMapError, load_score_map  # noqa: E402
+from utils.voc import IGNORE_INDEX, colorize, voc_palette  # noqa: E402
 
 SETTINGS_NAME = "_settings.json"
-SUBMISSION_SUBDIR = Path("results/VOC2012/Segmentation/comp6_test_cls")  # the VOC server's layout
 
 # Picture layout, in pixels (drawing only, no effect on any result).
 VIS_PAD = 4
@@ -115,20 +116,17 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> Config:
     return cfg
 
 
-def class_names(num_classes: int) -> list[str]:
-    if num_classes <= len(VOC_CLASSES):
-        return list(VOC_CLASSES[:num_classes])  # VOC and the synthetic set (its first K+1 VOC names)
-    return [f"class_{k}" for k in range(num_classes)]
-
-
 # ----------------------------------------------------------------------------- one id (worker side)
 
 @dataclass(frozen=True)
 class Job:
     """Everything a worker needs, sent once per worker process."""
-    image_dir: Path
-    gt_dir: Path | None  # None in test mode
+    files: SplitFiles  # images, and ground truth unless with_gt is false (test mode)
+    with_gt: bool
+    gt_ignore_index: int | None
+    truncated_ok: bool
     logits_dir: Path
+    logits_suffix: str  # .npy (dense maps) | .npz (compact)
     pred_dir: Path
     vis_dir: Path
     num_classes: int
@@ -147,21 +145,6 @@ def _set_job(job: Job) -> None:
     _JOB = job
 
 
-def load_logits(path: Path, item_id: str, num_classes: int) -> np.ndarray:
-    try:
-        arr = np.load(path)
-    except FileNotFoundError:
-        raise DataError(f"logits missing for id '{item_id}': {path}") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"logits for id '{item_id}' are unreadable: {path} ({e})") from None
-    if arr.ndim != 3:
-        raise DataError(f"logits for id '{item_id}' must be classes x height x width, got shape {arr.shape}: {path}")
-    if arr.shape[0] != num_classes:
-        raise DataError(f"logits for id '{item_id}' have {arr.shape[0]} classes, the data set has {num_classes} "
-                        f"(data.num_classes): {path}")
-    return arr.astype(np.float32)
-
-
 def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, C) int64 counts, rows = ground truth, cols = prediction; 255 ignored."""
     valid = gt != IGNORE_INDEX
@@ -173,8 +156,9 @@ def process_id(job: Job, item_id: str, vis: bool) -> tuple[str, np.ndarray | Non
     """Predict (or reuse) one id's label map; returns (id, confusion or None, "done" | "kept")."""
     pred_path = job.pred_dir / f"{item_id}.png"
     gt = None
-    if job.gt_dir is not None:
-        gt = np.asarray(read_label(job.gt_dir / f"{item_id}.png", item_id, job.num_classes, "ground truth"))
+    if job.with_gt:
+        gt = np.asarray(read_label(job.files.gt(item_id), item_id, job.num_classes, "ground truth",
+                                   job.gt_ignore_index))
     if pred_path.is_file() and not job.overwrite and not vis:
         pred = np.asarray(Image.open(pred_path))
         if gt is not None and pred.shape != gt.shape:
@@ -182,9 +166,12 @@ def process_id(job: Job, item_id: str, vis: bool) -> tuple[str, np.ndarray | Non
                             f"ground truth is {gt.shape[1]}x{gt.shape[0]}: {pred_path}; rerun with --overwrite")
         return item_id, None if gt is None else confusion(gt, pred, job.num_classes), "kept"
 
-    logits = load_logits(job.logits_dir / f"{item_id}.npy", item_id, job.num_classes)
-    image_path = job.image_dir / f"{item_id}.jpg"
-    image = np.asarray(read_image(image_path, item_id))
+    try:
+        logits = load_score_map(job.logits_dir / f"{item_id}{job.logits_suffix}", item_id, job.num_classes)
+    except ScoreMapError as e:
+        raise DataError(str(e)) from None
+    image_path = job.files.image(item_id)
+    image = np.asarray(read_image(image_path, item_id, job.truncated_ok))
     if gt is not None and gt.shape != image.shape[:2]:
         raise DataError(f"id '{item_id}': ground truth is {gt.shape[1]}x{gt.shape[0]} but {image_path} is "
                         f"{image.shape[1]}x{image.shape[0]} (width x height)")
@@ -266,26 +253,23 @@ def render_vis(image: np.ndarray, pred: np.ndarray, pred_crf: np.ndarray | None,
 
 # ----------------------------------------------------------------------------- parent side
 
-def check_inputs(ids: list[str], split_path: Path, image_dir: Path, gt_dir: Path | None, logits_dir: Path) -> None:
+def check_inputs(files: SplitFiles, with_gt: bool, logits_dir: Path, suffix: str, split: str) -> None:
     """Fail before any work with the first offending id: a missing image, ground truth or map,
-    or a map whose id the split list does not hold (maps from another split or data set)."""
-    for directory, suffix, what in ((image_dir, ".jpg", "image"), (gt_dir, ".png", "ground truth"),
-                                    (logits_dir, ".npy", "logits")):
-        if directory is None:
-            continue
-        if not directory.is_dir():
-            raise DataError(f"{what} directory not found: {directory}")
-        present = {p.name for p in directory.iterdir()}
-        missing = [i for i in ids if f"{i}{suffix}" not in present]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise DataError(f"{what} missing for id '{missing[0]}': {directory / (missing[0] + suffix)}{more}")
-    listed = set(ids)
-    extra = sorted(p.stem for p in logits_dir.glob("*.npy") if p.stem not in listed)
+    or a map whose id the split does not hold (maps from another split or data set)."""
+    files.check(with_gt)
+    if not logits_dir.is_dir():
+        raise DataError(f"logits directory not found: {logits_dir}")
+    present = {p.name for p in logits_dir.iterdir()}
+    missing = [i for i in files.ids if f"{i}{suffix}" not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"logits missing for id '{missing[0]}': {logits_dir / (missing[0] + suffix)}{more}")
+    listed = set(files.ids)
+    extra = sorted(p.stem for p in logits_dir.glob(f"*{suffix}") if p.stem not in listed)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise DataError(f"logits for id '{extra[0]}' ({logits_dir / (extra[0] + '.npy')}) but the id is not in "
-                        f"the split list {split_path}{more}: maps of another split? pass --split")
+        raise DataError(f"logits for id '{extra[0]}' ({logits_dir / (extra[0] + suffix)}) but the id is not in "
+                        f"the split list of '{split}'{more}: maps of another split? pass --split")
 
 
 def check_settings(pred_dir: Path, settings: dict, overwrite: bool, ids: list[str]) -> None:
@@ -303,25 +287,24 @@ def check_settings(pred_dir: Path, settings: dict, overwrite: bool, ids: list[st
     save_json(path, settings)
 
 
-def write_submission(run_dir: Path, pred_dir: Path, ids: list[str]) -> Path:
-    """The VOC evaluation-server layout ``results/VOC2012/Segmentation/comp6_test_cls/<id>.png``
+def write_submission(run_dir: Path, pred_dir: Path, ids: list[str], layout: Path) -> Path:
+    """The evaluation-server layout (VOC's ``results/VOC2012/Segmentation/comp6_test_cls/<id>.png``)
     under ``<run>/<pred>_submission/``, and ``<run>/<pred>_submission.tar`` holding exactly the listed ids."""
     root = run_dir / f"{pred_dir.name}_submission"
-    target = root / SUBMISSION_SUBDIR
+    target = root / layout
     for i in ids:
         atomic_write(target / f"{i}.png", lambda tmp, src=pred_dir / f"{i}.png": shutil.copyfile(src, tmp))
 
     def write_tar(tmp: str) -> None:
         with tarfile.open(tmp, "w") as tar:
             for i in ids:
-                tar.add(target / f"{i}.png", arcname=str(SUBMISSION_SUBDIR / f"{i}.png"))
+                tar.add(target / f"{i}.png", arcname=str(layout / f"{i}.png"))
     return atomic_write(run_dir / f"{pred_dir.name}_submission.tar", write_tar)
 
 
 def print_scores(scores: dict, names: list[str]) -> None:
-    width = max(len(n) for n in names)
-    for name, iou in zip(names, scores["iou"]):
-        print(f"  {name:<{width}}  {'absent' if iou is None else f'{iou:.4f}'}")
+    from utils.metrics import iou_table
+    print(iou_table(names, scores["iou"]))
     present = sum(v is not None for v in scores["iou"])
     print(f"mIoU {scores['miou']:.4f} over {present} classes present | pixel acc {scores['pixel_acc']:.4f} | "
           f"mean acc {scores['mean_acc']:.4f} | mean precision {scores['mean_precision']:.4f}")
@@ -335,22 +318,26 @@ def run(args: argparse.Namespace) -> dict:
         raise DataError(f"logits folder not found: {logits_dir}")
     run_dir = logits_dir.resolve().parent
     cfg = resolve_config(args, run_dir)
-    root = Path(cfg.data.root)
+    entry = dataset_entry(cfg.data.dataset)
     split = args.split or cfg.test.split
-    split_path = root / cfg.data.list_dir / f"{split}.txt"
-    ids = read_split(root / cfg.data.list_dir, split)
-    gt_dir = root / cfg.data.gt_dir if args.mode == "val" else None
-    check_inputs(ids, split_path, root / cfg.data.image_dir, gt_dir, logits_dir)
+    files = entry.files(cfg.data, split)
+    ids = files.ids
+    with_gt = args.mode == "val"
+    suffix = SUFFIX[cfg.test.logits_format]
+    check_inputs(files, with_gt, logits_dir, suffix, split)
+    if not with_gt and entry.submission_dir is None:
+        print(f"note: {cfg.data.dataset} has no evaluation-server layout; --mode test writes the predictions only")
 
     pred_dir = run_dir / f"{args.mode}_pred{'_crf' if args.crf else ''}"
     crf_settings = dataclasses.asdict(cfg.test.crf) if args.crf else None
     check_settings(pred_dir, {"logits_dir": logits_dir.name, "split": split, "num_classes": cfg.data.num_classes,
                               "align_corners": cfg.model.align_corners, "crf": crf_settings},
                    args.overwrite, ids)
-    names = class_names(cfg.data.num_classes)
-    job = Job(image_dir=root / cfg.data.image_dir, gt_dir=gt_dir, logits_dir=logits_dir, pred_dir=pred_dir,
-              vis_dir=run_dir / f"{args.mode}_vis", num_classes=cfg.data.num_classes, names=tuple(names),
-              crf=cfg.test.crf if args.crf else None, crf_for_vis=cfg.test.crf,
+    names = entry.class_names(cfg.data.num_classes)
+    job = Job(files=files, with_gt=with_gt, gt_ignore_index=entry.gt_ignore_index,
+              truncated_ok=cfg.data.truncated_images == "load", logits_dir=logits_dir, logits_suffix=suffix,
+              pred_dir=pred_dir, vis_dir=run_dir / f"{args.mode}_vis", num_classes=cfg.data.num_classes,
+              names=tuple(names), crf=cfg.test.crf if args.crf else None, crf_for_vis=cfg.test.crf,
               align_corners=cfg.model.align_corners, overwrite=args.overwrite)
     n_jobs = args.n_jobs or available_cores()
     if n_jobs < 1:
@@ -387,9 +374,9 @@ def run(args: argparse.Namespace) -> dict:
         print_scores(scores, names)
         print(f"scores: {scores_path}")
         summary["scores"] = record
-    else:
-        tar_path = write_submission(run_dir, pred_dir, ids)
-        print(f"VOC server layout: {run_dir / (pred_dir.name + '_submission') / SUBMISSION_SUBDIR} | tar: {tar_path}")
+    elif entry.submission_dir is not None:
+        tar_path = write_submission(run_dir, pred_dir, ids, Path(entry.submission_dir))
+        print(f"server layout: {run_dir / (pred_dir.name + '_submission') / entry.submission_dir} | tar: {tar_path}")
         summary["submission"] = str(tar_path)
     if args.vis:
         print(f"pictures: {job.vis_dir}")

@@ -86,15 +86,14 @@ def dataset_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.
     """Images of a config's data set (its test.split), maps made from their ground truth."""
     from PIL import Image
 
-    from datasets.voc import read_split
+    from datasets.build import dataset_entry
     cfg = load_config(args.from_config)
-    root = Path(cfg.data.root)
-    ids = read_split(root / cfg.data.list_dir, cfg.test.split)[: args.images]
+    files = dataset_entry(cfg.data.dataset).files(cfg.data, cfg.test.split)
     rng = np.random.default_rng(args.seed)
     inputs = []
-    for i in ids:
-        image = np.asarray(Image.open(root / cfg.data.image_dir / f"{i}.jpg").convert("RGB"))
-        gt = np.asarray(Image.open(root / cfg.data.gt_dir / f"{i}.png"))
+    for i in files.ids[: args.images]:
+        image = np.asarray(Image.open(files.image(i)).convert("RGB"))
+        gt = np.asarray(Image.open(files.gt(i)))
         inputs.append((fake_logits(gt, cfg.data.num_classes, 4, rng, args.logit_scale, args.blur, args.noise,
                                    args.noise_cell, args.absent_offset), image))
     return inputs, cfg.model.align_corners
@@ -103,13 +102,15 @@ def dataset_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.
 def saved_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
     from PIL import Image
 
-    from datasets.voc import read_split
+    from datasets.build import dataset_entry
+    from utils.crf import REST_FLOOR
+    from utils.score_maps import SUFFIX, load_score_map, to_dense
     logits_dir = Path(args.logits_dir)
     cfg = load_config(args.config or logits_dir.resolve().parent / "config.yaml")
-    root = Path(cfg.data.root)
-    ids = read_split(root / cfg.data.list_dir, cfg.test.split)[: args.images]
-    inputs = [(np.load(logits_dir / f"{i}.npy").astype(np.float32),
-               np.asarray(Image.open(root / cfg.data.image_dir / f"{i}.jpg").convert("RGB"))) for i in ids]
+    files = dataset_entry(cfg.data.dataset).files(cfg.data, cfg.test.split)
+    suffix = SUFFIX[cfg.test.logits_format]
+    inputs = [(to_dense(load_score_map(logits_dir / f"{i}{suffix}", i, cfg.data.num_classes), REST_FLOOR),
+               np.asarray(Image.open(files.image(i)).convert("RGB"))) for i in files.ids[: args.images]]
     return inputs, cfg.model.align_corners
 
 

@@ -17,6 +17,12 @@ masks and score maps are named by it, the ground truth by the integer image id
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from datasets.readers import DataError, SplitFiles, read_split, require_dir
+from utils.config import DataCfg
 
 # The 80 category ids of the instances files (sparse: 12, 26, 29, 30, 45, 66, 68, 69, 71,
 # 83 are unused) with their names. Label id = 1 + position here (ascending category id);
@@ -77,3 +83,54 @@ def list_name(split: str) -> str:
 
 def cls_labels_name(split: str) -> str:
     return f"cls_labels_{split_folder(split)}.json"
+
+
+def listed_stems(image_dir: Path) -> list[str]:
+    """Stems of the ``*.jpg`` files of a COCO image folder, sorted: the reference's sample order
+    (it lists the folder, spec §2.1), ascending image id for COCO's names. Other files are
+    not samples (QUIRK-S2: the reference takes every file)."""
+    return sorted(p.stem for p in image_dir.glob("*.jpg"))
+
+
+def coco_files(root: str | Path, split: str, list_dir: str | None = None, gt_dir: str | None = "mask") -> SplitFiles:
+    """The files of COCO's ``split`` (train | val) under ``root``.
+
+    Ids come from ``<root>/<list_dir>/<split>2014.txt`` (``tools/prepare_coco.py`` writes
+    ``lists/``) or, with ``list_dir`` None, from the image folder's listing. Ground truth
+    ``<root>/<gt_dir>/<split>2014/<int id>.png``; ``gt_dir`` None: none. Every id must be a
+    COCO file stem of this split (a stray ``photo.jpg`` is refused, naming the file).
+    """
+    root = Path(root)
+    folder = split_folder(split)
+    image_dir = require_dir(root / folder, "COCO image")
+    if list_dir is None:
+        ids = listed_stems(image_dir)
+        source = image_dir
+    else:
+        ids = read_split(root / list_dir, folder)
+        source = root / list_dir / list_name(split)
+    if not ids:
+        raise DataError(f"no COCO images in {source}")
+    prefix = f"COCO_{folder}_"
+    bad = [i for i in ids if not (i.startswith(prefix) and _STEM.match(i))]
+    if bad:
+        raise DataError(f"'{bad[0]}' ({source}) is not a COCO {folder} file stem ({prefix}<12 digits>)"
+                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return SplitFiles(ids, image_dir, None if gt_dir is None else root / gt_dir / folder, gt_name)
+
+
+@dataclass
+class CocoDataCfg(DataCfg):
+    # null: every *.jpg of <root>/<split>2014, sorted (the reference's order); else the id
+    # lists <root>/<list_dir>/<split>2014.txt that tools/prepare_coco.py writes.
+    list_dir: Optional[str]
+    gt_dir: str              # ground truth under <root>/<gt_dir>/<split>2014/<int id>.png
+    val_split: Literal["val", "train"]
+
+
+def train_split(cfg: CocoDataCfg) -> str:
+    return "train"
+
+
+def files(cfg: CocoDataCfg, split: str) -> SplitFiles:
+    return coco_files(cfg.root, split, cfg.list_dir, cfg.gt_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -10,6 +11,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from utils.distributed import all_reduce_sum
+from utils.io import save_npy
 from utils.metrics import confusion_matrix, segmentation_scores
 
 
@@ -28,32 +30,50 @@ class ShardSampler(Sampler[int]):
 
 
 def average_logits(nets: list[nn.Module], images: torch.Tensor, key: str = "logits") -> torch.Tensor:
-    out = nets[0](images)[key].float()
-    for net in nets[1:]:
-        out = out + net(images)[key].float()
-    return out / len(nets)
+    return average_outputs(nets, images, (key,))[key]
+
+
+def average_outputs(nets: list[nn.Module], images: torch.Tensor, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The nets' outputs ``keys`` averaged, float32, from one forward pass per net."""
+    total: dict[str, torch.Tensor] = {}
+    for net in nets:
+        out = net(images)
+        for k in keys:
+            total[k] = out[k].float() if k not in total else total[k] + out[k].float()
+    return {k: v / len(nets) for k, v in total.items()}
 
 
 @torch.no_grad()
 def evaluate(nets: list[nn.Module], loader, num_classes: int, device: torch.device,
              autocast: Callable[[], AbstractContextManager], num_vis: int = 0,
-             show_progress: bool = True) -> tuple[dict, list]:
-    """Scores from the confusion matrix summed over all ranks, plus up to ``num_vis``
-    (image, prediction, label) triples from this rank for pictures."""
+             show_progress: bool = True, with_metrics: bool = True, dump_dir: Path | None = None,
+             dump_dtype: str = "float32") -> tuple[dict | None, list]:
+    """Scores from the confusion matrix summed over all ranks (None without ``with_metrics``),
+    plus up to ``num_vis`` (image, prediction, label) triples from this rank for pictures.
+
+    ``dump_dir``: every image's averaged ``pre_logits`` saved as ``<id>.npy`` (the reference's
+    COCO validation, QUIRK-S5), rewritten at each validation."""
     was_training = [n.training for n in nets]
     for n in nets:
         n.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     vis = []
+    keys = ("logits", "pre_logits") if dump_dir is not None else ("logits",)
     for batch in tqdm(loader, desc="val", leave=False, disable=not show_progress, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast():
-            pred = average_logits(nets, images).argmax(1)
-        conf += confusion_matrix(pred, labels, num_classes)
+            out = average_outputs(nets, images, keys)
+        pred = out["logits"].argmax(1)
+        if with_metrics:
+            conf += confusion_matrix(pred, labels, num_classes)
+        if dump_dir is not None:
+            maps = out["pre_logits"].cpu().numpy().astype(dump_dtype)
+            for item_id, arr in zip(batch["id"], maps):
+                save_npy(dump_dir / f"{item_id}.npy", arr)
         for i in range(min(num_vis - len(vis), len(images))):
             vis.append((images[i].cpu(), pred[i].cpu(), labels[i].cpu()))
     all_reduce_sum(conf)
     for n, t in zip(nets, was_training):
         n.train(t)
-    return segmentation_scores(conf), vis
+    return (segmentation_scores(conf) if with_metrics else None), vis

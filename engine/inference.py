@@ -1,10 +1,14 @@
-"""``main.py --test``: the two nets' averaged score maps over a split, saved for test.py (spec §7).
+"""``main.py --test``: the two nets' averaged score maps over a split, saved for test.py (spec §7),
+and the metrics, at 512x512 (the reference's "Final test results") and at the original resolution.
 
 For every id the ``pre_logits`` of the two nets (at the segmenter's head resolution,
-stride 4 or 8 by segmenter) are averaged (optionally also
-over a horizontal flip, and maxed over scales) and saved as ``<run>/<folder>/<id>.npy``;
-the 512x512 metrics of §6 are printed and logged. Ranks started by torchrun each take a
-shard of the ids (every id exactly once) and their confusion matrices are summed.
+stride 4 or 8 by segmenter) are averaged (optionally also over a horizontal flip, and
+maxed over scales) and saved as ``<run>/<folder>/<id>.npy`` (``test.logits_format`` dense,
+the reference's) or ``<id>.npz`` (compact: only the classes that matter, utils/score_maps.py);
+``test.save_logits`` false saves nothing. The original-resolution metrics upsample the saved
+map exactly as ``test.py`` does without CRF, so evaluation without CRF needs no maps at all.
+Ranks started by torchrun each take a shard of the ids (every id exactly once) and their
+confusion matrices are summed.
 
 A rerun resumes: an id whose map is already saved is not run through the nets again, its
 saved map is read back for the metrics (``--overwrite`` recomputes and rewrites).
@@ -24,21 +28,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
-from engine.evaluate import ShardSampler
+from engine.evaluate import ShardSampler, average_outputs
 from utils.config import Config, ConfigError, to_dict, to_yaml
-from utils.io import atomic_write, save_json, save_text
+from utils.io import save_json, save_npy, save_text
 from utils.logs import log, setup_logging
 
 
 CONFIG_NAME = "config.yaml"  # test.py finds the data set through this file beside the logits folder
 PREVIOUS_CONFIG_NAME = "config.previous.yaml"
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def logits_folder_name(cfg: Config) -> str:
     """``logits``, ``logits_msc`` with multi-scale (the reference's names), ``_flip`` added with flip,
     so maps made differently never share a folder (a rerun would otherwise mix them)."""
-    return "logits" + ("_msc" if cfg.test.multi_scale else "") + ("_flip" if cfg.test.flip else "")
+    return ("logits" + ("_msc" if cfg.test.multi_scale else "") + ("_flip" if cfg.test.flip else "")
+            + ("_compact" if cfg.test.logits_format == "compact" else ""))
 
 
 def test_run_dir(cfg: Config, ckpt: str | None) -> Path:
@@ -83,13 +87,8 @@ def load_test_nets(cfg: Config, path: Path, device: torch.device) -> list[nn.Mod
 
 def _averaged(nets: list[nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over the nets of (pre_logits, logits), float32."""
-    pre = full = None
-    for net in nets:
-        out = net(images)
-        p, f = out["pre_logits"].float(), out["logits"].float()
-        pre = p if pre is None else pre + p
-        full = f if full is None else full + f
-    return pre / len(nets), full / len(nets)
+    out = average_outputs(nets, images, ("pre_logits", "logits"))
+    return out["pre_logits"], out["logits"]
 
 
 def _one_scale(nets: list[nn.Module], images: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,26 +124,19 @@ def predict_maps(nets: list[nn.Module], images: torch.Tensor, cfg: Config) -> tu
 
 # ----------------------------------------------------------------------------- saved maps
 
-def save_map(path: Path, array: np.ndarray) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
-            np.save(f, array)
-    return atomic_write(path, write)
-
-
-def load_saved_map(path: Path, item_id: str, num_classes: int, dtype: str) -> np.ndarray:
-    """A saved map, checked against the run's class count and storage type."""
+def load_saved_map(path: Path, item_id: str, cfg: Config) -> np.ndarray:
+    """A saved map as dense (C, h, w) float32 logits, checked against the run's class count and
+    storage type; a compact map's dropped classes get a logit no kept class falls below."""
+    from utils.crf import REST_FLOOR
+    from utils.score_maps import ScoreMapError, load_score_map, to_dense
     try:
-        arr = np.load(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"saved map for id '{item_id}' is unreadable: {path} ({e}); rerun with --overwrite") from e
-    if arr.ndim != 3 or arr.shape[0] != num_classes:
-        raise ValueError(f"saved map for id '{item_id}' has shape {arr.shape}, expected {num_classes} classes "
-                         f"first: {path}; rerun with --overwrite")
-    if arr.dtype != np.dtype(NUMPY_DTYPES[dtype]):
-        raise ValueError(f"saved map for id '{item_id}' is {arr.dtype} but test.logits_dtype is {dtype}: {path}; "
-                         f"rerun with --overwrite")
-    return arr
+        score = load_score_map(path, item_id, cfg.data.num_classes)
+    except ScoreMapError as e:
+        raise ValueError(f"{e}; rerun with --overwrite") from None
+    if cfg.test.logits_format == "dense" and np.load(path, mmap_mode="r").dtype != np.dtype(cfg.test.logits_dtype):
+        raise ValueError(f"saved map for id '{item_id}' is not {cfg.test.logits_dtype} (test.logits_dtype): "
+                         f"{path}; rerun with --overwrite")
+    return to_dense(score, REST_FLOOR)
 
 
 SETTINGS_NAME = "_settings.json"
@@ -156,7 +148,11 @@ def map_settings(cfg: Config, ckpt_path: Path) -> dict:
     return {"checkpoint": str(ckpt_path.resolve()), "checkpoint_bytes": stat.st_size,
             "checkpoint_mtime_ns": stat.st_mtime_ns, "split": cfg.test.split, "val_size": cfg.data.val_size,
             "multi_scale": cfg.test.multi_scale, "scales": cfg.test.scales if cfg.test.multi_scale else None,
-            "flip": cfg.test.flip, "logits_dtype": cfg.test.logits_dtype, "model": to_dict(cfg.model)}
+            "flip": cfg.test.flip, "logits_dtype": cfg.test.logits_dtype, "model": to_dict(cfg.model),
+            # Only when not the reference's defaults, so folders made before these options still match.
+            **({"logits_format": "compact", "compact_threshold": cfg.test.compact_threshold,
+                "compact_max_classes": cfg.test.compact_max_classes} if cfg.test.logits_format == "compact" else {}),
+            **({"dataset": cfg.data.dataset} if cfg.data.dataset != "voc" else {})}
 
 
 def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
@@ -184,97 +180,140 @@ def save_run_config(run_dir: Path, cfg: Config) -> Path:
     return save_text(path, text)
 
 
-def _has_ground_truth(cfg: Config, ids: list[str]) -> bool:
-    """Labels are read when the split has any ground truth (VOC's test split has none); then
-    every id must have one, which the data set checks with the missing id named."""
-    gt_dir = Path(cfg.data.root) / cfg.data.gt_dir
-    return any((gt_dir / f"{i}.png").is_file() for i in ids)
+def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], num_classes: int,
+                               align: bool) -> torch.Tensor:
+    """Each head-resolution map upsampled to its image's size, arg-max, against the original
+    ground truth: test.py's rule without CRF, computed in the test pass."""
+    from utils.metrics import confusion_matrix
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=maps.device)
+    for m, label in zip(maps, labels):
+        label = label.to(maps.device)
+        up = F.interpolate(m[None].float(), size=label.shape, mode="bilinear", align_corners=align)
+        conf += confusion_matrix(up[0].argmax(0), label, num_classes)
+    return conf
 
 
 def run_test(cfg: Config, args: argparse.Namespace) -> dict:
-    """Save every id's averaged map and report the 512x512 metrics; returns a summary."""
-    from datasets.voc import VOCEvalSet, read_split
+    """Save every id's averaged map (unless ``test.save_logits`` is off) and report the metrics
+    at 512x512 and at the original resolution; returns a summary."""
+    from datasets.build import dataset_entry
+    from datasets.segmentation import EvalSet, collate_eval
     from utils.distributed import all_reduce_sum, barrier, init_distributed
-    from utils.metrics import confusion_matrix, segmentation_scores
+    from utils.metrics import confusion_matrix, iou_table, segmentation_scores
+    from utils.score_maps import SUFFIX, bytes_bound, save_score_map
 
     if cfg.test.multi_scale and not cfg.test.scales:
         raise ConfigError("config key 'test.scales': multi-scale testing needs at least one scale")
     info = init_distributed(getattr(args, "gpu_id", None))
     run_dir = test_run_dir(cfg, args.ckpt)
     ckpt_path = resolve_checkpoint(cfg, args.ckpt, run_dir)
+    save = cfg.test.save_logits
     out_dir = run_dir / logits_folder_name(cfg)
+    suffix = SUFFIX[cfg.test.logits_format]
     overwrite = bool(getattr(args, "overwrite", False))
-    ids = read_split(Path(cfg.data.root) / cfg.data.list_dir, cfg.test.split)
+    entry = dataset_entry(cfg.data.dataset)
+    files = entry.files(cfg.data, cfg.test.split)
+    ids = files.ids
     settings = map_settings(cfg, ckpt_path)
-    check_settings(out_dir, settings, overwrite)  # every rank, before anything is written
+    if save:
+        check_settings(out_dir, settings, overwrite)  # every rank, before anything is written
     barrier()
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:  # start afresh: a killed --overwrite run must not leave old maps to be reused
-            for i in ids:
-                (out_dir / f"{i}.npy").unlink(missing_ok=True)
-        save_json(out_dir / SETTINGS_NAME, settings)
+        if save:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if overwrite:  # start afresh: a killed --overwrite run must not leave old maps to be reused
+                for i in ids:
+                    (out_dir / f"{i}{suffix}").unlink(missing_ok=True)
+            save_json(out_dir / SETTINGS_NAME, settings)
         save_run_config(run_dir, cfg)
     barrier()
     setup_logging(run_dir / "test.log" if info.is_main else None)
 
-    with_labels = _has_ground_truth(cfg, ids)
-    dataset = VOCEvalSet(cfg.data, cfg.test.split, with_labels=with_labels)
-    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size,
+    # Labels are read when the split has any ground truth (VOC's test split has none); then every
+    # id must have one, which the data set checks with the missing id named.
+    with_labels = files.gt_dir is not None and any(files.gt(i).is_file() for i in ids)
+    dataset = EvalSet(cfg.data, cfg.test.split, with_labels=with_labels, full_labels=True)
+    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, collate_fn=collate_eval,
                         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
     nets = load_test_nets(cfg, ckpt_path, info.device)
-    dtype = cfg.test.logits_dtype
+    fmt, dtype = cfg.test.logits_format, cfg.test.logits_dtype
+    maps_note = "nothing saved (test.save_logits false)"
+    if save:
+        head = _head_size(nets, cfg, info.device)
+        bound = bytes_bound(len(dataset), cfg.data.num_classes, head, head, fmt, dtype, cfg.test.compact_max_classes)
+        maps_note = f"maps -> {out_dir} ({fmt}{', ' + dtype if fmt == 'dense' else ''}; at most {bound / 1e9:.2f} GB)"
     log.info(f"testing {ckpt_path} on '{cfg.test.split}' ({len(dataset)} ids, labels: {with_labels}) | "
              f"{info.world_size} process(es) on {info.device} | multi-scale {cfg.test.multi_scale} "
-             f"flip {cfg.test.flip} | maps -> {out_dir} ({dtype})")
+             f"flip {cfg.test.flip} | {maps_note}")
 
     num_classes = cfg.data.num_classes
     align = cfg.model.align_corners
     autocast = torch.autocast(info.device.type, dtype=torch.float16 if info.device.type == "cuda" else torch.bfloat16,
                               enabled=cfg.train.amp)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=info.device)
+    conf_full = torch.zeros_like(conf)
     counts = torch.zeros(2, dtype=torch.long, device=info.device)  # written, read back
     t0 = time.time()
     for batch in tqdm(loader, desc="test", disable=not info.is_main, dynamic_ncols=True, leave=False):
         batch_ids = list(batch["id"])
-        paths = [out_dir / f"{i}.npy" for i in batch_ids]
+        paths = [out_dir / f"{i}{suffix}" for i in batch_ids]
         images = batch["image"].to(info.device, non_blocking=True)
-        if not overwrite and all(p.is_file() for p in paths):
-            saved = np.stack([load_saved_map(p, i, num_classes, dtype) for p, i in zip(paths, batch_ids)])
-            full = F.interpolate(torch.from_numpy(saved.astype(np.float32)).to(info.device),
-                                 size=images.shape[-2:], mode="bilinear", align_corners=align)
+        if save and not overwrite and all(p.is_file() for p in paths):
+            stored = torch.from_numpy(np.stack([load_saved_map(p, i, cfg) for p, i in zip(paths, batch_ids)]))
+            stored = stored.to(info.device)
+            full = F.interpolate(stored, size=images.shape[-2:], mode="bilinear", align_corners=align)
             counts[1] += len(batch_ids)
         else:
             with autocast:
                 pre, full = predict_maps(nets, images, cfg)
             if pre.shape[1] != num_classes:
                 raise ValueError(f"the nets output {pre.shape[1]} classes, data.num_classes is {num_classes}")
-            maps = pre.float().cpu().numpy().astype(NUMPY_DTYPES[dtype])
-            for path, arr in zip(paths, maps):
-                if overwrite or not path.is_file():
-                    save_map(path, arr)
+            stored = pre.float()
+            if save:
+                for path, arr in zip(paths, stored.cpu().numpy()):
+                    save_score_map(path, arr, fmt, dtype, cfg.test.compact_threshold, cfg.test.compact_max_classes)
                     counts[0] += 1
+            if save and with_labels:
+                # The original-resolution metric reads what test.py will read: the rounded map.
+                stored = torch.from_numpy(np.stack([load_saved_map(p, i, cfg) for p, i in zip(paths, batch_ids)]))
+                stored = stored.to(info.device)
         if with_labels:
             conf += confusion_matrix(full.argmax(1), batch["label"].to(info.device), num_classes)
+            conf_full += _full_resolution_confusion(stored, batch["full_label"], num_classes, align)
     all_reduce_sum(conf)
+    all_reduce_sum(conf_full)
     all_reduce_sum(counts)
     written, reused = (int(v) for v in counts.tolist())
-    summary = {"run_dir": str(run_dir), "logits_dir": str(out_dir), "checkpoint": str(ckpt_path),
+    summary = {"run_dir": str(run_dir), "logits_dir": str(out_dir) if save else None, "checkpoint": str(ckpt_path),
                "split": cfg.test.split, "num_images": len(dataset), "written": written, "reused": reused,
-               "scores": None}
+               "scores": None, "scores_original": None}
     if info.is_main:
         log.info(f"{written} maps written, {reused} already there (kept) | {time.time() - t0:.1f} s")
         if with_labels:
+            names = entry.class_names(num_classes)
             scores = segmentation_scores(conf)
-            summary["scores"] = scores
+            original = segmentation_scores(conf_full)
+            summary["scores"], summary["scores_original"] = scores, original
             save_json(run_dir / f"{out_dir.name}_scores.json", {
                 "checkpoint": str(ckpt_path), "split": cfg.test.split, "num_images": len(dataset),
                 "resolution": cfg.data.val_size, "multi_scale": cfg.test.multi_scale, "flip": cfg.test.flip,
-                **scores})
+                **scores, "original_resolution": {"class_names": names, **original}})
             log.info(f"{cfg.data.val_size}x{cfg.data.val_size} metrics on '{cfg.test.split}': "
                      f"mIoU {scores['miou']:.4f} | pixel acc {scores['pixel_acc']:.4f} | "
                      f"mean acc {scores['mean_acc']:.4f} | mean precision {scores['mean_precision']:.4f}")
-        log.info(f"next: python test.py --logits_dir {out_dir} --mode {'val' if with_labels else 'test'} [--crf]")
+            log.info("per-class IoU at the original resolution:\n" + iou_table(names, original["iou"]))
+            present = sum(v is not None for v in original["iou"])
+            log.info(f"original-resolution metrics on '{cfg.test.split}' (no CRF): mIoU {original['miou']:.4f} "
+                     f"over {present} classes present | pixel acc {original['pixel_acc']:.4f}")
+        if save:
+            log.info(f"next: python test.py --logits_dir {out_dir} --mode {'val' if with_labels else 'test'} [--crf]")
     barrier()
     return summary
+
+
+@torch.no_grad()
+def _head_size(nets: list[nn.Module], cfg: Config, device: torch.device) -> int:
+    """Side of the nets' pre_logits for a val_size input (for the disk bound printed at start)."""
+    size = cfg.data.val_size
+    return int(nets[0](torch.zeros(1, 3, size, size, device=device))["pre_logits"].shape[-1])

@@ -58,3 +58,37 @@ def tiny_config(root: Path, *overrides: str) -> Config:
 def tiny_voc(tmp_path: Path) -> Path:
     return write_tiny_voc(tmp_path / "data", ["2007_000001", "2007_000002", "2007_000003", "2007_000004"],
                           ["2008_000001", "2008_000002"])
+
+
+COCO_LABELS = (1, 12, 80)  # sparse label ids: person, stop sign, toothbrush
+
+
+def write_tiny_coco(root: Path, train_ids: list[int], val_ids: list[int], size=(40, 56), seed: int = 0,
+                    grey: int | None = None) -> Path:
+    """A prepared COCO tree (images, mask/<split>2014/<int id>.png, pseudo-labels and masks by
+    stem) with random content over COCO_LABELS; image ``grey`` (an id) is a single-channel JPEG."""
+    from datasets.coco import stem_of
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        (root / f"{split}2014").mkdir(parents=True, exist_ok=True)
+        (root / "mask" / f"{split}2014").mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            stem = stem_of(split, i)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            img = Image.fromarray(pixels[..., 0] if i == grey else pixels)
+            img.save(root / f"{split}2014" / f"{stem}.jpg")
+            label = rng.choice(np.array((0,) + COCO_LABELS, np.uint8), (h, w))
+            Image.fromarray(label, mode="L").save(root / "mask" / f"{split}2014" / f"{i}.png")
+            if split == "train":
+                for d in ("irn_pseudo_label", "irn_mask"):
+                    (root / d).mkdir(exist_ok=True)
+                Image.fromarray(label, mode="L").save(root / "irn_pseudo_label" / f"{stem}.png")
+                m = (rng.random((h, w)) < 0.5).astype(np.uint8) * 255
+                Image.fromarray(np.stack([m] * 3, -1)).save(root / "irn_mask" / f"{stem}.png")
+    return root
+
+
+def tiny_coco_config(root: Path, *overrides: str) -> Config:
+    base = [f"data.root={root}", "data.crop_size=32", "data.val_size=32", "data.num_workers=0"]
+    return load_config(REPO / "configs/beco_coco.yaml", base + list(overrides))

@@ -336,7 +336,7 @@ def _worked_example() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
 
 
 def test_gen_mask_worked_example(tmp_path):
-    from datasets.voc import read_mask
+    from datasets.readers import read_mask
     from step.gen_mask import confidence_mask, margins, save_mask
     score, pred, _ = _worked_example()
     assert pred.tolist() == [[5, 5, 0], [5, 12, 0]]
@@ -456,7 +456,7 @@ def _seed_outputs_from_gt(voc: Path, work: Path, ids: list[str]) -> None:
 
 def test_smoke_irn_steps_through_driver(tmp_path):
     import run_sample
-    from datasets.voc import read_mask
+    from datasets.readers import read_mask
     voc = _tiny_voc(tmp_path)
     work = tmp_path / "work"
     ids = (voc / "ImageSets/Segmentation/train_aug.txt").read_text().split()

@@ -85,7 +85,7 @@ def _reference_format(nets, path: Path) -> Path:
 @torch.no_grad()
 def _expected(nets, root: Path, split: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per id: the nets' averaged stride-4 pre_logits and full-size logits, straight from the nets."""
-    from datasets.voc import VOCEvalSet
+    from datasets.segmentation import EvalSet as VOCEvalSet
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.root={root}", *OVERRIDES])
     data = VOCEvalSet(cfg.data, split, with_labels=split != "test")
     out = {}
@@ -110,7 +110,7 @@ def test_reference_checkpoint_gives_the_nets_logits_for_every_id_and_resumes(syn
         assert saved.shape == (NUM_CLASSES, 16, 16) and saved.dtype == np.float32  # stride 4 of 64x64
         np.testing.assert_allclose(saved, expected[i][0], atol=1e-5)
     # 64x64 metrics = validation's: argmax of the averaged full-size logits against the label.
-    from datasets.voc import VOCEvalSet
+    from datasets.segmentation import EvalSet as VOCEvalSet
     from utils.metrics import segmentation_scores
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.root={syn_root}", *OVERRIDES])
     data = VOCEvalSet(cfg.data, "val")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.voc import DataError, VOCEvalSet, VOCTrainSet, read_mask, read_split, seed_worker_fn
+from datasets.readers import DataError, read_mask, read_split
+from datasets.segmentation import EvalSet as VOCEvalSet, TrainSet as VOCTrainSet, seed_worker_fn
 from tests.conftest import NUM_CLASSES, tiny_config
 
 TRAIN_ID = "2007_000002"

@@ -105,8 +105,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def train_ids(cfg: Config) -> list[str]:
-    from datasets.voc import read_split
-    return read_split(Path(cfg.data.root) / cfg.data.list_dir, "train_aug")
+    from datasets.build import dataset_entry
+    entry = dataset_entry(cfg.data.dataset)
+    return entry.files(cfg.data, entry.train_split(cfg.data)).ids
 
 
 def training_finished(run_dir: Path, epochs: int) -> bool:
@@ -242,9 +243,10 @@ def predict_train_images(cfg: Config, ckpt: Path, ids: list[str]) -> dict[str, A
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from datasets.voc import VOCEvalSet
+    from datasets.build import dataset_entry
+    from datasets.segmentation import EvalSet
     from engine.inference import load_test_nets, predict_maps
-    data = VOCEvalSet(cfg.data, "train_aug", with_labels=False)
+    data = EvalSet(cfg.data, dataset_entry(cfg.data.dataset).train_split(cfg.data), with_labels=False)
     index = {i: k for k, i in enumerate(data.ids)}
     nets = load_test_nets(cfg, ckpt, torch.device("cpu"))
     preds = {}

@@ -6,10 +6,11 @@ dotted name instead of surfacing hours into a run. The dataclasses carry no
 defaults on purpose: a value missing from the YAML is an error, never a silent
 number from the code.
 
-Two sections are *tagged*: `model` and `optim` each name their kind (`name:
-deeplabv2`, `name: adamw`), the kind picks the dataclass that declares the
-section's keys (from the table in `models/build.py`), and the kind's values come
-from `configs/<section>/<name>.yaml` under whatever the config itself sets. A
+Three sections are *tagged*: `data`, `model` and `optim` each name their kind
+(`dataset: coco`, `name: deeplabv2`, `name: adamw`), the kind picks the dataclass
+that declares the section's keys (from the tables in `datasets/build.py` and
+`models/build.py`), and the kind's values come from `configs/<section>/<name>.yaml`
+under whatever the config itself sets. A
 config (or a `model.name=...` override) that changes the kind starts that
 section afresh from the new kind's file, so keys of the old kind never leak in.
 """
@@ -47,6 +48,11 @@ def _model_table() -> Mapping[str, type]:
     return {name: entry.config for name, entry in MODELS.items()}
 
 
+def _data_table() -> Mapping[str, type]:
+    from datasets.build import DATASETS
+    return {name: entry.config for name, entry in DATASETS.items()}
+
+
 def _optim_table() -> Mapping[str, type]:
     from models.build import OPTIMIZERS
     return {name: entry.config for name, entry in OPTIMIZERS.items()}
@@ -68,16 +74,17 @@ class SyntheticCfg:
 
 @dataclass
 class DataCfg:
-    dataset: Literal["voc"]
+    """Keys every data set has; each data set's dataclass (`datasets/<name>.py`) adds its
+    file layout, and its values are in `configs/data/<name>.yaml`."""
+    dataset: str
     root: str
     num_classes: int
-    aug: bool
-    image_dir: str
-    gt_dir: str
-    list_dir: str
     pseudo_label_dir: str
     mask_dir: str
-    val_split: str
+    # QUIRK-S3: a pseudo-label or mask of another size than its image is an error; the
+    # reference crops it with the image's box (crop_like_reference); or resize it first.
+    mask_size_mismatch: Literal["error", "crop_like_reference", "resize_nearest"]
+    truncated_images: Literal["error", "load"]  # load: decode what is there, as the reference does on COCO
     synthetic: Optional[SyntheticCfg]
     crop_size: int
     scale: list[float]
@@ -136,6 +143,13 @@ class TrainCfg:
     allow_tf32: bool
     log_interval: int
     val_interval: int
+    # Validation on a fixed, seeded subset of the val split (null: all of it).
+    val_subset: Optional[int]
+    val_subset_seed: int
+    # QUIRK-S5: "metrics" always; "dump_logits_only" is the reference's coco_set (no metric,
+    # no best checkpoint, every image's averaged pre_logits saved each validation).
+    val_mode: Literal["metrics", "dump_logits_only"]
+    save_val_logits: bool
     num_vis: int
 
 
@@ -167,14 +181,18 @@ class TestCfg:
     multi_scale: bool
     scales: list[float]
     flip: bool
+    save_logits: bool  # off: metrics only (no CRF possible later); the reference always saves
+    logits_format: Literal["dense", "compact"]  # utils/score_maps.py
     logits_dtype: Literal["float32", "float16"]
+    compact_threshold: float
+    compact_max_classes: int
     chunk_size: int
     crf: CrfCfg
 
 
 @dataclass
 class Config:
-    data: DataCfg
+    data: Annotated[Any, Tagged("dataset", _data_table)]
     model: Annotated[Any, Tagged("name", _model_table)]
     method: MethodCfg
     optim: Annotated[Any, Tagged("name", _optim_table)]
@@ -429,9 +447,24 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError("config key 'data.synthetic.size': expected [height, width]")
     if syn is not None and (len(syn.object_scale) != 2 or not 0 < syn.object_scale[0] <= syn.object_scale[1]):
         raise ConfigError("config key 'data.synthetic.object_scale': expected [low, high] with 0 < low <= high")
-    if syn is not None and syn.classes + 1 != cfg.data.num_classes:
+    from datasets.build import dataset_entry
+    entry = dataset_entry(cfg.data.dataset)
+    if entry.num_classes is not None and cfg.data.num_classes != entry.num_classes:
+        raise ConfigError(f"config key 'data.num_classes': {cfg.data.dataset} has {entry.num_classes} classes "
+                          f"(background included), got {cfg.data.num_classes}")
+    if entry.num_classes is None and syn is not None and syn.classes + 1 != cfg.data.num_classes:
         raise ConfigError(f"config key 'data.synthetic.classes' ({syn.classes} foreground classes) needs "
                           f"'data.num_classes' = {syn.classes + 1} (background included), got {cfg.data.num_classes}")
+    if not 0 <= cfg.test.compact_threshold < 1:
+        raise ConfigError(f"config key 'test.compact_threshold': must be in [0, 1), got {cfg.test.compact_threshold}")
+    if cfg.test.compact_max_classes < 1:
+        raise ConfigError(f"config key 'test.compact_max_classes': must be >= 1, got {cfg.test.compact_max_classes}")
+    t = cfg.train
+    if t.val_subset is not None and t.val_subset < 1:
+        raise ConfigError(f"config key 'train.val_subset': must be >= 1 or null (all), got {t.val_subset}")
+    if t.val_mode == "dump_logits_only" and cfg.data.val_batch_size != 1:
+        raise ConfigError("config key 'train.val_mode': dump_logits_only saves one map per image and needs "
+                          "data.val_batch_size 1")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

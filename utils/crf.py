@@ -118,20 +118,33 @@ def crf_predict(prob: np.ndarray, image: np.ndarray, crf: Any, prune: bool | Non
     return keep[dense_crf(prob[keep], image, crf).argmax(axis=0)]
 
 
-def postprocess(logits: np.ndarray, image: np.ndarray, crf: Any | None, align_corners: bool,
+def postprocess(logits: "np.ndarray | ScoreMap", image: np.ndarray, crf: Any | None, align_corners: bool,
                 prune: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Saved (C, h, w) map + original RGB image -> (prediction, CRF prediction or None), uint8 (H, W).
+    """Saved map + original RGB image -> (prediction, CRF prediction or None), uint8 (H, W).
 
     Upsample to the image size, softmax over classes, argmax; with ``crf`` also the
-    dense CRF on the true (or, with ``crf.legacy_image``, the reference's) image.
+    dense CRF on the true (or, with ``crf.legacy_image``, the reference's) image. ``logits``
+    is a dense (C, h, w) array or a ``ScoreMap`` (utils/score_maps.py): a compact map's
+    ``rest`` plane takes part in the softmax, so its kept labels get their probabilities
+    among all C, and only kept labels can be predicted.
     """
+    from utils.score_maps import ScoreMap
+    if not isinstance(logits, ScoreMap):
+        logits = ScoreMap(np.arange(len(logits)), np.asarray(logits, np.float32), None, len(logits))
     h, w = image.shape[:2]
-    prob = softmax(upsample_bilinear(logits, (h, w), align_corners), axis=0)
-    pred = prob.argmax(axis=0).astype(np.uint8)
+    planes = logits.logits
+    if logits.rest is not None and np.isfinite(logits.rest).any():
+        # -inf (nothing dropped at a pixel) would turn into NaN in the interpolation's products.
+        planes = np.concatenate([planes, np.maximum(logits.rest, REST_FLOOR)[None]])
+    prob = softmax(upsample_bilinear(planes, (h, w), align_corners), axis=0)[:len(logits.classes)]
+    pred = logits.classes[prob.argmax(axis=0)].astype(np.uint8)
     if crf is None:
         return pred, None
     rgb = crf_image(image, crf.legacy_image, crf.legacy_mean)
-    return pred, crf_predict(prob, rgb, crf, prune).astype(np.uint8)
+    return pred, logits.classes[crf_predict(prob, rgb, crf, prune)].astype(np.uint8)
+
+
+REST_FLOOR = -1.0e4  # a compact map's "nothing dropped here": exp() of it is 0 in float32
 
 
 # ----------------------------------------------------------------------------- parallel map

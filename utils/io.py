@@ -45,6 +45,13 @@ def save_jpeg(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -> 
     return atomic_write(path, lambda tmp: img.save(tmp, format="JPEG", quality=quality))
 
 
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
+            np.save(f, array)
+    return atomic_write(path, write)
+
+
 def save_json(path: str | os.PathLike, obj: Any) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

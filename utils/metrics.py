@@ -39,3 +39,14 @@ def segmentation_scores(conf: np.ndarray | torch.Tensor) -> dict:
         "miou": float(iou[present].mean()) if present.any() else 0.0,
         "iou": [float(v) if p else None for v, p in zip(iou, present)],
     }
+
+
+def iou_table(names: list[str], iou: list[float | None]) -> str:
+    """Per-class IoU lines for the classes present in the ground truth, then the absent ones
+    by name on one line (COCO lists 81 classes; a small val set shows a few of them)."""
+    width = max(len(n) for n in names)
+    lines = [f"  {n:<{width}}  {v:.4f}" for n, v in zip(names, iou) if v is not None]
+    absent = [n for n, v in zip(names, iou) if v is None]
+    if absent:
+        lines.append(f"  absent from the ground truth ({len(absent)}): {', '.join(absent)}")
+    return "\n".join(lines)

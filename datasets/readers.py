@@ -1,0 +1,159 @@
+"""The one reader per file format of every data set: id lists, images, label maps,
+confidence masks; and ``SplitFiles``, where one split's files are.
+
+Every reader names the id and the path in its error, so a bad file stops a run with
+a message a user can act on. Used by the second stage's data sets, ``test.py`` and
+the first stage alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from utils.voc import IGNORE_INDEX
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the id and the file."""
+
+
+def read_split(list_dir: str | Path, split: str) -> list[str]:
+    """Ids of ``<list_dir>/<split>.txt``, one per line, kept as strings (first-stage QUIRK-8)."""
+    path = Path(list_dir) / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"split list not found: {path}")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split list is empty: {path}")
+    return ids
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} directory not found: {path}")
+    return path
+
+
+def require_files(ids: list[str], directory: Path, suffix: str, what: str) -> None:
+    missing = [i for i in ids if not (directory / f"{i}{suffix}").is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{what} missing for id '{missing[0]}': {directory / (missing[0] + suffix)}{more}")
+
+
+def _open(path: Path, item_id: str, what: str, allow_truncated: bool = False) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()  # decode now: a truncated file raises here, not inside a transform
+    except FileNotFoundError:
+        raise DataError(f"{what} missing for id '{item_id}': {path}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        if allow_truncated and isinstance(e, OSError) and "truncated" in str(e):
+            return _load_truncated(path)
+        raise DataError(f"{what} for id '{item_id}' is unreadable or truncated: {path} ({e})") from None
+    return img
+
+
+def _load_truncated(path: Path) -> Image.Image:
+    """A truncated JPEG decoded as far as it goes, the rest filled by PIL (grey), as the
+    reference loads COCO's few truncated files (it sets PIL's switch process-wide, spec
+    segmenters-and-coco §2.2; here it is on for this one read only)."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        img = Image.open(path)
+        img.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return img
+
+
+def read_image(path: Path, item_id: str, allow_truncated: bool = False) -> Image.Image:
+    """RGB; grey (L) and CMYK JPEGs are converted, as COCO needs."""
+    return _open(path, item_id, "image", allow_truncated).convert("RGB")
+
+
+def read_label(path: Path, item_id: str, num_classes: int, what: str = "label",
+               ignore_index: int | None = IGNORE_INDEX) -> Image.Image:
+    """A single-channel label map; palette indices are read raw, never through the palette.
+
+    Values must be class ids or ``ignore_index`` (None: the data set has no void value,
+    COCO's ground truth)."""
+    img = _open(path, item_id, what)
+    if img.mode not in ("L", "P"):
+        raise DataError(f"{what} for id '{item_id}' must be a single-channel (L or P) PNG, "
+                        f"got mode {img.mode}: {path}")
+    arr = np.asarray(img)
+    bad = arr >= num_classes
+    if ignore_index is not None:
+        bad &= arr != ignore_index
+    if bad.any():
+        values = sorted(set(np.unique(arr[bad]).tolist()))[:10]
+        allowed = f"0..{num_classes - 1}" + (f" and {ignore_index}" if ignore_index is not None else "")
+        raise DataError(f"{what} for id '{item_id}' has values {values} outside {allowed}: {path}")
+    return Image.fromarray(arr, mode="L")
+
+
+def read_mask(path: Path, item_id: str) -> Image.Image:
+    """Confidence mask as an L image of 0/1: any non-zero pixel is reliable (spec §1).
+
+    Accepts the first stage's RGB 0/255 files and single-channel 0/1 or 0/255 ones.
+    """
+    img = _open(path, item_id, "confidence mask")
+    arr = np.asarray(img)  # P mode: raw indices
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2)
+    return Image.fromarray((arr > 0).astype(np.uint8), mode="L")
+
+
+def check_sizes(item_id: str, reference: tuple[Image.Image, Path], *others: tuple[Image.Image, Path]) -> None:
+    ref, ref_path = reference
+    for img, path in others:
+        if img.size != ref.size:
+            raise DataError(f"id '{item_id}': {path} is {img.width}x{img.height} but {ref_path} "
+                            f"is {ref.width}x{ref.height} (width x height)")
+
+
+
+def png_name(item_id: str) -> str:
+    """``<id>.png``: how VOC names its ground truth, and every data set its pseudo-labels and masks."""
+    return f"{item_id}.png"
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The files of one split: ``<image_dir>/<id>.jpg`` and ``<gt_dir>/<gt_name(id)>``.
+
+    ``gt_name`` is a module-level function (picklable for loader workers): VOC names its
+    ground truth by id, COCO by the integer image id.
+    """
+    ids: list[str]
+    image_dir: Path
+    gt_dir: Path | None
+    gt_name: Callable[[str], str] = png_name
+
+    def image(self, item_id: str) -> Path:
+        return self.image_dir / f"{item_id}.jpg"
+
+    def gt(self, item_id: str) -> Path:
+        if self.gt_dir is None:
+            raise ValueError("this split has no ground truth")
+        return self.gt_dir / self.gt_name(item_id)
+
+    def check(self, with_gt: bool) -> None:
+        """Every id's image (and ground truth) exists: fails in seconds, naming the first missing one."""
+        require_dir(self.image_dir, "image")
+        require_files(self.ids, self.image_dir, ".jpg", "image")
+        if with_gt:
+            require_dir(self.gt_dir, "ground-truth")
+            missing = [i for i in self.ids if not self.gt(i).is_file()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise DataError(f"ground truth missing for id '{missing[0]}': {self.gt(missing[0])}{more}")
+
+    def subset(self, ids: list[str]) -> "SplitFiles":
+        return SplitFiles(ids, self.image_dir, self.gt_dir, self.gt_name)
