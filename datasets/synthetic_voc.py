@@ -601,17 +601,11 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
     if colours != "instance":  # absent for the default, so sets made before this option still match
         settings.update(colours=colours, colour_jitter=float(colour_jitter))
     summary_path = out / SUMMARY_NAME
-    if summary_path.is_file():
-        stored = json.loads(summary_path.read_text())
-        if stored.get("settings") == settings and stored.get("complete"):
-            return stored
+    stored, done = previous_set(summary_path, settings, overwrite, "a synthetic VOC set")
+    if done:
+        return stored
+    if stored is not None:
         if stored.get("settings") != settings:
-            if not overwrite:
-                changed = sorted(k for k in set(settings) | set(stored.get("settings", {}))
-                                 if settings.get(k) != stored.get("settings", {}).get(k))
-                raise FileExistsError(
-                    f"{out} holds a synthetic VOC set made with different settings "
-                    f"(differs in: {', '.join(changed)}); pass overwrite=True (--overwrite) to replace it")
             _remove_previous(out, stored.get("settings", {}), settings)
         # same settings but incomplete (an interrupted run): just generate again
     elif (out / "VOC2012").exists() and not overwrite:
@@ -707,6 +701,24 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
     return json.loads(summary_path.read_text())
 
 
+def previous_set(summary_path: Path, settings: dict[str, Any], overwrite: bool, what: str
+                 ) -> tuple[dict[str, Any] | None, bool]:
+    """(the generator summary already at ``summary_path`` or None, whether it is complete and
+    made with ``settings``). Other settings raise FileExistsError naming the keys that differ,
+    unless ``overwrite``: a stale set is never trained on, nor silently replaced."""
+    if not summary_path.is_file():
+        return None, False
+    stored = json.loads(summary_path.read_text())
+    old = stored.get("settings", {})
+    if old == settings:
+        return stored, bool(stored.get("complete"))
+    if not overwrite:
+        changed = sorted(k for k in set(settings) | set(old) if settings.get(k) != old.get(k))
+        raise FileExistsError(f"{summary_path.parent} holds {what} made with different settings "
+                              f"(differs in: {', '.join(changed)}); pass overwrite=True (--overwrite) to replace it")
+    return stored, False
+
+
 def make_synthetic_voc_from_config(out: str | Path, syn: Any, *, overwrite: bool = False,
                                    progress: bool | Callable = True) -> dict:
     """``make_synthetic_voc`` with the settings of a config's ``data.synthetic`` section."""
@@ -728,4 +740,4 @@ def _remove_previous(out: Path, old: dict[str, Any], new: dict[str, Any]) -> Non
             path.unlink()
 
 
-__all__ = ["make_synthetic_voc", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]
+__all__ = ["make_synthetic_voc", "previous_set", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]
