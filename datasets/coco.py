@@ -73,6 +73,14 @@ def image_id_of(stem: str) -> int:
     return int(m.group(2))
 
 
+def split_of(stem: str) -> str:
+    """``COCO_val2014_000000000042`` -> ``val``."""
+    m = _STEM.match(stem)
+    if m is None:
+        raise ValueError(f"not a COCO 2014 file stem (COCO_<train|val>2014_<12 digits>): {stem!r}")
+    return m.group(1)
+
+
 def gt_name(stem: str) -> str:
     return f"{image_id_of(stem)}.png"
 

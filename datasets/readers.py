@@ -21,15 +21,20 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the id and the file."""
 
 
-def read_split(list_dir: str | Path, split: str) -> list[str]:
-    """Ids of ``<list_dir>/<split>.txt``, one per line, kept as strings (first-stage QUIRK-8)."""
-    path = Path(list_dir) / f"{split}.txt"
+def read_id_list(path: str | Path) -> list[str]:
+    """Ids of a list file, the first token of each line, kept as strings (first-stage QUIRK-8)."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"split list not found: {path}")
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split list is empty: {path}")
     return ids
+
+
+def read_split(list_dir: str | Path, split: str) -> list[str]:
+    """Ids of ``<list_dir>/<split>.txt``."""
+    return read_id_list(Path(list_dir) / f"{split}.txt")
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -60,6 +60,16 @@ def tiny_voc(tmp_path: Path) -> Path:
                           ["2008_000001", "2008_000002"])
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-wait slowdowns on a busy 2-core box."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 COCO_LABELS = (1, 12, 80)  # sparse label ids: person, stop sign, toothbrush
 
 

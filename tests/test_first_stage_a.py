@@ -33,12 +33,8 @@ from voc12 import dataloader as dl  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-wait slowdowns on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def _no_weights_warning():

@@ -1,7 +1,9 @@
-"""First stage driver: IRN pseudo-labels and confidence masks for VOC-format data.
+"""First stage driver: IRN pseudo-labels and confidence masks for VOC or COCO 2014.
 
     python first-stage/irn/run_sample.py --voc12_root data/VOC2012 --work_dir data/first_stage \\
         --backbone_weights model_weights/resnet50-19c8e357.pth --steps all --export_to data/
+    python first-stage/irn/run_sample.py --dataset coco --coco_root data/coco --work_dir data/first_stage_coco \\
+        --backbone_weights model_weights/resnet50-19c8e357.pth --steps all --export_to data/coco/
 
 Steps run in this fixed order (any subset via --steps a,b,c or --steps all):
     train_cam, make_cam, eval_cam, cam_to_ir_label, train_irn, make_sem_seg, eval_sem_seg,
@@ -9,12 +11,31 @@ Steps run in this fixed order (any subset via --steps a,b,c or --steps all):
 Everything is written under --work_dir:
     sess/                 CAM and IRN weights
     result/cam            <id>.npy  {keys, cam, high_res}
-    result/ir_label       <id>.png  0 / 1..20 / 255 seeds for IRN
-    result/sem_seg        <id>.png  pseudo-labels 0..20
+    result/ir_label       <id>.png  0 / 1..C / 255 seeds for IRN
+    result/sem_seg        <id>.png  pseudo-labels 0..C
     result/score          <id>.pt   {pred, score, keys}
     result/mask_irn       <id>.png  confidence masks (RGB 0/255)
     logs/, log.txt (appended), summary.json (each step's time and metric, merged across runs)
 Option defaults are the reference's (spec §3.1); quirks kept by default sit behind named options.
+
+--dataset voc (default, C = 20): <voc12_root>/JPEGImages, SegmentationClass, ImageSets/Segmentation.
+--dataset coco (C = 80, spec §16): the tree of tools/prepare_coco.py under --coco_root
+(train2014/, val2014/, mask/{train,val}2014/<int id>.png, lists/{train,val}2014.txt,
+cls_labels_{train,val}2014.json). CAM training, make_cam, cam_to_ir_label, IRN training and
+its mean-shift pass, make_sem_seg and the evaluation (mask/train2014, 81 classes, no void) run
+on train2014; the CAM validation loss on val2014. Every output is named by the file stem
+(COCO_train2014_000000000009.png). Defaults that differ: --conf_fg_thres 0.35 and
+--conf_bg_thres 0.10 (VOC 0.30 / 0.05) unless given. IRN inference runs on the unpadded image
+(--irn_infer_pad_to none, BECO). Decisions on the reference's COCO gaps:
+  QUIRK-17  the CAM network is the repository's VOC/IRN one with 80 classes, gradients cut
+            after layer2 (--cam_freeze_until stage2, the default); --cam_freeze_until stem gives
+            the ReCAM-style variant (layer1/layer2 trainable, only the stem frozen).
+  QUIRK-15  an image without any class gets an all-background pseudo-label and a full-size
+            mask: --no_class_mask random_half (default: half its pixels, seeded by --seed and
+            the id) or zero (no pixel confident).
+  QUIRK-18  every evaluation accumulates its confusion matrix image by image.
+make_cam and make_sem_seg use one process per visible GPU (or --cpu_shards on the CPU),
+cam_to_ir_label --num_workers CRF processes; results do not depend on the split.
 """
 from __future__ import annotations
 
@@ -85,6 +106,26 @@ def int_pair(v: str) -> tuple[int, int]:
     return a, b
 
 
+class DatasetDefault(float):
+    """A float option's default that depends on --dataset (VOC value, COCO value).
+
+    ``parse_args`` keeps this object when the flag is absent, so ``resolve_paths`` can tell
+    "not given" from an explicit value equal to the VOC default and put in the data set's value;
+    an explicit flag is never overridden.
+    """
+
+    def __new__(cls, voc: float, coco: float | None = None) -> "DatasetDefault":
+        obj = super().__new__(cls, voc)
+        obj.per_dataset = {"voc": float(voc), "coco": float(voc if coco is None else coco)}
+        return obj
+
+    def __str__(self) -> str:
+        return f"{self.per_dataset['voc']:g} (COCO: {self.per_dataset['coco']:g})"
+
+    def resolve(self, dataset: str) -> float:
+        return self.per_dataset[dataset]
+
+
 def optional_int(v: str) -> int | None:
     return None if v.strip().lower() in ("", "none", "null") else int(v)
 
@@ -126,8 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = add_group("run")
     a = g.add_argument
+    a("--dataset", choices=("voc", "coco"), default="voc",
+      help="voc: --voc12_root (20 classes); coco: the prepared COCO 2014 tree under --coco_root (80 classes, "
+           "spec §16; see the description above)")
     a("--voc12_root", type=Path, default=Path("./VOCdevkit/VOC2012"),
-      help="VOC2012 folder (JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation)")
+      help="VOC2012 folder (JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation); --dataset voc")
+    a("--coco_root", type=Path, default=Path("data/coco"),
+      help="--dataset coco: tools/prepare_coco.py's tree (train2014/, val2014/, mask/, lists/, cls_labels_*.json)")
     a("--work_dir", type=Path, default=Path("data/first_stage"), help="every output goes under this (created)")
     a("--steps", type=step_list, default="all", help=f"comma list of {', '.join(STEPS)}; or all")
     a("--export_to", type=Path, default=None,
@@ -140,19 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
       help="use only the first N ids of every list (smoke runs); eval keeps eval ids among them")
     a("--torch_threads", type=optional_int, default=None,
       help="torch intra-op CPU threads (default: torch's choice; 1 avoids OpenMP slowdowns on busy machines)")
+    a("--cpu_shards", type=int, default=1,
+      help="make_cam / make_sem_seg on the CPU: spread the ids round-robin over this many processes "
+           "(GPUs: one process per visible GPU regardless)")
     a("--overwrite", action="store_true", help="redo outputs that already exist (default: skip them)")
     a("--no_progress", action="store_true", help="no progress bars")
 
     g = add_group("data")
     a = g.add_argument
-    a("--train_list", type=Path, default=None, help="default <voc12_root>/ImageSets/Segmentation/train_aug.txt")
-    a("--val_list", type=Path, default=None, help="default <voc12_root>/ImageSets/Segmentation/val.txt")
+    a("--train_list", type=Path, default=None,
+      help="default <voc12_root>/ImageSets/Segmentation/train_aug.txt; COCO <coco_root>/lists/train2014.txt")
+    a("--val_list", type=Path, default=None,
+      help="CAM validation loss; default <voc12_root>/ImageSets/Segmentation/val.txt; COCO lists/val2014.txt")
     a("--infer_list", type=Path, default=None,
-      help="IRN mean-shift pass; default <voc12_root>/ImageSets/Segmentation/train.txt")
-    a("--chainer_eval_set", default="train", help="evaluation split name (GT from SegmentationClass)")
+      help="IRN mean-shift pass; default <voc12_root>/ImageSets/Segmentation/train.txt; COCO lists/train2014.txt")
+    a("--chainer_eval_set", default="train",
+      help="evaluation split: VOC ImageSets/Segmentation/<set>.txt, GT SegmentationClass; "
+           "COCO train|val: lists/<set>2014.txt, GT mask/<set>2014")
     a("--cls_labels", type=Path, default=None,
-      help="image-level labels JSON (tools/prepare_voc_aug.py); default <voc12_root>/cls_labels.json, "
-           "else read from Annotations/*.xml")
+      help="image-level labels JSON (datasets/voc_cls_labels format); VOC default <voc12_root>/cls_labels.json, "
+           "else Annotations/*.xml; COCO default <coco_root>/cls_labels_<split>2014.json of each id's split "
+           "(one file given here must hold every id)")
 
     g = add_group("backbone")
     a = g.add_argument
@@ -175,13 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cam_weight_decay", type=float, default=1e-4)
     a("--cam_classifier_lr_mult", type=float, default=10.0, help="classifier lr = this × cam_learning_rate")
     a("--cam_freeze_until", choices=("stage2", "stem", "none"), default="stage2",
-      help="QUIRK-17: stage2 = reference (gradients cut after layer2), stem = ReCAM variant, none = train all")
+      help="QUIRK-17: stage2 = reference VOC/IRN network (gradients cut after layer2; also COCO's default, "
+           "with 80 classes), stem = ReCAM variant (only the stem frozen), none = train all")
     a("--cam_val_loss", type=str2bool, default=True, help="print a validation loss per epoch (no effect on weights)")
     a("--cam_eval_thres", type=float, default=0.15)
     a("--cam_eval_sweep", type=lambda v: float_list(v) if v.strip() else (), default="", help="eval_cam: also report mIoU at these thresholds")
     a("--cam_scales", type=float_list, default="1.0,0.5,1.5,2.0", help="make_cam scales, comma list")
-    a("--conf_fg_thres", type=float, default=0.30)
-    a("--conf_bg_thres", type=float, default=0.05)
+    a("--conf_fg_thres", type=float, default=DatasetDefault(0.30, 0.35),
+      help="cam_to_ir_label confident-foreground threshold; default by --dataset")
+    a("--conf_bg_thres", type=float, default=DatasetDefault(0.05, 0.10),
+      help="cam_to_ir_label confident-background threshold; default by --dataset")
     a("--crf_gt_prob", type=float, default=0.7)
     a("--crf_iters", type=int, default=10)
     a("--crf_gauss_sxy", type=float, default=3.0)
@@ -216,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--score_fp16", type=str2bool, default=False, help="save score tensors as float16 (COCO parity; default float32)")
     a("--margin_tie_mode", choices=("original", "zero"), default="original", help="QUIRK-13 gen_mask tie rule")
     a("--mask_thd", type=float, default=0.5, help="gen_mask keep fraction")
+    a("--no_class_mask", choices=("random_half", "zero"), default="random_half",
+      help="QUIRK-15 fixed: gen_mask's full-size mask of an image without any class (COCO): random_half = "
+           "int(N/(1/mask_thd)) of its N pixels (floor(N/2)), seeded by --seed and the id; zero = none")
 
     g = add_group("optimiser (spec §18)")
     a = g.add_argument
@@ -233,14 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the derived paths (QUIRK-5 fixed: one work dir, everything created)."""
+    """Fill the derived paths and the data-set-dependent defaults (QUIRK-5 fixed: one work dir,
+    everything created)."""
     w = args.work_dir
-    lists = args.voc12_root / "ImageSets" / "Segmentation"
-    args.train_list = args.train_list or lists / "train_aug.txt"
-    args.val_list = args.val_list or lists / "val.txt"
-    args.infer_list = args.infer_list or lists / "train.txt"
-    if args.cls_labels is None and (args.voc12_root / "cls_labels.json").is_file():
-        args.cls_labels = args.voc12_root / "cls_labels.json"
+    dataset = getattr(args, "dataset", "voc")
+    for name in ("conf_fg_thres", "conf_bg_thres"):
+        value = getattr(args, name, None)
+        if isinstance(value, DatasetDefault):
+            setattr(args, name, value.resolve(dataset))
+    if dataset == "coco":
+        from datasets.coco import list_name
+        lists = args.coco_root / "lists"
+        args.train_list = args.train_list or lists / list_name("train")
+        args.val_list = args.val_list or lists / list_name("val")
+        args.infer_list = args.infer_list or lists / list_name("train")
+    else:
+        lists = args.voc12_root / "ImageSets" / "Segmentation"
+        args.train_list = args.train_list or lists / "train_aug.txt"
+        args.val_list = args.val_list or lists / "val.txt"
+        args.infer_list = args.infer_list or lists / "train.txt"
+        if args.cls_labels is None and (args.voc12_root / "cls_labels.json").is_file():
+            args.cls_labels = args.voc12_root / "cls_labels.json"
     d = args.backbone_depth
     defaults = {"cam_weights_name": w / "sess" / f"res{d}_cam.pth", "irn_weights_name": w / "sess" / f"res{d}_irn.pth",
                 "cam_out_dir": w / "result" / "cam", "ir_label_out_dir": w / "result" / "ir_label",
@@ -262,6 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.max_images is not None and args.max_images < 1:
         raise SystemExit("--max_images must be >= 1")
+    if args.cpu_shards < 1:
+        raise SystemExit("--cpu_shards must be >= 1")
     return resolve_paths(args)
 
 
@@ -369,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import torch
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)
-    log.info(f"run_sample: steps {','.join(args.steps)}; voc12_root {args.voc12_root}; work_dir {args.work_dir}")
+    root = args.coco_root if args.dataset == "coco" else args.voc12_root
+    log.info(f"run_sample: steps {','.join(args.steps)}; dataset {args.dataset} {root}; work_dir {args.work_dir}")
     log.info("run_sample: " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.backbone_weights is None and any(s in args.steps for s in ("train_cam", "train_irn")):
         log.warning("run_sample: NO --backbone_weights: the backbone trains FROM SCRATCH "

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# The seed maps' "unknown" value (ir_label 255); ids below it are known unless a bound is given.
+from utils.voc import IGNORE_INDEX as SEED_IGNORE
+
 
 def search_directions(radius: int) -> list[tuple[int, int]]:
     """Directions ``(dy, dx)`` of the strict half-disc ``dy² + dx² < r²`` in generation order.
@@ -169,13 +172,14 @@ def edge_to_affinity(edge: torch.Tensor, indices: MapIndices) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def affinity_labels(label: torch.Tensor | np.ndarray, indices: MapIndices, num_valid: int = 21
+def affinity_labels(label: torch.Tensor | np.ndarray, indices: MapIndices, num_valid: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pair labels of a reduced label map (spec §11.2): ``(bg_pos, fg_pos, neg)``.
 
-    label: (Hm, Wm) ids, 0 = background, 1..C classes, anything >= ``num_valid`` (255) unknown.
-    Each output is float32 (n_dirs, N_src); they are pairwise disjoint and their union is the
-    set of pairs with both ends known.
+    label: (Hm, Wm) ids, 0 = background, 1..C classes; ids >= ``num_valid`` are unknown
+    (pass the data set's label count: VOC 21, COCO 81); None: only the seed ignore value 255
+    is unknown. Each output is float32 (n_dirs, N_src); they are pairwise disjoint and their
+    union is the set of pairs with both ends known.
     """
     lab = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label)
     if tuple(lab.shape) != indices.size:
@@ -183,7 +187,8 @@ def affinity_labels(label: torch.Tensor | np.ndarray, indices: MapIndices, num_v
     flat = lab.reshape(-1).long()
     a = flat[indices.src].unsqueeze(0)  # (1, N_src), broadcast over directions
     b = flat[indices.dst]  # (n_dirs, N_src)
-    valid = (a < num_valid) & (b < num_valid)
+    bound = SEED_IGNORE if num_valid is None else int(num_valid)
+    valid = (a < bound) & (b < bound)
     same = a == b
     bg_pos = valid & same & (a == 0)
     fg_pos = valid & same & (a > 0)

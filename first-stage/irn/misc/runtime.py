@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
 import numpy as np
@@ -54,22 +54,35 @@ def round_robin(items: Sequence[T], n_parts: int, part: int) -> list[T]:
     return list(items[part::n_parts])
 
 
-def worker_share(device_name: str, part: int, n_parts: int, items: Sequence[T]) -> tuple[torch.device, list[T]]:
+def worker_share(device_name: str, part: int, n_parts: int, items: Sequence[T],
+                 cpu_threads: int | None = None) -> tuple[torch.device, list[T]]:
     """The device and the round-robin share of ``items`` of inference worker ``part``.
 
-    With several GPUs worker p drives GPU p; results do not depend on the split.
+    With several GPUs worker p drives GPU p; on the CPU the processes share the cores
+    (``cpu_threads`` torch threads each, default cpu_count // n_parts). Results do not depend
+    on the split.
     """
     device = resolve_device(device_name)
     if device.type == "cuda" and n_parts > 1:
         device = torch.device("cuda", part)
         torch.cuda.set_device(device)
+    elif device.type == "cpu" and n_parts > 1:
+        torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // n_parts))
     return device, round_robin(items, n_parts, part)
 
 
-def run_on_devices(work: Any, args: Any, ids: list) -> None:
-    """Call ``work(part, n_parts, args, ids)`` once per visible GPU (spawned), or once in-process."""
+def inference_parts(args: Any) -> int:
+    """How many processes an inference step (make_cam, make_sem_seg) spreads its ids over: one per
+    visible GPU (``--device auto|cuda``), else ``--cpu_shards`` on the CPU (default 1: in-process)."""
     device = resolve_device(args.device)
-    n_parts = torch.cuda.device_count() if device.type == "cuda" and args.device in ("auto", "cuda") else 1
+    if device.type == "cuda":
+        return torch.cuda.device_count() if args.device in ("auto", "cuda") else 1
+    return max(1, int(getattr(args, "cpu_shards", 1) or 1))
+
+
+def run_on_devices(work: Any, args: Any, ids: list) -> None:
+    """Call ``work(part, n_parts, args, ids)`` once per GPU / CPU shard (spawned), or once in-process."""
+    n_parts = min(inference_parts(args), max(1, len(ids)))
     if n_parts > 1:
         torch.multiprocessing.spawn(work, nprocs=n_parts, args=(n_parts, args, ids), join=True)
     else:
@@ -102,30 +115,58 @@ def iou_scores(conf: np.ndarray) -> dict[str, Any]:
             "iou": [None if np.isnan(v) else float(v) for v in iou]}
 
 
+def fg_on_gt_background(conf: np.ndarray) -> float | None:
+    """Share of the predicted-foreground pixels whose GT is background (§16.2 eval_cam):
+    ``Σ_{c>0} conf[0, c] / Σ_{c>0} Σ_i conf[i, c]``; None without foreground predictions."""
+    conf = np.asarray(conf, dtype=np.float64)
+    fg = conf[:, 1:].sum()
+    return float(conf[0, 1:].sum() / fg) if fg > 0 else None
+
+
+class StreamingConfusion:
+    """A confusion matrix accumulated image by image (QUIRK-18: no list of maps in memory).
+
+    ``add(gt, pred)`` counts ``conf[gt, pred]`` over pixels whose gt is not ``ignore`` (−1: the
+    readers' void); the class count is the data set's label count (VOC 21, COCO 81).
+    """
+
+    def __init__(self, n_classes: int, ignore: int = -1):
+        self.n_classes = int(n_classes)
+        self.ignore = ignore
+        self.matrix = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
+        self.images = 0
+
+    def add(self, gt: np.ndarray, pred: np.ndarray) -> "StreamingConfusion":
+        self.matrix += confusion(gt, pred, self.n_classes, self.ignore)
+        self.images += 1
+        return self
+
+    def scores(self) -> dict[str, Any]:
+        return iou_scores(self.matrix)
+
+
+def _source(args: Any):
+    from voc12.source import data_source
+    return data_source(args)
 
 
 def read_ids(args: Any, list_attr: str) -> list[str]:
-    """Ids of the list file ``getattr(args, list_attr)`` (e.g. "train_list"), cut to
-    ``args.max_images`` when set (smoke runs)."""
-    from voc12.dataloader import load_id_list
-    ids = load_id_list(getattr(args, list_attr))
-    limit = getattr(args, "max_images", None)
-    return ids[:limit] if limit else ids
+    """Ids of the list ``getattr(args, list_attr)`` ("train_list", "val_list", "infer_list"; the
+    data set's default list when unset), cut to ``args.max_images`` when set (smoke runs)."""
+    role = list_attr[: -len("_list")] if list_attr.endswith("_list") else list_attr
+    return _source(args).ids(role)
 
 
 def eval_ids(args: Any) -> list[str]:
-    """Ids of the evaluation split ``<voc12_root>/ImageSets/Segmentation/<chainer_eval_set>.txt``.
+    """Ids of the evaluation split ``chainer_eval_set`` (VOC ``ImageSets/Segmentation/<set>.txt``,
+    COCO ``lists/<set>2014.txt``).
 
     With ``--max_images`` only those ids that are also in the (cut) train list are kept, so a
     smoke run evaluates exactly the images it produced outputs for.
     """
-    from voc12.dataloader import load_id_list
-    ids = load_id_list(Path(args.voc12_root) / "ImageSets" / "Segmentation" / f"{args.chainer_eval_set}.txt")
-    if getattr(args, "max_images", None):
-        kept = set(read_ids(args, "train_list"))
-        ids = [i for i in ids if i in kept]
-    return ids
+    return _source(args).ids("eval")
 
 
 __all__ = ["get_logger", "progress", "resolve_device", "round_robin", "confusion", "iou_scores", "read_ids",
-           "eval_ids", "LOGGER_NAME"]
+           "eval_ids", "LOGGER_NAME", "StreamingConfusion", "fg_on_gt_background", "inference_parts",
+           "worker_share", "run_on_devices"]

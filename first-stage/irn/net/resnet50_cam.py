@@ -1,7 +1,14 @@
 """CAM network (spec §6.1 training form, §7.1 inference form).
 
 Named after the reference module; the backbone depth is a parameter (50 = reference,
-18/34 for CPU runs) and the classifier width follows the backbone's layer4 channels.
+18/34 for CPU runs), the classifier width follows the backbone's layer4 channels and the
+class count ``n_classes`` is the data set's (the steps pass ``DataSource.num_classes``:
+VOC 20, COCO 80; the default is VOC's, from its class table).
+
+QUIRK-17 (COCO): the reference's COCO steps call a CAM network with ``n_classes`` that this
+repository's module lacked; the ReCAM code base they probably ran in does not cut gradients
+after layer2. Our choice: COCO uses this (VOC/IRN) network with 80 classes and the default
+``freeze_until="stage2"``; ``--cam_freeze_until stem`` gives the ReCAM-style trainable layers.
 """
 from __future__ import annotations
 
@@ -11,9 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datasets.voc_cls_labels import FG_CLASSES
 from net.resnet import ResNet, build_backbone
 
-NUM_CLASSES = 20
+# Former constant, kept importable: VOC's class count (the default of ``n_classes``).
+NUM_CLASSES = len(FG_CLASSES)
 
 
 class Net(nn.Module):
@@ -27,17 +36,23 @@ class Net(nn.Module):
 
     FREEZE_CHOICES = ("stage2", "stem", "none")
 
-    def __init__(self, depth: int = 50, weights: str | Path | None = None, num_classes: int = NUM_CLASSES,
-                 backbone: ResNet | None = None, freeze_until: str = "stage2", bn_mode: str = "fixed"):
+    def __init__(self, depth: int = 50, weights: str | Path | None = None, n_classes: int = NUM_CLASSES,
+                 backbone: ResNet | None = None, freeze_until: str = "stage2", bn_mode: str = "fixed",
+                 num_classes: int | None = None):
         super().__init__()
+        if num_classes is not None:  # former keyword
+            n_classes = num_classes
+        if int(n_classes) < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        n_classes = int(n_classes)
         if freeze_until not in self.FREEZE_CHOICES:
             raise ValueError(f"freeze_until must be one of {self.FREEZE_CHOICES}, got {freeze_until!r}")
         self.freeze_until = freeze_until
         self.backbone = backbone if backbone is not None else build_backbone(depth, weights, bn_mode)
-        self.num_classes = num_classes
+        self.num_classes = self.n_classes = n_classes
         feat = self.backbone.out_channels["layer4"]
         # PyTorch's default conv init (Kaiming-uniform a=√5 → U(±1/√feat)), no bias.
-        self.classifier = nn.Conv2d(feat, num_classes, kernel_size=1, bias=False)
+        self.classifier = nn.Conv2d(feat, n_classes, kernel_size=1, bias=False)
         if freeze_until != "none":
             for p in list(self.backbone.conv1.parameters()) + list(self.backbone.bn1.parameters()):
                 p.requires_grad_(False)

@@ -3,8 +3,10 @@
 Per image two CRF passes on the hard argmax of the high-res CAMs with a constant background
 plane — high threshold (``conf_fg_thres``) for confident foreground, low threshold
 (``conf_bg_thres``) for confident background — combined into 0 / class / 255 (ignore) and
-saved as ``<ir_label_out_dir>/<id>.png``. The CRF runs in ``num_workers`` processes; ids
-already written are skipped unless ``--overwrite``.
+saved as ``<ir_label_out_dir>/<id>.png``. An image without any class (COCO) gets an all-zero
+label (all confident background, no CRF). The CRF runs in ``num_workers`` processes; ids
+already written are skipped unless ``--overwrite``. Thresholds: ``--conf_fg_thres`` /
+``--conf_bg_thres``, whose defaults depend on the data set (VOC 0.30 / 0.05, COCO 0.35 / 0.10).
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import numpy as np
 from misc.cam_io import load_cam
 from misc.runtime import eval_ids, get_logger, progress, read_ids
 from utils.io import save_png
-from voc12.dataloader import GT_DIR, load_image, read_label_png
+from voc12.source import SEED_IGNORE, data_source
 
-IGNORE = 255
+IGNORE = SEED_IGNORE
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _init_worker(job: dict[str, Any]) -> None:
 
 def _process(item_id: str) -> str:
     cam = load_cam(Path(_JOB["cam_dir"]) / f"{item_id}.npy", item_id)
-    img = load_image(_JOB["voc12_root"], item_id)
+    img = _JOB["source"].read_image(item_id)
     label = ir_label_for(img, cam, _JOB["fg"], _JOB["bg"], _JOB["crf"], item_id)
     save_png(Path(_JOB["out_dir"]) / f"{item_id}.png", label)
     return item_id
@@ -115,7 +117,8 @@ def run(args: Any) -> dict[str, Any]:
     out_dir = Path(args.ir_label_out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
-    job = {"cam_dir": str(args.cam_out_dir), "voc12_root": str(args.voc12_root), "out_dir": str(out_dir),
+    source = data_source(args)
+    job = {"cam_dir": str(args.cam_out_dir), "source": source, "out_dir": str(out_dir),
            "fg": float(args.conf_fg_thres), "bg": float(args.conf_bg_thres), "crf": crf_params(args)}
     workers = max(1, min(int(args.num_workers), len(todo)))
     log.info(f"cam_to_ir_label: {len(ids)} ids, {len(ids) - len(todo)} already done, "
@@ -133,30 +136,35 @@ def run(args: Any) -> dict[str, Any]:
             for _ in progress(done, "cam_to_ir_label", total=len(todo), enabled=show):
                 pass
     out = {"images": len(ids), "written": len(todo)}
-    out.update(seed_quality(args, out_dir))
+    out.update(seed_quality(args, out_dir, source))
     log.info(f"cam_to_ir_label: seeds cover {100 * out['seed_coverage']:.1f}% of the pixels of "
              f"{out['seed_eval_images']} eval images, {100 * out['seed_precision']:.1f}% of them correct"
              if out.get("seed_eval_images") else "cam_to_ir_label: no ground truth to score the seeds")
     return out
 
 
-def seed_quality(args: Any, label_dir: Path) -> dict[str, Any]:
+def seed_quality(args: Any, label_dir: Path, source: Any = None) -> dict[str, Any]:
     """Share of non-ignored seed pixels and their accuracy against the GT (void excluded), over the
-    eval-split ids that have both a seed label and a GT file — a diagnostic only."""
+    eval-split ids that have both a seed label and a GT file — a diagnostic only, counted image
+    by image."""
+    source = source or data_source(args)
     try:
         ids = eval_ids(args)
     except Exception:  # noqa: BLE001 - no eval list: nothing to report
         return {}
-    gt_dir = Path(args.voc12_root) / GT_DIR
     n = seeded = correct = images = 0
     for i in ids:
-        seed_path, gt_path = label_dir / f"{i}.png", gt_dir / f"{i}.png"
+        seed_path = label_dir / f"{i}.png"
+        try:
+            gt_path = source.gt_path(i)
+        except (ValueError, OSError):
+            continue
         if not (seed_path.is_file() and gt_path.is_file()):
             continue
-        seed, gt = read_label_png(seed_path, i, "ir_label"), read_label_png(gt_path, i, "ground truth")
+        seed, gt = source.read_label_map(seed_path, i, "ir_label"), source.read_gt(i)
         if seed.shape != gt.shape:
             continue
-        valid = gt != IGNORE
+        valid = gt >= 0  # read_gt maps the void value to -1
         keep = valid & (seed != IGNORE)
         n += int(valid.sum())
         seeded += int(keep.sum())

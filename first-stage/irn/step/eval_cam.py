@@ -1,6 +1,9 @@
-"""Step eval_cam (spec §8): mIoU of thresholded high-res CAMs on ``chainer_eval_set``.
+"""Step eval_cam (spec §8, COCO §16.2): mIoU of thresholded high-res CAMs on ``chainer_eval_set``.
 
-The confusion matrix is accumulated image by image (no list of maps in memory).
+The confusion matrix (the data set's label count: VOC 21, COCO 81) is accumulated image by
+image (QUIRK-18: no list of maps in memory). GT: VOC ``SegmentationClass`` (255 ignored), COCO
+``mask/train2014/<int id>.png`` (no void). For COCO it also reports the share of the
+predicted-foreground pixels that are GT background (``fg_on_gt_background``).
 """
 from __future__ import annotations
 
@@ -10,10 +13,9 @@ from typing import Any
 import numpy as np
 
 from misc.cam_io import load_cam
-from misc.runtime import confusion, eval_ids, get_logger, iou_scores, progress
+from misc.runtime import StreamingConfusion, eval_ids, fg_on_gt_background, get_logger, iou_scores, progress
 from voc12.dataloader import VOC12GTDataset
-
-NUM_LABELS = 21  # background + the 20 VOC classes
+from voc12.source import data_source
 
 
 def cam_prediction(high_res: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
@@ -26,12 +28,13 @@ def cam_prediction(high_res: np.ndarray, keys: np.ndarray, threshold: float) -> 
 
 def run(args: Any) -> dict[str, Any]:
     log = get_logger()
+    source = data_source(args)
     ids = eval_ids(args)
-    gt_set = VOC12GTDataset(ids, args.voc12_root)
+    gt_set = VOC12GTDataset(ids, source)
     cam_dir = Path(args.cam_out_dir)
-    conf = np.zeros((NUM_LABELS, NUM_LABELS), dtype=np.int64)
+    conf = StreamingConfusion(source.num_labels)
     sweep = [float(t) for t in (getattr(args, "cam_eval_sweep", None) or ())]
-    sweep_conf = np.zeros((len(sweep), NUM_LABELS, NUM_LABELS), dtype=np.int64)
+    sweep_conf = [StreamingConfusion(source.num_labels) for _ in sweep]
     for idx in progress(range(len(ids)), "eval_cam", enabled=not args.no_progress):
         name = ids[idx]
         gt = gt_set[idx]
@@ -41,16 +44,20 @@ def run(args: Any) -> dict[str, Any]:
         if cam["high_res"].shape[1:] != gt.shape:
             raise ValueError(f"id '{name}': high_res CAM {cam['high_res'].shape[1:]} differs from the "
                              f"ground truth {gt.shape}")
-        pred = cam_prediction(cam["high_res"], cam["keys"], args.cam_eval_thres)
-        conf += confusion(gt, pred, NUM_LABELS)
-        for j, t in enumerate(sweep):
-            sweep_conf[j] += confusion(gt, cam_prediction(cam["high_res"], cam["keys"], t), NUM_LABELS)
-    scores = iou_scores(conf)
+        conf.add(gt, cam_prediction(cam["high_res"], cam["keys"], args.cam_eval_thres))
+        for t, c in zip(sweep, sweep_conf):
+            c.add(gt, cam_prediction(cam["high_res"], cam["keys"], t))
+    scores = conf.scores()
     log.info(f"eval_cam: threshold {args.cam_eval_thres}, {len(ids)} images, mIoU {100 * scores['miou']:.2f}")
     log.info("eval_cam: IoU per class " + " ".join("-" if v is None else f"{100 * v:.1f}" for v in scores["iou"]))
     out = {"cam_miou": scores["miou"], "cam_iou": scores["iou"], "cam_eval_thres": args.cam_eval_thres,
            "images": len(ids)}
+    if source.name == "coco":
+        share = fg_on_gt_background(conf.matrix)
+        out["fg_on_gt_background"] = share
+        log.info("eval_cam: predicted-foreground pixels that are GT background: "
+                 + ("-" if share is None else f"{100 * share:.2f} %"))
     if sweep:
-        out["cam_miou_sweep"] = {f"{t:g}": iou_scores(c)["miou"] for t, c in zip(sweep, sweep_conf)}
+        out["cam_miou_sweep"] = {f"{t:g}": iou_scores(c.matrix)["miou"] for t, c in zip(sweep, sweep_conf)}
         log.info("eval_cam: threshold sweep " + " ".join(f"{k}:{100 * v:.1f}" for k, v in out["cam_miou_sweep"].items()))
     return out

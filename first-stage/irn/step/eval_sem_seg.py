@@ -1,8 +1,9 @@
 """Step eval_sem_seg (spec §13): mIoU of the random-walk pseudo-labels on ``chainer_eval_set``.
 
-Ground truth ``SegmentationClass/<id>.png`` (255 ignored), prediction ``<sem_seg_out_dir>/<id>.png``
-(a 255 would count as background; the pipeline writes none). The confusion matrix is
-accumulated image by image. Besides IoU/mIoU (nan-mean over the 21 classes, background
+Ground truth VOC ``SegmentationClass/<id>.png`` (255 ignored) / COCO ``mask/train2014/<int id>.png``
+(no void), prediction ``<sem_seg_out_dir>/<id>.png`` (a 255 would count as background; the
+pipeline writes none). The confusion matrix (the data set's label count: VOC 21, COCO 81) is
+accumulated image by image (QUIRK-18). Besides IoU/mIoU (nan-mean over all classes, background
 included, classes absent from both GT and prediction not counted) it reports for background
 and, averaged over the foreground classes present, ``fp = FP/union`` and ``fn = FN/union``.
 When summary.json holds an eval_cam entry for the same images, the pseudo-labels are also
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from misc.runtime import confusion, eval_ids, get_logger, iou_scores, progress
+from misc.runtime import StreamingConfusion, eval_ids, fg_on_gt_background, get_logger, progress
 from step.make_sem_seg_labels import sem_seg_dir
-from voc12.dataloader import IGNORE, VOC12GTDataset, read_label_png
+from voc12.dataloader import IGNORE, VOC12GTDataset
+from voc12.source import DataSource, VOCSource, data_source
 
-NUM_LABELS = 21  # background + the 20 VOC classes
+# Former constant, kept importable: VOC's label count (the steps use the data source's).
+NUM_LABELS = VOCSource.num_labels
 
 
 def fp_fn_rates(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,11 +40,12 @@ def _nanmean(v: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
 
-def read_prediction(path: Path, name: str) -> np.ndarray:
-    pred = read_label_png(path, name, "pseudo-label").astype(np.int64)
+def read_prediction(path: Path, name: str, source: DataSource | None = None) -> np.ndarray:
+    """A pseudo-label PNG as int64, 255 → 0; values must be below the source's label count
+    (default VOC's; the reader names the id and file otherwise)."""
+    source = source or VOCSource(".")
+    pred = source.read_label_map(path, name, "pseudo-label").astype(np.int64)
     pred[pred == IGNORE] = 0
-    if pred.max(initial=0) >= NUM_LABELS:
-        raise ValueError(f"pseudo-label for id '{name}' has class id {pred.max()} >= {NUM_LABELS}: {path}")
     return pred
 
 
@@ -74,23 +78,27 @@ def _recorded_eval_cam(args: Any) -> dict[str, Any] | None:
 
 def run(args: Any) -> dict[str, Any]:
     log = get_logger()
+    source = data_source(args)
     ids = eval_ids(args)
-    gt_set = VOC12GTDataset(ids, args.voc12_root)
+    gt_set = VOC12GTDataset(ids, source)
     pred_dir = sem_seg_dir(args)
-    conf = np.zeros((NUM_LABELS, NUM_LABELS), dtype=np.int64)
+    stream = StreamingConfusion(source.num_labels)
     for idx in progress(range(len(ids)), "eval_sem_seg", enabled=not getattr(args, "no_progress", False)):
         name = ids[idx]
         gt = gt_set[idx]
         path = pred_dir / f"{name}.png"
-        pred = read_prediction(path, name)
+        pred = read_prediction(path, name, source)
         if pred.shape != gt.shape:
             raise ValueError(f"id '{name}': pseudo-label {path} is {pred.shape}, ground truth is {gt.shape}")
-        conf += confusion(gt, pred, NUM_LABELS)
-    scores = iou_scores(conf)
+        stream.add(gt, pred)
+    conf = stream.matrix
+    scores = stream.scores()
     fp, fn = fp_fn_rates(conf)
     out = {"sem_seg_miou": scores["miou"], "sem_seg_iou": scores["iou"], "images": len(ids),
            "fp_bg": None if np.isnan(fp[0]) else float(fp[0]), "fn_bg": None if np.isnan(fn[0]) else float(fn[0]),
            "fp_fg": _nanmean(fp[1:]), "fn_fg": _nanmean(fn[1:])}
+    if source.name == "coco":
+        out["fg_on_gt_background"] = fg_on_gt_background(conf)
     log.info(f"eval_sem_seg: {len(ids)} images, mIoU {100 * scores['miou']:.2f}")
     log.info("eval_sem_seg: IoU per class " + " ".join("-" if v is None else f"{100 * v:.1f}" for v in scores["iou"]))
     log.info("eval_sem_seg: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()

@@ -11,18 +11,27 @@ Per image, with ``score`` (K+1, H, W) and ``pred`` (H, W) from ``<score_dir>/<id
 3. ``<mask_out_dir>/<id>.png``: 8-bit RGB, all channels equal, 255 = confident, 0 otherwise
    (what the reference's torchvision save_image wrote, and what the second stage reads).
 
+Images without any class (COCO; score file with the background plane only, keys [0]): the
+reference wrote an unseeded random 50 % mask at the stride-4 CAM size (QUIRK-15). Fixed: the mask
+has the image's full H×W and ``--no_class_mask`` chooses it: ``random_half`` (default) marks
+``int(N / (1/mask_thd))`` of the N pixels (= floor(N/2)), drawn from a generator seeded by
+(``--seed``, id), so a rerun gives the same mask; ``zero`` marks none. The pseudo-label stays all
+background.
+
 Ids come from ``train_list``, not from whatever files the score folder holds (QUIRK-26). Score
 files of the reference (numpy ``pred``/``keys``, score tensors saved on a GPU or as float16)
 are read too. Standalone use on any score folder:
 
-    python first-stage/irn/step/gen_mask.py --score_dir DIR --out_dir DIR --ids LIST [--voc12_root R]
+    python first-stage/irn/step/gen_mask.py --score_dir DIR --out_dir DIR --ids LIST \\
+        [--voc12_root R | --dataset coco --coco_root R] [--seed S] [--no_class_mask random_half|zero]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,11 +44,13 @@ if __name__ == "__main__":  # standalone: make first-stage/irn and the repo impo
 
 from misc.runtime import get_logger, progress  # noqa: E402
 from utils.io import save_png  # noqa: E402
+from voc12.source import VOC_STATS_GT_DIRS  # noqa: E402
 
 TIE_MODES = ("original", "zero")
-# Ground truth used for the mask statistics, first one found per id (SBD-augmented labels
-# cover all of train_aug; VOC's own only train/val).
-GT_DIRS = ("SegmentationClassAug", "SegmentationClass")
+NO_CLASS_MASKS = ("random_half", "zero")  # QUIRK-15 fixed: full-size masks, seeded or empty
+# Ground truth used for the VOC mask statistics, first one found per id (SBD-augmented labels
+# cover all of train_aug; VOC's own only train/val). COCO: mask/<split>2014/<int id>.png.
+GT_DIRS = VOC_STATS_GT_DIRS
 IGNORE = 255
 
 _warned_unsafe_load = False
@@ -164,46 +175,81 @@ def read_mask_png(path: str | Path) -> np.ndarray:
     return (arr > 0).astype(np.uint8)
 
 
-def _gt_path(voc12_root: Path | None, name: str) -> Path | None:
+def is_no_class(data: dict[str, Any]) -> bool:
+    """A score file of an image without any class: the background plane alone (keys [0])."""
+    keys = data.get("keys")
+    if keys is not None:
+        return bool(np.asarray(keys).size == 1)
+    return int(data["score"].shape[0]) == 1
+
+
+def no_class_mask(shape: tuple[int, int], item_id: str, seed: int = 0, mode: str = "random_half",
+                  thd: float = 0.5) -> np.ndarray:
+    """(H, W) uint8 mask of an image without classes (QUIRK-15 fixed).
+
+    ``random_half``: exactly ``keep_count(H·W, thd)`` (floor(N/2) at 0.5) pixels, a permutation
+    drawn from numpy's PCG64 seeded by (``seed``, crc32 of the id), so the same seed and id
+    always give the same mask and every image its own; ``zero``: nothing marked.
+    """
+    if mode not in NO_CLASS_MASKS:
+        raise ValueError(f"no_class_mask must be one of {NO_CLASS_MASKS}, got {mode!r}")
+    h, w = int(shape[0]), int(shape[1])
+    mask = np.zeros(h * w, dtype=np.uint8)
+    if mode == "random_half":
+        rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(item_id.encode("utf-8"))])
+        mask[rng.permutation(h * w)[: keep_count(h * w, thd)]] = 1
+    return mask.reshape(h, w)
+
+
+def _voc_gt_reader(voc12_root: Path | None) -> Callable[[str], np.ndarray | None]:
+    """GT for the statistics from a VOC root (SegmentationClassAug, else SegmentationClass)."""
     if voc12_root is None:
-        return None
-    for d in GT_DIRS:
-        p = Path(voc12_root) / d / f"{name}.png"
-        if p.is_file():
-            return p
-    return None
+        return lambda name: None
+    from voc12.source import VOCSource
+    return VOCSource(voc12_root).stats_gt
 
 
 def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float = 0.5,
                    tie_mode: str = "original", voc12_root: Path | None = None, overwrite: bool = False,
-                   show_progress: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, *, gt_of: Callable[[str], np.ndarray | None] | None = None,
+                   no_class: str = "random_half", seed: int = 0) -> dict[str, Any]:
     """Write a mask per id; returns kept share and, where GT exists, the label precision of
-    the kept (and of the unkept) pixels, GT 255 ignored."""
-    from voc12.dataloader import read_label_png
+    the kept (and of the unkept) pixels, GT void ignored.
+
+    ``gt_of(id)``: the GT (int64, void −1) or None; default from ``voc12_root`` (VOC layout).
+    ``no_class`` / ``seed``: the mask of images without classes (``no_class_mask``).
+    """
+    if no_class not in NO_CLASS_MASKS:
+        raise ValueError(f"no_class_mask must be one of {NO_CLASS_MASKS}, got {no_class!r}")
+    gt_of = gt_of or _voc_gt_reader(voc12_root)
     mask_root.mkdir(parents=True, exist_ok=True)
     stats = {"pixels": 0, "kept": 0, "kept_valid": 0, "kept_correct": 0, "unkept_valid": 0,
-             "unkept_correct": 0, "with_gt": 0, "written": 0}
+             "unkept_correct": 0, "with_gt": 0, "written": 0, "no_class": 0}
     for name in progress(ids, "gen_mask", enabled=show_progress):
         out = mask_root / f"{name}.png"
         data = load_score(score_root / f"{name}.pt", name)
         pred = data["pred"]
+        empty = is_no_class(data)
+        stats["no_class"] += int(empty)
         if out.is_file() and not overwrite:
             mask = read_mask_png(out)
             if mask.shape != pred.shape:
                 raise ValueError(f"existing mask for id '{name}' is {mask.shape}, its pred is {pred.shape}: {out} "
                                  "(pass --overwrite)")
         else:
-            mask = confidence_mask(data["score"], pred, thd, tie_mode)
+            if empty:
+                mask = no_class_mask(pred.shape, name, seed, no_class, thd)
+            else:
+                mask = confidence_mask(data["score"], pred, thd, tie_mode)
             save_mask(out, mask)
             stats["written"] += 1
         stats["pixels"] += mask.size
         stats["kept"] += int(mask.sum())
-        gt_path = _gt_path(voc12_root, name)
-        if gt_path is not None:
-            gt = read_label_png(gt_path, name, "ground truth")
+        gt = gt_of(name)
+        if gt is not None:
             if gt.shape != pred.shape:
-                raise ValueError(f"id '{name}': ground truth {gt_path} is {gt.shape}, pred is {pred.shape}")
-            valid = gt != IGNORE
+                raise ValueError(f"id '{name}': ground truth is {gt.shape}, pred is {pred.shape}")
+            valid = gt >= 0
             correct = valid & (pred == gt)
             kept = mask > 0
             stats["with_gt"] += 1
@@ -219,24 +265,31 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
             "images_with_gt": stats["with_gt"],
             "kept_precision": ratio(stats["kept_correct"], stats["kept_valid"]),
             "unkept_precision": ratio(stats["unkept_correct"], stats["unkept_valid"]),
-            "mask_thd": thd, "margin_tie_mode": tie_mode}
+            "mask_thd": thd, "margin_tie_mode": tie_mode, "no_class_images": stats["no_class"],
+            "no_class_mask": no_class}
 
 
 def run(args: Any) -> dict[str, Any]:
     from misc.runtime import read_ids
     from step.train_irn import work_path
+    from voc12.source import data_source
     log = get_logger()
     ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list
     score_root = work_path(args, "score_dir", "result", "score")
     mask_root = work_path(args, "mask_out_dir", "result", "mask_irn")
+    source = data_source(args)
     out = generate_masks(ids, score_root, mask_root, thd=args.mask_thd, tie_mode=args.margin_tie_mode,
-                         voc12_root=Path(args.voc12_root), overwrite=getattr(args, "overwrite", False),
-                         show_progress=not getattr(args, "no_progress", False))
+                         overwrite=getattr(args, "overwrite", False),
+                         show_progress=not getattr(args, "no_progress", False), gt_of=source.stats_gt,
+                         no_class=getattr(args, "no_class_mask", "random_half"), seed=getattr(args, "seed", 0))
     prec = out["kept_precision"]
     log.info(f"gen_mask: {len(ids)} masks ({out['written']} written), kept {100 * out['kept_fraction']:.1f} % of "
              f"pixels" + (f", label precision of kept pixels {100 * prec:.2f} % (unkept "
                           f"{100 * out['unkept_precision']:.2f} %) on {out['images_with_gt']} images with GT"
                           if prec is not None else ", no ground truth for precision"))
+    if out["no_class_images"]:
+        log.info(f"gen_mask: {out['no_class_images']} image(s) without any class: full-size "
+                 f"{out['no_class_mask']} masks (seed {getattr(args, 'seed', 0)})")
     return out
 
 
@@ -245,21 +298,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--score_dir", type=Path, required=True, help="folder of <id>.pt score files")
     p.add_argument("--out_dir", type=Path, required=True, help="mask folder (created)")
     p.add_argument("--ids", type=Path, required=True, help="id list file (one id per line)")
-    p.add_argument("--voc12_root", type=Path, default=None, help="for precision statistics against the GT")
+    p.add_argument("--voc12_root", type=Path, default=None, help="VOC: for precision statistics against the GT")
+    p.add_argument("--dataset", choices=("voc", "coco"), default="voc", help="layout of the GT for the statistics")
+    p.add_argument("--coco_root", type=Path, default=None, help="COCO: prepared tree, for precision statistics")
     p.add_argument("--mask_thd", type=float, default=0.5)
     p.add_argument("--margin_tie_mode", choices=TIE_MODES, default="original")
+    p.add_argument("--no_class_mask", choices=NO_CLASS_MASKS, default="random_half",
+                   help="QUIRK-15: mask of images without classes (full size; seeded random half, or none)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the no-class masks (with the id)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
-    from voc12.dataloader import load_id_list
+    from voc12.source import CocoSource, load_id_list
+    gt_of = None
+    if a.dataset == "coco" and a.coco_root is not None:
+        gt_of = CocoSource(a.coco_root).stats_gt
     out = generate_masks(load_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
-                         a.voc12_root, a.overwrite, not a.no_progress)
+                         a.voc12_root if a.dataset == "voc" else None, a.overwrite, not a.no_progress,
+                         gt_of=gt_of, no_class=a.no_class_mask, seed=a.seed)
     print(out)
     return out
 
 
 __all__ = ["run", "main", "margins", "confidence_mask", "keep_count", "load_score", "save_mask",
-           "read_mask_png", "generate_masks", "ScoreFileError", "TIE_MODES"]
+           "read_mask_png", "generate_masks", "ScoreFileError", "TIE_MODES", "NO_CLASS_MASKS", "no_class_mask",
+           "is_no_class"]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Step make_cam (spec §7): multi-scale, flip-summed CAMs at stride 4 and full resolution.
 
-Every id of ``train_list`` gets ``<cam_out_dir>/<id>.npy`` (see misc/cam_io.py). Ids whose
-file exists are skipped unless ``--overwrite``. With several CUDA devices one process per
-device takes a round-robin share of the ids; results do not depend on the split.
+Every id of ``train_list`` gets ``<cam_out_dir>/<id>.npy`` (see misc/cam_io.py; COCO: named by
+file stem). An image without any class (COCO) gets a file too, with empty (0, ·, ·) stacks.
+Ids whose file exists are skipped unless ``--overwrite``. With several CUDA devices (or
+``--cpu_shards N``) one process per device takes a round-robin share of the ids; results do
+not depend on the split.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from misc.cam_io import save_cam
 from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
 from net.resnet50_cam import load_cam_weights
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDatasetMSF
+from voc12.source import data_source
 
 NORM_EPS = 1e-5  # part of the CAM file definition (§7.2 step 5)
 
@@ -60,16 +63,16 @@ def build_cam_infer_net(args: Any) -> torch.nn.Module:
     module = importlib.import_module(args.cam_network)
     # The trained weights overwrite everything; no ImageNet file needed here (and no warning).
     backbone = importlib.import_module("net.resnet").ResNet(args.backbone_depth)
-    model = module.CAM(backbone=backbone)
+    model = module.CAM(backbone=backbone, n_classes=data_source(args).num_classes)
     return load_cam_weights(model, args.cam_weights_name).eval()
 
 
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
-    device, mine = worker_share(args.device, part, n_parts, ids)
+    device, mine = worker_share(args.device, part, n_parts, ids, getattr(args, "torch_threads", None))
     if not mine:
         return
     model = build_cam_infer_net(args).to(device)
-    dataset = VOC12ClassificationDatasetMSF(mine, args.voc12_root, img_normal=TorchvisionNormalize(),
+    dataset = VOC12ClassificationDatasetMSF(mine, data_source(args), img_normal=TorchvisionNormalize(),
                                             scales=args.cam_scales, cls_labels_file=args.cls_labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=args.num_workers if n_parts == 1 else 0)
@@ -88,7 +91,8 @@ def run(args: Any) -> dict[str, Any]:
     out_dir = Path(args.cam_out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}.npy").is_file()]
-    log.info(f"make_cam: {len(ids)} ids, {len(ids) - len(todo)} already done, scales {tuple(args.cam_scales)}")
+    log.info(f"make_cam: {data_source(args).describe()}, {len(ids)} ids, {len(ids) - len(todo)} already done, "
+             f"scales {tuple(args.cam_scales)}")
     if todo:
         run_on_devices(_work, args, todo)
     return {"images": len(ids), "written": len(todo)}

@@ -9,7 +9,10 @@ matrix powers), ×4 upsample, global-max normalisation, background plane
     <score_dir>/<id>.pt          {"pred": int64 (H, W), "score": float32 (K+1, H, W), "keys": int64 (K+1,)}
 
 Score files keep the reference's layout but hold CPU tensors (QUIRK-12 fixed; ``--score_fp16``
-stores the score as float16 like the reference's COCO files). Both files are written
+stores the score as float16 like the reference's COCO files). An image without any class (COCO,
+§16.2) skips the network and the walk: its PNG is all zero and its score file holds just the
+background plane (``keys`` [0]), which is how gen_mask recognises it (no separate "check" folder,
+QUIRK-5). Both files are written
 atomically; ids with both files present are skipped unless ``--overwrite``. With several CUDA
 devices one process per device takes a round-robin share; results do not depend on the split.
 """
@@ -27,7 +30,8 @@ from misc.random_walk import random_walk, rw_to_scores
 from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
 from step.train_irn import irn_module, irn_weights_path, work_path
 from utils.io import atomic_write, save_png
-from voc12.dataloader import TorchvisionNormalize, load_image, msf_inputs
+from voc12.dataloader import TorchvisionNormalize, msf_inputs
+from voc12.source import DataSource, as_source, data_source
 
 _SPARSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -64,7 +68,15 @@ def build_inference_net(args: Any, device: torch.device) -> torch.nn.Module:
 def labels_for_image(model: torch.nn.Module, pair: torch.Tensor, cam: dict[str, np.ndarray],
                      size: tuple[int, int], args: Any, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pred (H, W), score (K+1, H, W), keys (K+1,)) for one image; ``pair`` is (2, 3, H, W)."""
+    """(pred (H, W), score (K+1, H, W), keys (K+1,)) for one image; ``pair`` is (2, 3, H, W).
+
+    K = 0 (no class): no network, no walk; pred all 0, score the background plane alone (what
+    the walk would give, without its cost).
+    """
+    if np.asarray(cam["keys"]).size == 0:
+        h, w = int(size[0]), int(size[1])
+        score = torch.full((1, h, w), float(args.sem_seg_bg_thres), dtype=torch.float32)
+        return torch.zeros((h, w), dtype=torch.int64), score, torch.zeros(1, dtype=torch.int64)
     with torch.no_grad():
         edge, _ = model(pair.to(device, non_blocking=True))
     cams = torch.from_numpy(cam["cam"]).to(device)
@@ -89,9 +101,9 @@ class PairDataset(torch.utils.data.Dataset):
     The keys of the random walk come from the CAM files, so no image-level labels are read.
     """
 
-    def __init__(self, ids: list[str], voc12_root: str | Path):
+    def __init__(self, ids: list[str], source: DataSource | str | Path):
         self.ids = list(ids)
-        self.voc12_root = Path(voc12_root)
+        self.source = as_source(source)
         self.normalize = TorchvisionNormalize()
 
     def __len__(self) -> int:
@@ -99,16 +111,16 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         name = self.ids[idx]
-        img = load_image(self.voc12_root, name)
+        img = self.source.read_image(name)
         return {"name": name, "img": msf_inputs(img, (1.0,), self.normalize)[0], "size": img.shape[:2]}
 
 
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
-    device, mine = worker_share(args.device, part, n_parts, ids)
+    device, mine = worker_share(args.device, part, n_parts, ids, getattr(args, "torch_threads", None))
     if not mine:
         return
     model = build_inference_net(args, device)
-    dataset = PairDataset(mine, args.voc12_root)
+    dataset = PairDataset(mine, data_source(args))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=args.num_workers if n_parts == 1 else 0)
     sem_dir, sc_dir, c_dir = sem_seg_dir(args), score_dir(args), cam_dir(args)

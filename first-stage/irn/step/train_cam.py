@@ -1,4 +1,8 @@
-"""Step train_cam (spec §6): multi-label classifier whose 1×1 classifier gives the CAMs."""
+"""Step train_cam (spec §6): multi-label classifier whose 1×1 classifier gives the CAMs.
+
+The classifier has the data source's class count (VOC 20, COCO 80, §16.2); COCO trains on
+train2014 and reports its validation loss on val2014.
+"""
 from __future__ import annotations
 
 import importlib
@@ -15,6 +19,7 @@ from misc.runtime import get_logger, progress, read_ids, resolve_device
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps
 from utils.io import atomic_write, save_json
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDataset
+from voc12.source import data_source
 
 
 def multilabel_soft_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -26,7 +31,8 @@ def build_cam_net(args: Any, weights_from_imagenet: bool = True) -> nn.Module:
     """The training-form CAM network named by ``--cam_network`` (module exposing ``Net``)."""
     module = importlib.import_module(args.cam_network)
     return module.Net(depth=args.backbone_depth, weights=args.backbone_weights if weights_from_imagenet else None,
-                      freeze_until=args.cam_freeze_until, bn_mode=args.backbone_bn)
+                      n_classes=data_source(args).num_classes, freeze_until=args.cam_freeze_until,
+                      bn_mode=args.backbone_bn)
 
 
 def _validate(model: nn.Module, loader: DataLoader, device: torch.device, show: bool) -> float:
@@ -51,9 +57,10 @@ def run(args: Any) -> dict[str, Any]:
     device = resolve_device(args.device)
     show = not args.no_progress
 
+    source = data_source(args)
     train_ids = read_ids(args, "train_list")
     dataset = VOC12ClassificationDataset(
-        train_ids, args.voc12_root, resize_long=tuple(args.cam_resize_long), hor_flip=True,
+        train_ids, source, resize_long=tuple(args.cam_resize_long), hor_flip=True,
         crop_size=args.cam_crop_size, crop_method="random", img_normal=TorchvisionNormalize(),
         cls_labels_file=args.cls_labels)
     if len(dataset) < args.cam_batch_size:
@@ -77,7 +84,7 @@ def run(args: Any) -> dict[str, Any]:
     val_loader = None
     if args.cam_val_loss:
         val_ids = read_ids(args, "val_list")
-        val_set = VOC12ClassificationDataset(val_ids, args.voc12_root, crop_size=args.cam_crop_size,
+        val_set = VOC12ClassificationDataset(val_ids, source, crop_size=args.cam_crop_size,
                                              crop_method="top_left", cls_labels_file=args.cls_labels)
         if len(val_set) >= args.cam_batch_size:
             val_loader = DataLoader(val_set, batch_size=args.cam_batch_size, shuffle=False, drop_last=True,
@@ -85,8 +92,9 @@ def run(args: Any) -> dict[str, Any]:
         else:
             log.info(f"train_cam: {len(val_set)} val images < batch size; no validation loss")
 
-    log.info(f"train_cam: {len(dataset)} images, batch {args.cam_batch_size}, {args.cam_num_epoches} epochs, "
-             f"max_step {max_step}, ResNet-{args.backbone_depth}, device {device}")
+    log.info(f"train_cam: {source.describe()}, {len(dataset)} images, batch {args.cam_batch_size}, "
+             f"{args.cam_num_epoches} epochs, max_step {max_step}, ResNet-{args.backbone_depth}, "
+             f"freeze_until {args.cam_freeze_until}, device {device}")
     start = time.perf_counter()
     last_loss = float("nan")
     history = []
@@ -100,7 +108,7 @@ def run(args: Any) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            last_loss = float(loss)
+            last_loss = float(loss.detach())
             running += last_loss
             count += 1
             if show and hasattr(bar, "set_postfix"):

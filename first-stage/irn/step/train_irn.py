@@ -5,7 +5,8 @@ four-part loss of §11.3, poly SGD with the edge branch at lr and the displaceme
 10×lr (§11.4). Then the mean-shift calibration: the mean displacement over top-left crops of
 ``infer_list`` (eval mode, padding included, full batches only) becomes the network's
 ``mean_shift.running_mean``. The state dict is written atomically; an existing file is kept
-unless ``--overwrite``.
+unless ``--overwrite``. COCO: the affinity labels' validity bound is 81 and truncated JPEGs are
+decoded as far as they go (the data source's reader).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everyt
 from utils.io import atomic_write
 from voc12.affinity import VOC12AffinityDataset, reduced_size
 from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
+from voc12.source import data_source
 
 # IRN's data augmentation (§11.2); not a tuning knob of the reference.
 IRN_SCALE_RANGE = (0.5, 1.5)
@@ -71,7 +73,7 @@ def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, sho
     """m = mean over full batches of the per-batch, per-channel mean displacement (§11.4)."""
     log = get_logger()
     ids = read_ids(args, "infer_list")
-    dataset = VOC12ImageDataset(ids, args.voc12_root, img_normal=TorchvisionNormalize(),
+    dataset = VOC12ImageDataset(ids, data_source(args), img_normal=TorchvisionNormalize(),
                                 crop_size=args.irn_crop_size, crop_method="top_left")
     drop_last = len(dataset) >= args.irn_batch_size
     if not drop_last:
@@ -105,8 +107,11 @@ def run(args: Any) -> dict[str, Any]:
 
     path_index = PathIndex(args.radius)
     ids = read_ids(args, "train_list")
-    dataset = VOC12AffinityDataset(ids, ir_label_dir(args), args.irn_crop_size, args.voc12_root, path_index,
-                                   rescale=IRN_SCALE_RANGE, hor_flip=True, crop_method="random")
+    source = data_source(args)
+    # Pairs with an id >= the label count (VOC 21, COCO 81: the 255 seeds) are unknown (§16.2).
+    dataset = VOC12AffinityDataset(ids, ir_label_dir(args), args.irn_crop_size, source, path_index,
+                                   num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
+                                   crop_method="random")
     if len(dataset) < args.irn_batch_size:
         raise ValueError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
                          "lower --irn_batch_size")

@@ -15,9 +15,10 @@ import torch
 
 from misc.indexing import PathIndex, affinity_labels
 from voc12.dataloader import TorchvisionNormalize, VOC12SegmentationDataset, rescale
+from voc12.source import DataSource, VOCSource
 
 LABEL_REDUCTION = 0.25  # stride 4 of the IRN outputs
-VOC_NUM_VALID = 21  # label ids below this count as known (0..20); 255 does not
+VOC_NUM_VALID = VOCSource.num_labels  # former constant: label ids below this count as known (0..20)
 
 
 def reduced_size(crop_size: int) -> tuple[int, int]:
@@ -30,18 +31,19 @@ class VOC12AffinityDataset(VOC12SegmentationDataset):
     """Segmentation items + ``aff_bg_pos_label``, ``aff_fg_pos_label``, ``aff_neg_label``.
 
     ``path_index`` fixes the directions; the flattened indices are those of the reduced crop.
-    ``num_valid``: 21 for VOC, 81 for COCO.
+    ``num_valid``: label ids below it are known; default the source's label count (VOC 21,
+    COCO 81), so 255 (and, for VOC, 21..254) is unknown.
     """
 
     def __init__(self, id_list: str | Path | Sequence[str], label_dir: str | Path, crop_size: int,
-                 voc12_root: str | Path, path_index: PathIndex, num_valid: int = VOC_NUM_VALID,
+                 source: DataSource | str | Path, path_index: PathIndex, num_valid: int | None = None,
                  rescale: tuple[float, float] | None = None,
                  img_normal: TorchvisionNormalize | None = TorchvisionNormalize(), hor_flip: bool = False,
                  crop_method: str = "random"):
-        super().__init__(id_list, label_dir, crop_size, voc12_root, rescale=rescale, img_normal=img_normal,
+        super().__init__(id_list, label_dir, crop_size, source, rescale=rescale, img_normal=img_normal,
                          hor_flip=hor_flip, crop_method=crop_method)
         self.path_index = path_index
-        self.num_valid = num_valid
+        self.num_valid = self.source.num_labels if num_valid is None else int(num_valid)
         # Raises early (naming the sizes) if the crop is too small for the radius.
         self.indices = path_index.indices(reduced_size(crop_size))
 

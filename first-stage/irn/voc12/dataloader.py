@@ -1,4 +1,9 @@
-"""VOC-format data for the first stage: ids, images, class labels, geometric helpers, datasets.
+"""First-stage data sets (VOC or COCO through a data source), geometric helpers.
+
+Every data set takes a ``voc12.source.DataSource`` (a plain VOC root path is accepted too and
+means a VOC source): ids, image files, image-level labels and the class count come from it, and
+images/labels are read through ``datasets/readers.py``. The class names stay ``VOC12*`` after
+the reference.
 
 The helpers reproduce the reference's semantics exactly (spec §4.3): PIL resampling
 (order 3 = BICUBIC, 0 = NEAREST) of uint8 arrays, numpy round-half-to-even sizes, the
@@ -17,34 +22,22 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from datasets import readers
+from datasets.readers import DataError
 from datasets.voc_cls_labels import ClassLabels
+from voc12.source import SEED_IGNORE, VOC_GT_DIR, VOC_IMAGE_DIR, DataSource, VOCSource, as_source, load_id_list
 
-IMAGE_DIR = "JPEGImages"
-GT_DIR = "SegmentationClass"
-IGNORE = 255
+IMAGE_DIR = VOC_IMAGE_DIR
+GT_DIR = VOC_GT_DIR
+IGNORE = SEED_IGNORE  # "unknown" in the pipeline's label maps and crop padding
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(ValueError):
-    """Missing or unreadable input; the message names the id and the file."""
-
-
 # ----------------------------------------------------------------------------- ids and files
-
-
-def load_id_list(path: str | Path) -> list[str]:
-    """One id per line (first token), kept as a string."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"id list not found: {path}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise DataError(f"id list is empty: {path}")
-    return ids
 
 
 def _as_ids(id_list: str | Path | Sequence[str]) -> list[str]:
@@ -53,45 +46,32 @@ def _as_ids(id_list: str | Path | Sequence[str]) -> list[str]:
     return [str(i) for i in id_list]
 
 
-def image_path(voc12_root: str | Path, item_id: str) -> Path:
-    return Path(voc12_root) / IMAGE_DIR / f"{item_id}.jpg"
+def image_path(source: DataSource | str | Path, item_id: str) -> Path:
+    return as_source(source).image_path(item_id)
 
 
-def load_image(voc12_root: str | Path, item_id: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3)."""
-    return read_rgb(image_path(voc12_root, item_id), item_id)
+def load_image(source: DataSource | str | Path, item_id: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3) through the source's reader (COCO tolerates truncated JPEGs)."""
+    return as_source(source).read_image(item_id)
 
 
 def read_rgb(path: str | Path, item_id: str) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # writable (PIL buffers are read-only)
-    except FileNotFoundError:
-        raise DataError(f"image missing for id '{item_id}': {path}") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise DataError(f"image for id '{item_id}' is unreadable or truncated: {path} ({e})") from None
+    """Thin alias of ``datasets.readers.read_image`` (strict) as a writable uint8 array."""
+    return np.array(readers.read_image(Path(path), item_id))
 
 
 def read_label_png(path: str | Path, item_id: str, what: str = "label") -> np.ndarray:
-    """Single-channel PNG as uint8 (H, W); palette PNGs give their raw indices."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise DataError(f"{what} for id '{item_id}' must be a single-channel PNG, got {img.mode}: {path}")
-            return np.array(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{what} missing for id '{item_id}': {path}") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise DataError(f"{what} for id '{item_id}' is unreadable: {path} ({e})") from None
+    """Single-channel PNG as uint8 (H, W), values unchecked; palette PNGs give their raw indices.
+
+    Thin alias of ``datasets.readers.read_label``; the steps read through the data source,
+    which checks the values against its class count.
+    """
+    return np.array(readers.read_label(Path(path), item_id, 256, what, None), dtype=np.uint8)
 
 
 def check_files(ids: Sequence[str], directory: str | Path, suffix: str, what: str) -> None:
     """Fail early, naming the first missing file, instead of inside a worker later."""
-    directory = Path(directory)
-    missing = [i for i in ids if not (directory / f"{i}{suffix}").is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{what} missing for id '{missing[0]}': {directory / (missing[0] + suffix)}{more}")
+    readers.require_files(list(ids), Path(directory), suffix, what)
 
 
 # ----------------------------------------------------------------------------- geometric helpers (§4.3)
@@ -221,14 +201,17 @@ class _RngMixin:
 
 
 class VOC12ImageDataset(_RngMixin, Dataset):
-    """Image pipeline: resize_long → random_scale → normalise → flip → crop → CHW (all optional)."""
+    """Image pipeline: resize_long → random_scale → normalise → flip → crop → CHW (all optional).
 
-    def __init__(self, id_list: str | Path | Sequence[str], voc12_root: str | Path,
+    ``source``: a ``DataSource`` (VOC or COCO) or a VOC root path.
+    """
+
+    def __init__(self, id_list: str | Path | Sequence[str], source: DataSource | str | Path,
                  resize_long: tuple[int, int] | None = None, rescale: tuple[float, float] | None = None,
                  img_normal: TorchvisionNormalize | None = TorchvisionNormalize(), hor_flip: bool = False,
                  crop_size: int | None = None, crop_method: str | None = None, to_torch: bool = True):
         self.ids = _as_ids(id_list)
-        self.voc12_root = Path(voc12_root)
+        self.source = as_source(source)
         self.resize_long = resize_long
         self.rescale = rescale
         self.img_normal = img_normal
@@ -238,7 +221,12 @@ class VOC12ImageDataset(_RngMixin, Dataset):
             raise ValueError(f"crop_method must be 'random' or 'top_left' with a crop size, got {crop_method!r}")
         self.crop_method = crop_method
         self.to_torch = to_torch
-        check_files(self.ids, self.voc12_root / IMAGE_DIR, ".jpg", "image")
+        self.source.check_images(self.ids)
+
+    @property
+    def voc12_root(self) -> Path:
+        """The VOC root of a VOC source (former attribute)."""
+        return getattr(self.source, "root")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -264,19 +252,32 @@ class VOC12ImageDataset(_RngMixin, Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         name = self.ids[idx]
-        img = self.transform_image(load_image(self.voc12_root, name))
+        img = self.transform_image(self.source.read_image(name))
         return {"name": name, "img": img}
 
 
-class VOC12ClassificationDataset(VOC12ImageDataset):
-    """Image dataset + ``label``: float32 multi-hot over the 20 classes."""
+class _Labels:
+    """Image-level labels of a source, or of an explicit ``ClassLabels`` table (former argument)."""
 
-    def __init__(self, id_list, voc12_root, resize_long=None, rescale=None,
+    def __init__(self, source: DataSource, labels: ClassLabels | None):
+        self.source = source
+        self.table = labels
+
+    def vector(self, item_id: str) -> np.ndarray:
+        return self.table.vector(item_id) if self.table is not None else self.source.label_vector(item_id)
+
+
+class VOC12ClassificationDataset(VOC12ImageDataset):
+    """Image dataset + ``label``: float32 multi-hot over the source's ``num_classes`` (VOC 20, COCO 80)."""
+
+    def __init__(self, id_list, source, resize_long=None, rescale=None,
                  img_normal=TorchvisionNormalize(), hor_flip=False, crop_size=None, crop_method=None,
                  to_torch=True, labels: ClassLabels | None = None, cls_labels_file: str | Path | None = None):
-        super().__init__(id_list, voc12_root, resize_long, rescale, img_normal, hor_flip, crop_size,
-                         crop_method, to_torch)
-        self.labels = labels or ClassLabels(self.voc12_root, cls_labels_file)
+        super().__init__(id_list, as_source(source, cls_labels_file), resize_long, rescale, img_normal, hor_flip,
+                         crop_size, crop_method, to_torch)
+        if labels is None:
+            self.source.check_labels(self.ids)
+        self.labels = _Labels(self.source, labels)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         out = super().__getitem__(idx)
@@ -300,47 +301,52 @@ class VOC12ClassificationDatasetMSF(VOC12ClassificationDataset):
     """Multi-scale inference items: ``img`` = list over scales of (2, 3, h_s, w_s) (a single array
     if only one scale), ``size`` = (H, W), ``label``."""
 
-    def __init__(self, id_list, voc12_root, img_normal=TorchvisionNormalize(), scales: Sequence[float] = (1.0,),
+    def __init__(self, id_list, source, img_normal=TorchvisionNormalize(), scales: Sequence[float] = (1.0,),
                  labels: ClassLabels | None = None, cls_labels_file: str | Path | None = None):
-        super().__init__(id_list, voc12_root, img_normal=img_normal, labels=labels, cls_labels_file=cls_labels_file)
+        super().__init__(id_list, source, img_normal=img_normal, labels=labels, cls_labels_file=cls_labels_file)
         self.scales = tuple(float(s) for s in scales)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         name = self.ids[idx]
-        img = load_image(self.voc12_root, name)
+        img = self.source.read_image(name)
         ms = msf_inputs(img, self.scales, self.img_normal)
         return {"name": name, "img": ms[0] if len(ms) == 1 else ms, "size": (img.shape[0], img.shape[1]),
                 "label": torch.from_numpy(self.labels.vector(name))}
 
 
 class VOC12SegmentationDataset(_RngMixin, Dataset):
-    """Image + label PNG (``<label_dir>/<id>.png``): random_scale (bicubic / nearest) → normalise →
-    joint flip → joint crop (random: fills 0 / 255; top_left) → CHW image, (S, S) uint8 label."""
+    """Image + label PNG (``<label_dir>/<id>.png``, values 0..C and 255): random_scale (bicubic /
+    nearest) → normalise → joint flip → joint crop (random: fills 0 / 255; top_left) → CHW image,
+    (S, S) uint8 label."""
 
     def __init__(self, id_list: str | Path | Sequence[str], label_dir: str | Path, crop_size: int,
-                 voc12_root: str | Path, rescale: tuple[float, float] | None = None,
+                 source: DataSource | str | Path, rescale: tuple[float, float] | None = None,
                  img_normal: TorchvisionNormalize | None = TorchvisionNormalize(), hor_flip: bool = False,
                  crop_method: str = "random"):
         if crop_method not in ("random", "top_left"):
             raise ValueError(f"crop_method must be 'random' or 'top_left', got {crop_method!r}")
         self.ids = _as_ids(id_list)
         self.label_dir = Path(label_dir)
-        self.voc12_root = Path(voc12_root)
+        self.source = as_source(source)
         self.crop_size = crop_size
         self.rescale = rescale
         self.img_normal = img_normal
         self.hor_flip = hor_flip
         self.crop_method = crop_method
-        check_files(self.ids, self.voc12_root / IMAGE_DIR, ".jpg", "image")
+        self.source.check_images(self.ids)
         check_files(self.ids, self.label_dir, ".png", "label")
+
+    @property
+    def voc12_root(self) -> Path:
+        return getattr(self.source, "root")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         name = self.ids[idx]
-        img = load_image(self.voc12_root, name)
-        label = read_label_png(self.label_dir / f"{name}.png", name)
+        img = self.source.read_image(name)
+        label = self.source.read_label_map(self.label_dir / f"{name}.png", name)
         if img.shape[:2] != label.shape:
             raise DataError(f"id '{name}': label {self.label_dir / (name + '.png')} is {label.shape} "
                             f"but the image is {img.shape[:2]}")
@@ -360,22 +366,26 @@ class VOC12SegmentationDataset(_RngMixin, Dataset):
 
 
 class VOC12GTDataset(Dataset):
-    """Ground-truth maps for evaluation: ``SegmentationClass/<id>.png`` as int64 with 255 → −1
-    (chainercv's convention, §8)."""
+    """Ground-truth maps for evaluation as int64, the void value (VOC 255) → −1 (chainercv's
+    convention, §8); COCO's ground truth has no void value. ``gt_dir``: another folder of a VOC
+    root instead of SegmentationClass."""
 
-    def __init__(self, id_list: str | Path | Sequence[str], voc12_root: str | Path, gt_dir: str = GT_DIR):
+    def __init__(self, id_list: str | Path | Sequence[str], source: DataSource | str | Path,
+                 gt_dir: str | None = None):
         self.ids = _as_ids(id_list)
-        self.dir = Path(voc12_root) / gt_dir
-        check_files(self.ids, self.dir, ".png", "ground truth")
+        src = as_source(source)
+        if gt_dir is not None and gt_dir != GT_DIR:
+            if not isinstance(src, VOCSource):
+                raise ValueError("gt_dir only applies to a VOC source")
+            src = VOCSource(src.root, src.lists, src.eval_set, src.max_images, src.cls_labels, gt_dir=gt_dir)
+        self.source = src
+        self.source.check_gt(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, idx: int) -> np.ndarray:
-        name = self.ids[idx]
-        gt = read_label_png(self.dir / f"{name}.png", name, "ground truth").astype(np.int64)
-        gt[gt == IGNORE] = -1
-        return gt
+        return self.source.read_gt(self.ids[idx])
 
 
 __all__ = [

@@ -1,0 +1,355 @@
+"""Where the first stage's data comes from: one small object per run, built from the driver's options.
+
+A data source answers, for the roles the steps use,
+
+    train   CAM/IRN training, make_cam, cam_to_ir_label, make_sem_seg, gen_mask, export
+    val     the CAM training's validation loss
+    infer   IRN's mean-shift calibration pass
+    eval    eval_cam / eval_sem_seg (and the seed / mask statistics)
+
+the ids (cut to ``--max_images``), and per id the image path, the ground-truth path, the
+image-level labels, plus the class count of the data set:
+
+| dataset | foreground classes C | label values | GT ignore value | truncated JPEGs |
+|---|---|---|---|---|
+| ``voc``  | 20 | 21 (0..20) | 255 | refused (as before) |
+| ``coco`` | 80 | 81 (0..80) | none | decoded as far as they go (spec §16.2) |
+
+VOC (``--dataset voc``, the default): ``<voc12_root>/JPEGImages/<id>.jpg``, ground truth
+``SegmentationClass/<id>.png``, lists ``--train_list`` / ``--val_list`` / ``--infer_list``
+(default ``ImageSets/Segmentation/{train_aug,val,train}.txt``), eval split
+``ImageSets/Segmentation/<chainer_eval_set>.txt``, labels ``--cls_labels`` (default
+``<voc12_root>/cls_labels.json``, else the XML annotations).
+
+COCO (``--dataset coco``): the tree of ``tools/prepare_coco.py`` under ``--coco_root``
+(see ``datasets/coco.py``); ids are file stems (``COCO_train2014_000000000009``) and every
+first-stage output is named by them, the ground truth by the integer image id
+(``mask/train2014/9.png``). Lists default to ``lists/train2014.txt`` (train, infer) and
+``lists/val2014.txt`` (val); the eval split ``--chainer_eval_set`` train (default) / val means
+``lists/<split>2014.txt`` with ``mask/<split>2014`` ground truth. Labels come from
+``cls_labels_<split>2014.json`` of the stem's split (an image may have none), or all from one
+``--cls_labels`` file keyed by stem.
+
+Reading goes through ``datasets/readers.py``; every error names the id and the file.
+Sources are picklable (loader workers, spawned CRF and GPU processes); label files are read
+lazily, once per process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from datasets import coco as coco_meta
+from datasets.readers import DataError, SplitFiles, read_id_list, read_image, read_label, require_files
+from datasets.voc_cls_labels import FG_CLASSES as VOC_FG_CLASSES
+from datasets.voc_cls_labels import ClassLabels, LabelError, load_cls_labels, multi_hot
+from utils.voc import IGNORE_INDEX
+
+DATASETS = ("voc", "coco")
+ROLES = ("train", "val", "infer", "eval")
+# The pipeline's own label maps (ir_label seeds) mark "unknown" with this value, for every data set.
+SEED_IGNORE = IGNORE_INDEX
+
+VOC_IMAGE_DIR = "JPEGImages"
+VOC_GT_DIR = "SegmentationClass"
+VOC_LIST_DIR = Path("ImageSets") / "Segmentation"
+VOC_DEFAULT_LISTS = {"train": "train_aug.txt", "val": "val.txt", "infer": "train.txt"}
+# gen_mask's statistics: SBD-augmented ground truth first (it covers all of train_aug).
+VOC_STATS_GT_DIRS = ("SegmentationClassAug", VOC_GT_DIR)
+
+COCO_LIST_DIR = "lists"
+COCO_GT_DIR = "mask"
+COCO_DEFAULT_SPLITS = {"train": "train", "val": "val", "infer": "train"}
+
+
+# The one id-list reader (an error names the file); the first stage's former name.
+load_id_list = read_id_list
+
+
+class DataSource:
+    """Common part; see the module docstring. Subclasses set the class counts and the files."""
+
+    name: str = ""
+    num_classes: int = 0          # foreground classes C: CAM channels, multi-hot length
+    num_labels: int = 0           # label values 0..C of pseudo-labels and ground truth
+    gt_ignore: int | None = None  # void value of the ground truth (None: every pixel counts)
+    allow_truncated: bool = False
+
+    def __init__(self, lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
+                 max_images: int | None = None, cls_labels: str | Path | None = None):
+        self.lists = {r: (Path(p) if p else None) for r, p in (lists or {}).items()}
+        self.eval_set = eval_set
+        self.max_images = max_images
+        self.cls_labels = Path(cls_labels) if cls_labels else None
+
+    # ------------------------------------------------------------------ ids
+
+    def list_path(self, role: str) -> Path:
+        raise NotImplementedError
+
+    def _read_list(self, role: str) -> list[str]:
+        return load_id_list(self.list_path(role))
+
+    def ids(self, role: str) -> list[str]:
+        """The ids of a role; train/val/infer cut to ``max_images``, eval kept to the cut train ids."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        ids = self._read_list(role)
+        if not self.max_images:
+            return ids
+        if role == "eval":
+            kept = set(self.ids("train"))
+            return [i for i in ids if i in kept]
+        return ids[: self.max_images]
+
+    # ------------------------------------------------------------------ files
+
+    def files_of(self, item_id: str) -> SplitFiles:
+        raise NotImplementedError
+
+    def image_path(self, item_id: str) -> Path:
+        return self.files_of(item_id).image(item_id)
+
+    def gt_path(self, item_id: str) -> Path:
+        return self.files_of(item_id).gt(item_id)
+
+    def check_images(self, ids: Sequence[str]) -> None:
+        """Every id's image exists; fails naming the first missing one (before any worker starts)."""
+        for files, group in self._grouped(ids):
+            require_files(group, files.image_dir, ".jpg", "image")
+
+    def check_gt(self, ids: Sequence[str]) -> None:
+        for files, group in self._grouped(ids):
+            missing = [i for i in group if not files.gt(i).is_file()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise DataError(f"ground truth missing for id '{missing[0]}': {files.gt(missing[0])}{more}")
+
+    def _grouped(self, ids: Sequence[str]) -> list[tuple[SplitFiles, list[str]]]:
+        groups: dict[Path, tuple[SplitFiles, list[str]]] = {}
+        for i in ids:
+            files = self.files_of(i)
+            groups.setdefault(files.image_dir, (files, []))[1].append(i)
+        return list(groups.values())
+
+    # ------------------------------------------------------------------ readers
+
+    def read_image(self, item_id: str) -> np.ndarray:
+        """RGB uint8 (H, W, 3); grey JPEGs become 3-channel."""
+        return np.array(read_image(self.image_path(item_id), item_id, allow_truncated=self.allow_truncated))
+
+    def read_gt(self, item_id: str) -> np.ndarray:
+        """Ground truth as int64 (H, W), the void value (if any) mapped to −1 (chainercv's rule, §8)."""
+        path = self.gt_path(item_id)
+        gt = np.array(read_label(path, item_id, self.num_labels, "ground truth", self.gt_ignore), dtype=np.int64)
+        if self.gt_ignore is not None:
+            gt[gt == self.gt_ignore] = -1
+        return gt
+
+    def stats_gt(self, item_id: str) -> np.ndarray | None:
+        """Ground truth for optional statistics (gen_mask): as ``read_gt`` or None if there is none."""
+        try:
+            path = self.gt_path(item_id)
+        except (ValueError, DataError):
+            return None
+        return self.read_gt(item_id) if path.is_file() else None
+
+    def read_label_map(self, path: str | Path, item_id: str, what: str = "label") -> np.ndarray:
+        """A pipeline label map (ir_label seeds, pseudo-labels): uint8 (H, W), 0..C and 255."""
+        return np.array(read_label(Path(path), item_id, self.num_labels, what, SEED_IGNORE), dtype=np.uint8)
+
+    # ------------------------------------------------------------------ image-level labels
+
+    def labels(self, item_id: str) -> list[int]:
+        """Ascending 0-based class indices present in the image (may be empty)."""
+        raise NotImplementedError
+
+    def label_vector(self, item_id: str) -> np.ndarray:
+        """float32 multi-hot of length ``num_classes``."""
+        return multi_hot(self.labels(item_id), self.num_classes)
+
+    def check_labels(self, ids: Sequence[str]) -> None:
+        """Every id has an image-level label entry (fails naming the first one without)."""
+        for i in ids:
+            self.labels(i)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Label tables are re-read where needed: a spawned process gets a light object.
+        state = dict(self.__dict__)
+        state["_labels_cache"] = {}
+        return state
+
+
+class VOCSource(DataSource):
+    name = "voc"
+    num_classes = len(VOC_FG_CLASSES)
+    num_labels = len(VOC_FG_CLASSES) + 1
+    gt_ignore = IGNORE_INDEX
+    allow_truncated = False  # VOC's strictness: a truncated JPEG is an error
+
+    def __init__(self, root: str | Path, lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
+                 max_images: int | None = None, cls_labels: str | Path | None = None, gt_dir: str = VOC_GT_DIR):
+        super().__init__(lists, eval_set, max_images, cls_labels)
+        self.root = Path(root)
+        self.files = SplitFiles([], self.root / VOC_IMAGE_DIR, self.root / gt_dir)
+        self._labels_cache: dict[str, ClassLabels] = {}
+
+    def list_path(self, role: str) -> Path:
+        if role == "eval":
+            return self.root / VOC_LIST_DIR / f"{self.eval_set}.txt"
+        return self.lists.get(role) or self.root / VOC_LIST_DIR / VOC_DEFAULT_LISTS[role]
+
+    def files_of(self, item_id: str) -> SplitFiles:
+        return self.files
+
+    def stats_gt(self, item_id: str) -> np.ndarray | None:
+        for d in VOC_STATS_GT_DIRS:
+            path = self.root / d / f"{item_id}.png"
+            if path.is_file():
+                gt = np.array(read_label(path, item_id, self.num_labels, "ground truth", self.gt_ignore),
+                              dtype=np.int64)
+                gt[gt == self.gt_ignore] = -1
+                return gt
+        return None
+
+    @property
+    def class_labels(self) -> ClassLabels:
+        if "table" not in self._labels_cache:
+            self._labels_cache["table"] = ClassLabels(self.root, self.cls_labels, self.num_classes)
+        return self._labels_cache["table"]
+
+    def labels(self, item_id: str) -> list[int]:
+        return self.class_labels.indices(item_id)
+
+    def label_vector(self, item_id: str) -> np.ndarray:
+        return self.class_labels.vector(item_id)
+
+    def check_labels(self, ids: Sequence[str]) -> None:
+        self.class_labels  # noqa: B018 - an explicit --cls_labels file that is missing fails here
+        # ids are looked up lazily (JSON, else the image's XML), as before
+
+    def describe(self) -> str:
+        return f"VOC {self.root} ({self.num_classes} classes)"
+
+
+def coco_split_of(stem: str) -> str:
+    """``COCO_val2014_000000000042`` -> ``val``; any other name is refused, naming it."""
+    try:
+        return coco_meta.split_of(stem)
+    except ValueError:
+        raise DataError(f"id '{stem}' is not a COCO 2014 file stem (COCO_<train|val>2014_<12 digits>)") from None
+
+
+class CocoSource(DataSource):
+    name = "coco"
+    num_classes = coco_meta.NUM_CLASSES - 1  # 80: label id k+1 <-> CAM index k
+    num_labels = coco_meta.NUM_CLASSES       # 81, background included
+    gt_ignore = None                          # crowd regions are background, no void (§16.1)
+    allow_truncated = True                    # the few truncated train2014 JPEGs (§16.2 train_irn)
+
+    def __init__(self, root: str | Path, lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
+                 max_images: int | None = None, cls_labels: str | Path | None = None):
+        super().__init__(lists, eval_set, max_images, cls_labels)
+        self.root = Path(root)
+        self._files: dict[str, SplitFiles] = {}
+        self._labels_cache: dict[str, dict[str, list[int]]] = {}
+
+    @property
+    def eval_split(self) -> str:
+        split = self.eval_set[:-4] if self.eval_set.endswith("2014") else self.eval_set
+        if split not in coco_meta.SPLITS:
+            raise DataError(f"COCO eval split must be one of {coco_meta.SPLITS} (--chainer_eval_set), "
+                            f"got {self.eval_set!r}")
+        return split
+
+    def list_path(self, role: str) -> Path:
+        if role == "eval":
+            return self.root / COCO_LIST_DIR / coco_meta.list_name(self.eval_split)
+        return self.lists.get(role) or self.root / COCO_LIST_DIR / coco_meta.list_name(COCO_DEFAULT_SPLITS[role])
+
+    def _read_list(self, role: str) -> list[str]:
+        path = self.list_path(role)
+        split = self.eval_split if role == "eval" else COCO_DEFAULT_SPLITS[role]
+        if path == self.root / COCO_LIST_DIR / coco_meta.list_name(split):
+            # The prepared tree's list, read and checked (stems of this split) by datasets/coco.py.
+            return list(coco_meta.coco_files(self.root, split, COCO_LIST_DIR, COCO_GT_DIR).ids)
+        ids = load_id_list(path)
+        for i in ids:
+            try:
+                coco_split_of(i)
+            except DataError as e:
+                raise DataError(f"{e}, in {path}") from None
+        return ids
+
+    def split_files(self, split: str) -> SplitFiles:
+        """``coco_files`` of a split (ids from ``lists/`` when there, else the image folder)."""
+        if split not in self._files:
+            has_list = (self.root / COCO_LIST_DIR / coco_meta.list_name(split)).is_file()
+            self._files[split] = coco_meta.coco_files(self.root, split, COCO_LIST_DIR if has_list else None,
+                                                      COCO_GT_DIR)
+        return self._files[split]
+
+    def files_of(self, item_id: str) -> SplitFiles:
+        return self.split_files(coco_split_of(item_id))
+
+    def labels_file(self, split: str) -> Path:
+        return self.cls_labels or self.root / coco_meta.cls_labels_name(split)
+
+    def _table(self, split: str, item_id: str) -> dict[str, list[int]]:
+        path = self.labels_file(split)
+        key = str(path)
+        if key not in self._labels_cache:
+            if not path.is_file():
+                raise DataError(f"image-level labels for id '{item_id}': class-label file not found: {path} "
+                                "(tools/prepare_coco.py writes it)")
+            try:
+                self._labels_cache[key] = load_cls_labels(path)
+            except (LabelError, ValueError) as e:
+                raise DataError(f"image-level labels for id '{item_id}': {e}") from None
+        return self._labels_cache[key]
+
+    def labels(self, item_id: str) -> list[int]:
+        split = coco_split_of(item_id)
+        table = self._table(split, item_id)
+        if item_id not in table:
+            raise DataError(f"image-level labels missing for id '{item_id}': {self.labels_file(split)}")
+        found = table[item_id]
+        bad = [c for c in found if not 0 <= c < self.num_classes]
+        if bad:
+            raise DataError(f"image-level labels of id '{item_id}' hold class indices {bad} outside "
+                            f"0..{self.num_classes - 1}: {self.labels_file(split)}")
+        return sorted(found)
+
+    def describe(self) -> str:
+        return f"COCO 2014 {self.root} ({self.num_classes} classes)"
+
+
+def as_source(source: "DataSource | str | Path", cls_labels: str | Path | None = None) -> DataSource:
+    """A data source as is, or a VOC root (the datasets' former ``voc12_root`` argument)."""
+    if isinstance(source, DataSource):
+        if cls_labels is not None and isinstance(source, VOCSource) and source.cls_labels != Path(cls_labels):
+            return VOCSource(source.root, source.lists, source.eval_set, source.max_images, cls_labels)
+        return source
+    return VOCSource(source, cls_labels=cls_labels)
+
+
+def data_source(args: Any) -> DataSource:
+    """The data source of a run's options (attributes missing from ``args`` take the driver's defaults)."""
+    dataset = getattr(args, "dataset", None) or "voc"
+    lists = {r: getattr(args, f"{r}_list", None) for r in ("train", "val", "infer")}
+    common = dict(lists=lists, eval_set=getattr(args, "chainer_eval_set", None) or "train",
+                  max_images=getattr(args, "max_images", None), cls_labels=getattr(args, "cls_labels", None))
+    if dataset == "voc":
+        return VOCSource(getattr(args, "voc12_root", None) or "./VOCdevkit/VOC2012", **common)
+    if dataset == "coco":
+        return CocoSource(getattr(args, "coco_root", None) or "data/coco", **common)
+    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+
+
+__all__ = ["DataSource", "VOCSource", "CocoSource", "data_source", "as_source", "load_id_list", "coco_split_of",
+           "DATASETS", "ROLES", "SEED_IGNORE", "VOC_IMAGE_DIR", "VOC_GT_DIR", "DataError"]
