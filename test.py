@@ -178,9 +178,11 @@ def process_id(job: Job, item_id: str, vis: bool) -> tuple[str, np.ndarray | Non
     pred, pred_crf = postprocess(logits, image, job.crf_for_vis if vis else job.crf, job.align_corners)
     final = pred_crf if job.crf is not None else pred
     status = "kept"
+    if job.crf is not None and logits.dropped_peak >= job.crf.prune_threshold:
+        status = "done_capped"  # the compact map lacks a class the full CRF would have run over
     if job.overwrite or not pred_path.is_file():
         save_png(pred_path, final, voc_palette())
-        status = "done"
+        status = "done_capped" if status == "done_capped" else "done"
     if vis:
         save_png(job.vis_dir / f"{item_id}.png", render_vis(image, pred, pred_crf, gt, job.names))
     return item_id, None if gt is None else confusion(gt, final, job.num_classes), status
@@ -347,13 +349,16 @@ def run(args: argparse.Namespace) -> dict:
           f"{n_jobs} worker(s), {cfg.test.chunk_size} ids per chunk | -> {pred_dir}", flush=True)
 
     conf = np.zeros((cfg.data.num_classes,) * 2, np.int64)
-    counts = {"done": 0, "kept": 0}
+    counts = {"done": 0, "kept": 0, "capped": 0}
     t0 = time.time()
     results = parallel_map(_work, tasks, n_jobs, cfg.test.chunk_size, init=_set_job, init_args=(job,))
     try:
         for item_id, c, status, error in tqdm(results, total=len(tasks), desc=f"{args.mode}", dynamic_ncols=True):
             if error is not None:
                 raise DataError(error)
+            if status == "done_capped":
+                counts["capped"] += 1
+                status = "done"
             counts[status] += 1
             if c is not None:
                 conf += c
@@ -362,8 +367,13 @@ def run(args: argparse.Namespace) -> dict:
     elapsed = time.time() - t0
     print(f"{counts['done']} predictions written, {counts['kept']} already there (kept) | {elapsed:.1f} s "
           f"({len(ids) / max(elapsed, 1e-9):.2f} images/s)")
+    if counts["capped"]:
+        print(f"note: on {counts['capped']} images the compact maps lacked a class reaching "
+              f"test.crf.prune_threshold (more than test.compact_max_classes were above "
+              f"test.compact_threshold); their CRF labels may differ from dense maps'")
 
     summary = {"pred_dir": str(pred_dir), "num_images": len(ids), "written": counts["done"], "kept": counts["kept"],
+               "crf_capped": counts["capped"],
                "seconds": elapsed, "scores": None, "submission": None}
     if args.mode == "val":
         scores = segmentation_scores(conf)

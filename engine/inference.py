@@ -242,7 +242,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     if save:
         head = _head_size(nets, cfg, info.device)
         bound = bytes_bound(len(dataset), cfg.data.num_classes, head, head, fmt, dtype, cfg.test.compact_max_classes)
-        maps_note = f"maps -> {out_dir} ({fmt}{', ' + dtype if fmt == 'dense' else ''}; at most {bound / 1e9:.2f} GB)"
+        maps_note = f"maps -> {out_dir} ({fmt}, {dtype}; at most {bound / 1e9:.2f} GB)"
     log.info(f"testing {ckpt_path} on '{cfg.test.split}' ({len(dataset)} ids, labels: {with_labels}) | "
              f"{info.world_size} process(es) on {info.device} | multi-scale {cfg.test.multi_scale} "
              f"flip {cfg.test.flip} | {maps_note}")

@@ -5,16 +5,19 @@ for both formats.
   reference's format; 81 x 128 x 128 float32 is 5.3 MB per COCO image, 215 GB for val2014).
 - ``compact``: ``<id>.npz`` with only the classes that matter in the image: every class
   whose softmax probability reaches ``threshold`` at some pixel (and every class that wins
-  a pixel), at most ``max_classes`` of them (the highest peaks), their logits as float16,
-  plus one plane ``rest`` = log-sum-exp of the dropped classes' logits, so the softmax
-  over (kept, rest) gives the kept classes the probabilities they have among all C.
+  a pixel), at most ``max_classes`` of them (the highest peaks), their logits (float16 or
+  float32, ``test.logits_dtype``) minus each pixel's top logit (softmax and arg-max ignore a per-pixel shift, and the
+  bilinear upsampling is linear, so the shift never matters), plus one plane ``rest`` =
+  log-sum-exp of the dropped classes' logits, so the softmax over (kept, rest) gives the
+  kept classes the probabilities they have among all C.
   A COCO image shows a handful of classes, so val2014 needs a few GB instead of 215
   (the bound is printed before a test starts).
 
-Labels from a compact map are those of the dense one wherever the dropped classes are
-negligible (probability below ``threshold`` everywhere): the arg-max never picks a dropped
-class, and the CRF, which runs over the classes above its own pruning threshold anyway
-(utils/crf.py), sees the same unaries up to the float16 rounding.
+Labels from a float32 compact map are those of the dense float32 one wherever the dropped
+classes are negligible (probability below ``threshold`` everywhere): the arg-max never picks
+a dropped class, and the CRF, which runs over the classes above its own pruning threshold
+anyway (utils/crf.py), sees the same unaries. float16 halves the disk again and can flip a
+pixel where two classes tie to within its rounding (measured in tests/test_coco_pipeline.py).
 
 numpy only: test.py's worker processes import this module.
 """
@@ -41,6 +44,7 @@ class ScoreMap:
     logits: np.ndarray
     rest: np.ndarray | None
     num_classes: int
+    dropped_peak: float = 0.0  # the highest probability any dropped class reaches
 
 
 def _logsumexp(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -63,23 +67,31 @@ def kept_classes(logits: np.ndarray, threshold: float, max_classes: int) -> np.n
     return np.sort(candidates).astype(np.int64)
 
 
-def compact(logits: np.ndarray, threshold: float, max_classes: int) -> dict[str, np.ndarray]:
+def compact(logits: np.ndarray, threshold: float, max_classes: int, dtype: str = "float16") -> dict[str, np.ndarray]:
     """The compact record of a dense (C, h, w) map (see the module docstring)."""
+    # Relative to each pixel's top logit: softmax and arg-max do not change, and float16 is
+    # finest near 0, where the top classes of a close call are (absolute float16 logits flip
+    # near-ties: 1 pixel in 12 synthetic COCO images did).
     x = logits.astype(np.float32)
+    x = x - x.max(axis=0, keepdims=True)
     keep = kept_classes(x, threshold, max_classes)
     dropped = np.setdiff1d(np.arange(x.shape[0]), keep)
     rest = _logsumexp(x[dropped]) if len(dropped) else np.full(x.shape[1:], -np.inf, np.float32)
-    return {"classes": keep.astype(np.int16), "logits": x[keep].astype(np.float16),
-            "rest": rest.astype(np.float16), "num_classes": np.int16(x.shape[0])}
+    # The highest probability a dropped class reaches: test.py counts the images where the
+    # cap dropped a class the CRF would have kept (their CRF labels may then differ).
+    dropped_peak = float(np.exp(x[dropped] - _logsumexp(x)[None]).max()) if len(dropped) else 0.0
+    return {"classes": keep.astype(np.int16), "logits": x[keep].astype(dtype),
+            "rest": rest.astype(dtype), "num_classes": np.int16(x.shape[0]),
+            "dropped_peak": np.float32(dropped_peak)}
 
 
 def save_score_map(path: Path, logits: np.ndarray, fmt: str, dtype: str, threshold: float,
                    max_classes: int) -> Path:
-    """Write one image's map atomically in ``fmt`` (``dtype`` applies to dense maps)."""
+    """Write one image's map atomically in ``fmt``, its planes stored as ``dtype``."""
     from utils.io import atomic_write, save_npy
     if fmt == "dense":
         return save_npy(path, logits.astype(dtype))
-    record = compact(logits, threshold, max_classes)
+    record = compact(logits, threshold, max_classes, dtype)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -105,7 +117,8 @@ def load_score_map(path: Path, item_id: str, num_classes: int) -> ScoreMap:
         return ScoreMap(np.arange(num_classes), data.astype(np.float32), None, num_classes)
     with data:
         try:
-            classes, logits, rest, stored = (data[k] for k in ("classes", "logits", "rest", "num_classes"))
+            classes, logits, rest, stored, peak = (data[k] for k in ("classes", "logits", "rest", "num_classes",
+                                                                       "dropped_peak"))
         except KeyError as e:
             raise ScoreMapError(f"score map for id '{item_id}' lacks {e}: {path}") from None
     if int(stored) != num_classes:
@@ -114,7 +127,8 @@ def load_score_map(path: Path, item_id: str, num_classes: int) -> ScoreMap:
     if logits.ndim != 3 or logits.shape[0] != len(classes) or rest.shape != logits.shape[1:]:
         raise ScoreMapError(f"score map for id '{item_id}' is inconsistent (classes {classes.shape}, logits "
                             f"{logits.shape}, rest {rest.shape}): {path}")
-    return ScoreMap(classes.astype(np.int64), logits.astype(np.float32), rest.astype(np.float32), num_classes)
+    return ScoreMap(classes.astype(np.int64), logits.astype(np.float32), rest.astype(np.float32), num_classes,
+                    float(peak))
 
 
 def to_dense(score: ScoreMap, floor: float) -> np.ndarray:
@@ -130,6 +144,5 @@ def to_dense(score: ScoreMap, floor: float) -> np.ndarray:
 def bytes_bound(num_images: int, num_classes: int, height: int, width: int, fmt: str, dtype: str,
                 max_classes: int) -> int:
     """The most disk the maps of ``num_images`` can take (headers aside)."""
-    if fmt == "dense":
-        return num_images * num_classes * height * width * np.dtype(dtype).itemsize
-    return num_images * (min(max_classes, num_classes) + 1) * height * width * 2
+    planes = num_classes if fmt == "dense" else min(max_classes, num_classes) + 1
+    return num_images * planes * height * width * np.dtype(dtype).itemsize
