@@ -12,14 +12,14 @@ from datasets.readers import SplitFiles
 from utils.voc import VOC_CLASSES
 
 
-def _make_synthetic_voc(root: Path, syn: Any) -> dict:
+def _make_synthetic_voc(root: Path, syn: Any, overwrite: bool = False) -> dict:
     from datasets.synthetic_voc import make_synthetic_voc_from_config
-    return make_synthetic_voc_from_config(root, syn)
+    return make_synthetic_voc_from_config(root, syn, overwrite=overwrite)
 
 
-def _make_synthetic_coco(root: Path, syn: Any) -> dict:
+def _make_synthetic_coco(root: Path, syn: Any, overwrite: bool = False) -> dict:
     from datasets.synthetic_coco import make_synthetic_coco_from_config
-    return make_synthetic_coco_from_config(root, syn)
+    return make_synthetic_coco_from_config(root, syn, overwrite=overwrite)
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class DatasetEntry:
     classes: tuple[str, ...]                       # label id -> name
     gt_ignore_index: int | None                    # void value of the ground truth (None: every pixel counts)
     num_classes: int | None                        # fixed class count (None: set by the config, e.g. synthetic VOC)
-    make_synthetic: Callable[[Path, Any], dict]    # writes the embedded set of `data.synthetic`
+    make_synthetic: Callable[..., dict]            # (root, data.synthetic, overwrite=False): the embedded set
     synthetic_summary: str                         # the generator's summary file under data.root
     submission_dir: str | None                     # evaluation-server layout of test predictions (None: none)
 

@@ -120,3 +120,16 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # Another seed into the same folder would mix two runs: refused with the file named.
     other = _run(_configs(tmp_path) + ["--out", str(out), "--seed", "8"])
     assert other.returncode != 0 and "demo_settings.json" in other.stderr
+
+
+def test_demo_dataset_coco_picks_the_coco_configs_and_folder():
+    sys.path.insert(0, str(REPO / "tools"))
+    import demo
+    args = demo.parse_args(["--dataset", "coco"])
+    assert args.beco_config.name == "demo_coco.yaml" and args.baseline_config.name == "demo_coco_baseline.yaml"
+    assert args.first_stage_config.name == "demo_first_stage_coco.yaml" and args.out == Path("data/logging/demo_coco")
+    assert demo.parse_args([]).out == Path("data/logging/demo")
+    assert demo.FIRST_STAGE_DATA["coco"]("data/x") == ["--dataset", "coco", "--coco_root", Path("data/x")]
+    for name in ("beco", "baseline"):  # both demo configs load and train on COCO's 81 classes
+        cfg = demo.load_config(getattr(args, f"{name}_config"))
+        assert cfg.data.dataset == "coco" and cfg.data.num_classes == 81

@@ -1,10 +1,12 @@
 """`make demo`: the whole BECO method on the embedded synthetic data, end to end on a CPU.
 
-    python tools/demo.py [--out data/logging/demo] [--seed N] [--fresh]
+    python tools/demo.py [--dataset voc|coco] [--out data/logging/demo] [--seed N] [--fresh]
 
 Stages, a line each (the tools they run show their own progress bars):
   1. data         the synthetic VOC-format set of configs/demo.yaml (data.synthetic), reused
-                  when it is already there with the same settings
+                  when it is already there with the same settings; --dataset coco: the synthetic
+                  COCO 2014-format tree of configs/demo_coco.yaml, prepared by tools/prepare_coco.py's
+                  steps (masks, id lists, image-level labels), and the *_coco configs below
   2. first_stage  first-stage/irn/run_sample.py with configs/demo_first_stage.yaml: CAM training,
                   CAMs, IRN training, random-walk pseudo-labels, confidence masks
   3. train_beco   main.py with configs/demo.yaml on those pseudo-labels and masks
@@ -36,6 +38,11 @@ sys.path.insert(0, str(REPO))
 from utils.config import Config, load_config, load_yaml  # noqa: E402
 from utils.io import save_json, save_text  # noqa: E402
 
+# --dataset -> (BECO config, baseline config, first-stage options, default --out)
+DEMOS = {
+    "voc": ("demo.yaml", "demo_baseline.yaml", "demo_first_stage.yaml", "data/logging/demo"),
+    "coco": ("demo_coco.yaml", "demo_coco_baseline.yaml", "demo_first_stage_coco.yaml", "data/logging/demo_coco"),
+}
 STAGES = ("data", "first_stage", "train_beco", "train_baseline", "test", "report")
 RUNS = {"beco": "train_beco", "baseline": "train_baseline"}  # run folder -> stage that trains it
 SCORES = {"no_crf": "val_pred_scores.json", "crf": "val_pred_crf_scores.json"}  # what test.py writes in a run
@@ -43,16 +50,27 @@ SCORES = {"no_crf": "val_pred_scores.json", "crf": "val_pred_crf_scores.json"}  
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("data/logging/demo"), help="everything the demo writes")
+    p.add_argument("--dataset", choices=sorted(DEMOS), default="voc",
+                   help="the embedded data set: voc (the synthetic VOC-format set) or coco (a synthetic "
+                        "COCO 2014-format tree, through tools/prepare_coco.py's steps); picks the configs "
+                        "and --out below (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="everything the demo writes (voc: data/logging/demo, "
+                                                          "coco: data/logging/demo_coco)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of both stages' training (default: the configs' train.seed and seed)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
-    p.add_argument("--beco-config", type=Path, default=REPO / "configs/demo.yaml")
-    p.add_argument("--baseline-config", type=Path, default=REPO / "configs/demo_baseline.yaml")
-    p.add_argument("--first-stage-config", type=Path, default=REPO / "configs/demo_first_stage.yaml",
+    p.add_argument("--beco-config", type=Path, default=None, help="default: configs/demo[_coco].yaml")
+    p.add_argument("--baseline-config", type=Path, default=None, help="default: configs/demo[_coco]_baseline.yaml")
+    p.add_argument("--first-stage-config", type=Path, default=None,
                    help="run_sample.py options as a YAML mapping (option: value)")
     p.add_argument("--samples", type=int, default=6, help="rows of samples.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    beco, baseline, first_stage, out = DEMOS[args.dataset]
+    args.beco_config = args.beco_config or REPO / "configs" / beco
+    args.baseline_config = args.baseline_config or REPO / "configs" / baseline
+    args.first_stage_config = args.first_stage_config or REPO / "configs" / first_stage
+    args.out = args.out or Path(out)
+    return args
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,10 +122,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_ids(cfg: Config) -> list[str]:
+def train_files(cfg: Config):
     from datasets.build import dataset_entry
     entry = dataset_entry(cfg.data.dataset)
-    return entry.files(cfg.data, entry.train_split(cfg.data)).ids
+    return entry.files(cfg.data, entry.train_split(cfg.data))
+
+
+def train_ids(cfg: Config) -> list[str]:
+    return train_files(cfg).ids
+
+
+# How run_sample.py finds each data set's tree under data.root.
+FIRST_STAGE_DATA = {
+    "voc": lambda root: ["--voc12_root", Path(root) / "VOC2012"],
+    "coco": lambda root: ["--dataset", "coco", "--coco_root", Path(root)],
+}
 
 
 def training_finished(run_dir: Path, epochs: int) -> bool:
@@ -144,12 +173,13 @@ def peak_rss_mb(path: Path) -> float:
 def stage_data(cfg: Config) -> dict | str:
     """The config's synthetic set; one made by the generator with other settings is replaced
     (it is the demo's own output), anything else under data.root is refused by the generator."""
-    from datasets.synthetic_voc import SUMMARY_NAME, make_synthetic_voc_from_config
+    from datasets.build import dataset_entry
     if cfg.data.synthetic is None:
         raise SystemExit(f"demo: the BECO config has no data.synthetic section (data.root {cfg.data.root})")
-    summary_path = Path(cfg.data.root) / SUMMARY_NAME
+    entry = dataset_entry(cfg.data.dataset)
+    summary_path = Path(cfg.data.root) / entry.synthetic_summary
     before = summary_path.read_text() if summary_path.is_file() else None
-    make_synthetic_voc_from_config(cfg.data.root, cfg.data.synthetic, overwrite=before is not None)
+    entry.make_synthetic(Path(cfg.data.root), cfg.data.synthetic, overwrite=before is not None)
     return "skipped" if summary_path.read_text() == before else {}
 
 
@@ -167,10 +197,11 @@ def stage_first_stage(cfg: Config, options: dict, work: Path, export: Path, seed
     ids = train_ids(cfg)
     if first_stage_finished(work, export, ids):
         return "skipped"
-    options = dict(options)
+    # The data set's tree is the BECO config's data.root (FIRST_STAGE_DATA), whatever the options say.
+    options = {k: v for k, v in options.items() if k not in ("dataset", "voc12_root", "coco_root")}
     if seed is not None:
         options["seed"] = seed
-    cmd = [sys.executable, REPO / "first-stage/irn/run_sample.py", "--voc12_root", Path(cfg.data.root) / "VOC2012",
+    cmd = [sys.executable, REPO / "first-stage/irn/run_sample.py", *FIRST_STAGE_DATA[cfg.data.dataset](cfg.data.root),
            "--work_dir", work, "--steps", "all", "--export_to", export] + first_stage_argv(options)
     run(cmd)  # run_sample.py itself skips outputs that exist, so a killed run resumes
     return {}
@@ -197,12 +228,13 @@ def stage_train(config: Path, tag: str, cfg: Config, out: Path, overrides: list[
     return {}
 
 
-def stage_test(config: Path, tag: str, out: Path, overrides: list[str]) -> dict:
+def stage_test(config: Path, tag: str, cfg: Config, out: Path, overrides: list[str]) -> dict:
+    from engine.inference import logits_folder_name
     run_dir = out / tag
     run([sys.executable, REPO / "main.py", "--config", config, "--test", "--ckpt", run_dir / "best_ckpt.pth",
          *overrides, f"logging.tag={tag}"])
     for crf in (False, True):
-        run([sys.executable, REPO / "test.py", "--logits_dir", run_dir / "logits", "--mode", "val"]
+        run([sys.executable, REPO / "test.py", "--logits_dir", run_dir / logits_folder_name(cfg), "--mode", "val"]
             + (["--crf"] if crf else []))
     return {}
 
@@ -261,11 +293,11 @@ def predict_train_images(cfg: Config, ckpt: Path, ids: list[str]) -> dict[str, A
 
 
 def train_maps(cfg: Config, export: Path, i: str):
-    """(ground truth, pseudo-label, mask as bool) of training id ``i``; train GT is in SegmentationClassAug."""
+    """(ground truth, pseudo-label, mask as bool) of training id ``i`` (the synthetic sets hold
+    ground truth for their training images)."""
     import numpy as np
     from PIL import Image
-    gt_dir = Path(cfg.data.root) / Path(cfg.data.gt_dir).parent / "SegmentationClassAug"
-    return (np.asarray(Image.open(gt_dir / f"{i}.png")),
+    return (np.asarray(Image.open(train_files(cfg).gt(i))),
             np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png")),
             np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L")) > 0)
 
@@ -275,14 +307,13 @@ def plot_samples(out: Path, cfg_beco: Config, cfg_base: Config, export: Path, n:
     import numpy as np
     from PIL import Image, ImageDraw
     from utils.voc import colorize
-    root = Path(cfg_beco.data.root)
     ids = train_ids(cfg_beco)[:n]
     beco = predict_train_images(cfg_beco, out / "beco" / "best_ckpt.pth", ids)
     base = predict_train_images(cfg_base, out / "baseline" / "best_ckpt.pth", ids)
     titles = ["image", "pseudo-label", "mask (white = kept)", "CE baseline", "BECO", "ground truth"]
     rows = []
     for i in ids:
-        image = np.asarray(Image.open(root / cfg_beco.data.image_dir / f"{i}.jpg").convert("RGB"))
+        image = np.asarray(Image.open(train_files(cfg_beco).image(i)).convert("RGB"))
         gt, pseudo, kept = train_maps(cfg_beco, export, i)
         mask = kept.astype(np.uint8) * 255
         tiles = [image, colorize(pseudo), np.repeat(mask[..., None], 3, 2), colorize(base[i]), colorize(beco[i]),
@@ -397,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Same folder, other seed: results would mix runs; refuse instead.
     settings_path = out / "demo_settings.json"
-    settings = {"seed": args.seed, "beco_config": str(args.beco_config), "baseline_config": str(args.baseline_config),
+    settings = {"seed": args.seed, **({"dataset": args.dataset} if args.dataset != "voc" else {}),
+                "beco_config": str(args.beco_config), "baseline_config": str(args.baseline_config),
                 "first_stage_config": str(args.first_stage_config)}
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise SystemExit(f"demo: {out} holds a demo run with other settings ({settings_path}); "
@@ -427,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     stage("data", stage_data, cfg_beco)
-    data = json.loads((Path(cfg_beco.data.root) / "synthetic_voc.json").read_text())
+    from datasets.build import dataset_entry
+    data = json.loads((Path(cfg_beco.data.root) / dataset_entry(cfg_beco.data.dataset).synthetic_summary).read_text())
     stage("first_stage", stage_first_stage, cfg_beco, fs_options, work, export, args.seed)
     configs = {"beco": (args.beco_config, cfg_beco), "baseline": (args.baseline_config, cfg_base)}
     for tag, (path, cfg) in configs.items():
@@ -436,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     def test_both() -> dict | str:
         if all(_tested(out / tag) for tag in RUNS):  # scores newer than the checkpoints
             return "skipped"
-        for tag, (path, _) in configs.items():
-            stage_test(path, tag, out, overrides)
+        for tag, (path, cfg) in configs.items():
+            stage_test(path, tag, cfg, out, overrides)
         return {}
     stage("test", test_both)
     tests = {tag: {key: json.loads((out / tag / name).read_text())["miou"] for key, name in SCORES.items()}
