@@ -101,3 +101,34 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
     assert "0 predictions written, 5 already there" in r.stdout
     ckpt = torch.load(run / "best_ckpt.pth", weights_only=False)
     assert ckpt["net_state_dict"]["network1"]["classifier.weight"].shape[0] == 81
+
+
+def test_raw_coco_to_pseudo_labels_to_beco_to_crf(tmp_path):
+    """The README's COCO commands at toy size: instances JSON -> tools/prepare_coco.py ->
+    run_sample.py --dataset coco -> main.py on its exported labels -> --test -> test.py --crf."""
+    root = tmp_path / "coco"
+    make_synthetic_coco(root, train=8, val=4, size=(48, 64), classes=3, seed=2, colours="class")
+    for d in ("irn_pseudo_label", "irn_mask"):  # the generator's simulated labels: not used here
+        for p in (root / d).iterdir():
+            p.unlink()
+        (root / d).rmdir()
+    r = _run("tools/prepare_coco.py", "--coco", root, "--workers", "1")
+    assert "train2014: 8 images" in r.stdout and "val2014: 4 images" in r.stdout
+    work, export = tmp_path / "irn", tmp_path / "export"
+    _run("first-stage/irn/run_sample.py", "--dataset", "coco", "--coco_root", root, "--work_dir", work,
+         "--steps", "all", "--export_to", export, "--device", "cpu", "--num_workers", "0", "--torch_threads", "1",
+         "--no_progress", "--backbone_depth", "18", "--backbone_bn", "batch", "--cam_freeze_until", "none",
+         "--cam_crop_size", "48", "--cam_resize_long", "48,64", "--cam_batch_size", "4", "--cam_num_epoches", "1",
+         "--cam_scales", "1.0", "--irn_crop_size", "48", "--irn_batch_size", "4", "--irn_num_epoches", "1",
+         "--radius", "5", "--exp_times", "3", "--irn_backbone_from_cam", "true")
+    labels = sorted(p.stem for p in (export / "irn_pseudo_label").glob("*.png"))
+    assert len(labels) == 8 and all(s.startswith("COCO_train2014_") for s in labels)
+    _run("main.py", *_train_args(root, tmp_path, "beco", f"data.pseudo_label_dir={export / 'irn_pseudo_label'}",
+                                 f"data.mask_dir={export / 'irn_mask'}"))
+    _run("main.py", "--config", REPO / "configs/demo_coco.yaml", "--test", "--logging_path_base", tmp_path,
+         "--logging_tag", "beco", "data.synthetic=null", f"data.root={root}", "data.val_size=48")
+    r = _run("test.py", "--logits_dir", tmp_path / "beco" / "logits_compact", "--mode", "val", "--crf",
+             "--n-jobs", "2")
+    scores = json.loads((tmp_path / "beco" / "val_pred_crf_scores.json").read_text())
+    assert len(scores["iou"]) == 81 and scores["class_names"][80] == "toothbrush" and 0 <= scores["miou"] <= 1
+    assert len(list((tmp_path / "beco" / "val_pred_crf").glob("COCO_val2014_*.png"))) == 4
