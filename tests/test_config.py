@@ -125,13 +125,22 @@ def test_family_configs_hold_the_reference_values():
 
 def test_a_config_saved_before_segmenters_were_named_still_loads():
     """A run's config.yaml in the old layout (model.decoder.num_classes, decoder.align_corners,
-    optim without a name) builds to today's DeepLabV3+/SGD config with the same values."""
+    optim without a name, no COCO-era keys) builds to today's DeepLabV3+/SGD config with the
+    same values."""
     new = to_dict(load_config(REPO / "configs/demo.yaml"))
     old = yaml.safe_load(yaml.safe_dump(new))
     old["model"] = {"backbone": new["model"]["backbone"],
                     "decoder": {**new["model"]["decoder"], "num_classes": 6, "align_corners": True}}
     old["optim"] = {k: v for k, v in new["optim"].items() if k not in ("name", "head_lr_mult")}
+    # Keys that came with COCO: a data set's own layout keys and validation / score-map options.
+    for section, keys in (("data", ("mask_size_mismatch", "truncated_images")),
+                          ("train", ("val_subset", "val_subset_seed", "val_mode", "save_val_logits")),
+                          ("test", ("save_logits", "logits_format", "compact_threshold", "compact_max_classes"))):
+        for key in keys:
+            del old[section][key]
     cfg = build_config(old)
+    assert to_dict(cfg)["data"] == new["data"] and to_dict(cfg)["train"] == new["train"]
+    assert to_dict(cfg)["test"] == new["test"]
     assert cfg.model.name == "deeplabv3plus" and cfg.model.align_corners is True
     assert to_dict(cfg)["model"]["backbone"] == new["model"]["backbone"]
     assert to_dict(cfg)["optim"] == new["optim"]

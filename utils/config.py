@@ -416,7 +416,22 @@ def upgrade_legacy(raw: dict) -> dict:
     optim = raw.get("optim")
     if isinstance(optim, dict) and "name" not in optim and "momentum" in optim:
         raw["optim"] = {"name": "sgd", **optim}
-    return raw
+    # Keys added since (COCO and the compact score maps): the reference config's values, read
+    # from its file; the data section's from its data set's file (configs/data/<name>.yaml).
+    reference = None
+    for section, keys in ADDED_KEYS.items():
+        if isinstance(raw.get(section), dict) and any(k not in raw[section] for k in keys):
+            reference = reference or load_yaml(REFERENCE_CONFIG)
+            raw[section] = {**{k: reference[section][k] for k in keys}, **raw[section]}
+    return _with_section_defaults(raw)
+
+
+# Keys a run's saved config.yaml may lack because they came later (upgrade_legacy fills them).
+ADDED_KEYS = {
+    "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits"),
+    "test": ("save_logits", "logits_format", "compact_threshold", "compact_max_classes"),
+}
+REFERENCE_CONFIG = SECTION_DEFAULTS_DIR / "beco_voc.yaml"
 
 
 def build_config(raw: dict) -> Config:
