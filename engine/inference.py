@@ -30,7 +30,7 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt_io
 from engine.evaluate import ShardSampler, average_outputs
 from utils.config import Config, ConfigError, to_dict, to_yaml
-from utils.io import save_json, save_npy, save_text
+from utils.io import save_json, save_text
 from utils.logs import log, setup_logging
 
 

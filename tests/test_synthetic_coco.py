@@ -2,7 +2,6 @@
 simulated first-stage outputs, reuse / refusal, the CLI."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace

@@ -17,9 +17,12 @@ import math
 import multiprocessing as mp
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from utils.score_maps import ScoreMap
 
 
 def interpolation_matrix(size_in: int, size_out: int, align_corners: bool) -> np.ndarray:
