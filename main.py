@@ -276,6 +276,8 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
         ckpt_io.set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
         log.info(f"resumed from {args.ckpt}: epoch {start_epoch + 1}, iteration {start_epoch * iters_per_epoch}")
 
+    from datasets.build import dataset_entry
+    class_names = dataset_entry(cfg.data.dataset).class_names(cfg.data.num_classes)
     writer = metrics_file = None
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -320,6 +322,9 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
                     record.update({k: v for k, v in scores.items() if k != "iou"})
                     for k in ("miou", "pixel_acc", "mean_acc", "mean_precision"):
                         writer.add_scalar(f"val/{k}", scores[k], epoch + 1)
+                    for name, iou in zip(class_names, scores["iou"]):  # classes absent from val: no point
+                        if iou is not None:
+                            writer.add_scalar(f"val_iou/{name}", iou, epoch + 1)
                     if vis:
                         writer.add_image("val/image_pred_gt", vis_grid(vis, cfg), epoch + 1, dataformats="HWC")
                     log.info(f"epoch {epoch + 1}: val mIoU {scores['miou']:.4f} pixel acc {scores['pixel_acc']:.4f}"

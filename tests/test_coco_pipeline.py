@@ -60,6 +60,9 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
     assert (run / "best_ckpt.pth").is_file() and not (run / "val_logits").exists()
     val = json.loads((run / "val_log.jsonl").read_text().splitlines()[-1])
     assert 0 <= val["miou"] <= 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(run / "tb")).Reload().Tags()["scalars"]
+    assert "val_iou/background" in tags and "val/miou" in tags  # per-class IoU under COCO's names
 
     common = ["--test", "--ckpt", run / "best_ckpt.pth", "--logging_path_base", tmp_path, "data.synthetic=null",
               f"data.root={coco_root}", "data.val_size=48"]

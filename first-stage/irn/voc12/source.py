@@ -36,6 +36,7 @@ lazily, once per process.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,7 +69,7 @@ COCO_DEFAULT_SPLITS = {"train": "train", "val": "val", "infer": "train"}
 load_id_list = read_id_list
 
 
-class DataSource:
+class DataSource(ABC):
     """Common part; see the module docstring. Subclasses set the class counts and the files."""
 
     name: str = ""
@@ -86,8 +87,9 @@ class DataSource:
 
     # ------------------------------------------------------------------ ids
 
+    @abstractmethod
     def list_path(self, role: str) -> Path:
-        raise NotImplementedError
+        """Each data set's own (VOCSource, CocoSource)."""
 
     def _read_list(self, role: str) -> list[str]:
         return load_id_list(self.list_path(role))
@@ -106,8 +108,9 @@ class DataSource:
 
     # ------------------------------------------------------------------ files
 
+    @abstractmethod
     def files_of(self, item_id: str) -> SplitFiles:
-        raise NotImplementedError
+        """Each data set's own (VOCSource, CocoSource)."""
 
     def image_path(self, item_id: str) -> Path:
         return self.files_of(item_id).image(item_id)
@@ -162,9 +165,9 @@ class DataSource:
 
     # ------------------------------------------------------------------ image-level labels
 
+    @abstractmethod
     def labels(self, item_id: str) -> list[int]:
         """Ascending 0-based class indices present in the image (may be empty)."""
-        raise NotImplementedError
 
     def label_vector(self, item_id: str) -> np.ndarray:
         """float32 multi-hot of length ``num_classes``."""
@@ -175,8 +178,9 @@ class DataSource:
         for i in ids:
             self.labels(i)
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """Each data set's own (VOCSource, CocoSource)."""
 
     def __getstate__(self) -> dict[str, Any]:
         # Label tables are re-read where needed: a spawned process gets a light object.
