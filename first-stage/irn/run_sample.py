@@ -36,6 +36,23 @@ on train2014; the CAM validation loss on val2014. Every output is named by the f
   QUIRK-18  every evaluation accumulates its confusion matrix image by image.
 make_cam and make_sem_seg use one process per visible GPU (or --cpu_shards on the CPU),
 cam_to_ir_label --num_workers CRF processes; results do not depend on the split.
+
+Before the first step the data the chosen steps read is checked in full (misc/preflight.py):
+the data root (--voc12_root / --coco_root), every id's image and image-level labels (VOC: the
+Annotations XML exists and parses, or --cls_labels holds the id; COCO: cls_labels_<split>2014.json)
+of the train and val lists, the infer list's images, the evaluation ids' ground truth. A bad
+file stops the run naming the first bad id, its file and how many fail. Images without any
+class are reported then (log warning, "preflight" in summary.json, logs/no_class_ids.txt) and
+counted again by gen_mask and export. --no_class_mask skip is refused: the second stage trains
+on every id of its own list (VOC train_aug.txt, COCO train2014/) and needs a label and a mask
+for each, so the export cannot leave images out.
+
+Errors, as main.py reports them: an error of the project's own types (bad or missing data,
+option values argparse cannot check, outputs of earlier steps that do not fit) prints one line
+"error: <message>" on stderr, its traceback goes to <work_dir>/log.txt, and the exit code is
+2 for option / usage errors, 1 for data and run errors (argparse's own errors: 2). Anything
+else is a bug and keeps its traceback. main(argv) raises them all (Python callers); cli(argv)
+is the command.
 """
 from __future__ import annotations
 
@@ -57,12 +74,14 @@ for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12,
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from misc.errors import OptionError, RunError  # noqa: E402
 from misc.runtime import LOGGER_NAME  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
 STEPS: tuple[str, ...] = ("train_cam", "make_cam", "eval_cam", "cam_to_ir_label", "train_irn",
                           "make_sem_seg", "eval_sem_seg", "gen_mask", "export")
 # step name -> module under step/ (imported lazily: PART B's steps may be absent)
+NO_CLASS_CHOICES = ("random_half", "zero", "skip")  # skip: refused, see SKIP_REFUSED
 STEP_MODULES: dict[str, str] = {
     "train_cam": "step.train_cam", "make_cam": "step.make_cam", "eval_cam": "step.eval_cam",
     "cam_to_ir_label": "step.cam_to_ir_label", "train_irn": "step.train_irn",
@@ -273,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--score_fp16", type=str2bool, default=False, help="save score tensors as float16 (COCO parity; default float32)")
     a("--margin_tie_mode", choices=("original", "zero"), default="original", help="QUIRK-13 gen_mask tie rule")
     a("--mask_thd", type=float, default=0.5, help="gen_mask keep fraction")
-    a("--no_class_mask", choices=("random_half", "zero"), default="random_half",
+    a("--no_class_mask", choices=NO_CLASS_CHOICES, default="random_half",
       help="QUIRK-15 fixed: gen_mask's full-size mask of an image without any class (COCO): random_half = "
-           "int(N/(1/mask_thd)) of its N pixels (floor(N/2)), seeded by --seed and the id; zero = none")
+           "int(N/(1/mask_thd)) of its N pixels (floor(N/2)), seeded by --seed and the id; zero = none; "
+           "skip is refused (the second stage's list keeps the images; see the description)")
 
     g = add_group("optimiser (spec §18)")
     a = g.add_argument
@@ -331,12 +351,35 @@ def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# --no_class_mask skip: why it is refused (the export cannot leave ids out of the second stage's list).
+SKIP_REFUSED = (
+    "--no_class_mask skip cannot be honoured: the second stage trains on every id of its own list "
+    "(VOC: ImageSets/Segmentation/train_aug.txt of the VOC root; COCO: every image of train2014/, or "
+    "lists/train2014.txt with data.list_dir lists) and stops at an id without a pseudo-label and a mask, so "
+    "the export cannot leave images out. Remove those ids from --train_list and from the second stage's list "
+    "instead (a run lists them in <work_dir>/logs/no_class_ids.txt), or use random_half (default) or zero")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Option values argparse cannot check; an OptionError (exit 2) names the flag."""
+    at_least = {"max_images": 1, "cpu_shards": 1, "num_workers": 0, "cam_batch_size": 1, "irn_batch_size": 1,
+                "cam_crop_size": 1, "irn_crop_size": 1, "cam_num_epoches": 1, "irn_num_epoches": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise OptionError(f"--{name} must be >= {low}, got {value}")
+    if not 0.0 < args.mask_thd <= 1.0:
+        raise OptionError(f"--mask_thd must be in (0, 1], got {args.mask_thd}")
+    if args.no_class_mask == "skip":
+        raise OptionError(SKIP_REFUSED)
+    from misc.runtime import resolve_device
+    resolve_device(args.device)  # DeviceError (an OptionError) for a device this machine lacks
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options, checked (OptionError: exit 2), with the derived paths (created)."""
     args = build_parser().parse_args(argv)
-    if args.max_images is not None and args.max_images < 1:
-        raise SystemExit("--max_images must be >= 1")
-    if args.cpu_shards < 1:
-        raise SystemExit("--cpu_shards must be >= 1")
+    check_options(args)
     return resolve_paths(args)
 
 
@@ -375,15 +418,20 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def read_summary(summary_path: Path) -> dict[str, Any]:
+    """summary.json as it is (empty when missing or cut by a kill: it is rewritten whole)."""
+    if summary_path.is_file():
+        try:
+            return json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            pass
+    return {}
+
+
 def record_step(summary_path: Path, step: str, seconds: float, metrics: dict[str, Any],
                 args: argparse.Namespace) -> None:
     """Merge one step's entry into summary.json (re-read each time: runs accumulate)."""
-    summary: dict[str, Any] = {}
-    if summary_path.is_file():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
-            summary = {}
+    summary = read_summary(summary_path)
     steps = summary.setdefault("steps", {})
     now = _dt.datetime.now().isoformat(timespec="seconds")
     if metrics.get("skipped") and step in steps and not steps[step].get("metrics", {}).get("skipped"):
@@ -394,31 +442,70 @@ def record_step(summary_path: Path, step: str, seconds: float, metrics: dict[str
     save_json(summary_path, summary)
 
 
+def record_preflight(summary_path: Path, report: dict[str, Any]) -> None:
+    """summary.json's "preflight": what was checked before the steps, the images without class."""
+    summary = read_summary(summary_path)
+    summary["preflight"] = {"finished": _dt.datetime.now().isoformat(timespec="seconds"), **_json_safe(report)}
+    save_json(summary_path, summary)
+
+
 # ----------------------------------------------------------------------------- export
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
-    """Copy pseudo-labels and masks to where the second stage reads them (§15), train_list ids only."""
+    """Copy pseudo-labels and masks to where the second stage reads them (§15), train_list ids only.
+
+    Every id is exported, those without any class too (all-background label, the mask of
+    --no_class_mask): the second stage's list holds them. They are counted and named.
+    """
+    log = logging.getLogger(LOGGER_NAME)
     if args.export_to is None:
         # `--steps all` includes export; without a target there is nothing to do, say so loudly.
-        logging.getLogger(LOGGER_NAME).warning("export: no --export_to DIR given, nothing exported")
+        log.warning("export: no --export_to DIR given, nothing exported")
         return {"skipped": True}
+    from misc.errors import MissingInputError
     from misc.runtime import read_ids
     ids = read_ids(args, "train_list")
-    counts = {}
+    counts: dict[str, Any] = {}
+    for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
+        missing = [i for i in ids if not (Path(src_dir) / f"{i}.png").is_file()]
+        if missing:
+            raise MissingInputError(f"export: {len(missing)} of {len(ids)} files missing in {src_dir}, e.g. id "
+                                    f"'{missing[0]}': {Path(src_dir) / (missing[0] + '.png')}")
     for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
         dst = Path(args.export_to) / name
         dst.mkdir(parents=True, exist_ok=True)
-        missing = [i for i in ids if not (Path(src_dir) / f"{i}.png").is_file()]
-        if missing:
-            raise FileNotFoundError(f"export: {len(missing)} files missing in {src_dir}, e.g. id '{missing[0]}': "
-                                    f"{Path(src_dir) / (missing[0] + '.png')}")
         for i in ids:
             tmp = dst / f".{i}.png.tmp"
             shutil.copyfile(Path(src_dir) / f"{i}.png", tmp)
             os.replace(tmp, dst / f"{i}.png")  # atomic per file
         counts[name] = len(ids)
+    counts.update(_exported_no_class(args, ids, log))
     return {"export_to": str(args.export_to), **counts}
+
+
+def _exported_no_class(args: argparse.Namespace, ids: list[str], log: logging.Logger) -> dict[str, Any]:
+    """Count and name the exported images without class; their policy read off their masks."""
+    from misc.preflight import known_no_class, no_class_report, no_class_sentence, policy_text, shown
+    from step.gen_mask import no_class_policy_of, read_mask_png
+    empty = known_no_class(args, ids)
+    if empty is None:
+        log.warning("export: image-level labels of the train list unavailable: cannot tell which exported images "
+                    "have no class")
+        return {"no_class_images": None}
+    out = no_class_report(empty)
+    if not empty:
+        return out
+    policies = {no_class_policy_of(read_mask_png(Path(args.mask_out_dir) / f"{i}.png"), args.mask_thd) for i in empty}
+    if len(policies) == 1 and None not in policies:
+        out["no_class_mask"] = policies.pop()
+        text = policy_text(out["no_class_mask"], args.mask_thd)
+    else:
+        out["no_class_mask"] = "mixed"
+        text = ("their masks were made with different --no_class_mask values (rerun gen_mask with --overwrite "
+                "for one policy)")
+    log.warning(f"export: {no_class_sentence(len(empty), text)}; ids {shown(empty)}")
+    return out
 
 
 def step_runner(name: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
@@ -428,7 +515,7 @@ def step_runner(name: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
         module = importlib.import_module(STEP_MODULES[name])
     except ModuleNotFoundError as e:
         if e.name == STEP_MODULES[name]:
-            raise SystemExit(f"step {name}: module {STEP_MODULES[name]} is not available in this checkout") from None
+            raise RunError(f"step {name}: module {STEP_MODULES[name]} is not available in this checkout") from None
         raise
     return module.run
 
@@ -437,7 +524,12 @@ def step_runner(name: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    """Run the chosen steps; returns each step's metrics. Every error propagates (``cli`` reports them)."""
+    return run_steps(parse_args(argv), argv)
+
+
+def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    from misc.preflight import preflight
     log = setup_logging(args)
     from misc.torchutils import seed_everything
     if args.torch_threads:
@@ -450,9 +542,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.backbone_weights is None and any(s in args.steps for s in ("train_cam", "train_irn")):
         log.warning("run_sample: NO --backbone_weights: the backbone trains FROM SCRATCH "
                     "(expect far lower mIoU than the reference; fine for the synthetic demo)")
+    runners = {name: step_runner(name) for name in args.steps}  # a missing step module fails before any work
+    record_preflight(args.summary_path, preflight(args, args.steps, log))
     results: dict[str, Any] = {}
     for name in args.steps:
-        run = step_runner(name)
+        run = runners[name]
         seed_everything(args.seed)  # each step reproducible on its own, whatever ran before
         log.info(f"== {name}")
         start = time.perf_counter()
@@ -465,5 +559,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def _report(message: str, code: int) -> int:
+    """One line on stderr; the traceback of the error being handled into log.txt."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {message}", None,
+                                       sys.exc_info()))
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command: ``main`` with the project's errors reported in one line (exit 2 for option
+    errors, 1 for data and run errors); any other exception keeps its traceback."""
+    from misc.errors import error_types, exit_code, one_line, spawned_error
+    try:
+        args = parse_args(argv)
+    except error_types() as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
+    try:
+        run_steps(args, argv)
+    except error_types() as e:
+        return _report(one_line(e), exit_code(e))
+    except Exception as e:
+        found = spawned_error(e)  # ours, raised in a make_cam / make_sem_seg shard process
+        if found is None:
+            raise
+        return _report(found[1], found[0])
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import DataError
 from utils.io import atomic_write
 
 
-class CamFileError(ValueError):
+class CamFileError(DataError):
     """Missing or malformed CAM file; the message names the id and path."""
 
 

@@ -43,9 +43,15 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → the first CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    from misc.errors import DeviceError
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N): {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} requested but CUDA is not available")
+        raise DeviceError(f"--device {name} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from misc.errors import MissingInputError, WeightsError
+
 
 class FixedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm that always uses (and never updates) its running statistics.
@@ -161,7 +163,7 @@ def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
+        raise MissingInputError(f"--backbone_weights: backbone weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -169,7 +171,7 @@ def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise RuntimeError(
+        raise WeightsError(
             f"{path} does not match a torchvision ResNet-{model.depth}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")

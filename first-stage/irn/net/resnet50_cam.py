@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datasets.voc_cls_labels import FG_CLASSES
+from misc.errors import MissingInputError, WeightsError
 from net.resnet import ResNet, build_backbone
 
 # Former constant, kept importable: VOC's class count (the default of ``n_classes``).
@@ -91,12 +92,12 @@ def load_cam_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights saved by train_cam (strict: a depth/class mismatch fails with the file named)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CAM weights not found: {path} (run the train_cam step first)")
+        raise MissingInputError(f"CAM weights not found: {path} (run the train_cam step first)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"CAM weights {path} do not fit this network (backbone depth / classes?): {e}") from None
+        raise WeightsError(f"CAM weights {path} do not fit this network (backbone depth / classes?): {e}") from None
     return model
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from misc.errors import MissingInputError, WeightsError
 from misc.indexing import PathIndex, edge_to_affinity
 from net.resnet import ResNet, build_backbone
 
@@ -250,15 +251,15 @@ def load_irn_weights(model: nn.Module, path: str | Path) -> nn.Module:
     buffers); every parameter/buffer of ``model`` must be present and fit."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"IRN weights not found: {path} (run the train_irn step first)")
+        raise MissingInputError(f"IRN weights not found: {path} (run the train_irn step first)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         missing, _unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise RuntimeError(f"IRN weights {path} do not fit this network (backbone depth?): {e}") from None
+        raise WeightsError(f"IRN weights {path} do not fit this network (backbone depth?): {e}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
-        raise RuntimeError(f"IRN weights {path} lack {len(missing)} entries of this network, e.g. {missing[:3]}")
+        raise WeightsError(f"IRN weights {path} lack {len(missing)} entries of this network, e.g. {missing[:3]}")
     return model
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from misc.cam_io import load_cam
+from misc.cam_io import CamFileError, load_cam
 from misc.runtime import eval_ids, get_logger, progress, read_ids
 from utils.io import save_png
 from voc12.source import SEED_IGNORE, data_source
@@ -80,7 +80,8 @@ def ir_label_for(img: np.ndarray, cam: dict[str, np.ndarray], fg_thres: float, b
                  p: CRFParams = CRFParams(), item_id: str = "?") -> np.ndarray:
     high_res, keys = cam["high_res"], cam["keys"]
     if high_res.shape[1:] != img.shape[:2]:
-        raise ValueError(f"id '{item_id}': high_res CAM {high_res.shape[1:]} differs from the image {img.shape[:2]}")
+        raise CamFileError(f"id '{item_id}': high_res CAM {high_res.shape[1:]} differs from the image "
+                           f"{img.shape[:2]} (CAMs of other images? rerun make_cam with --overwrite)")
     if keys.size == 0:
         # No class: everything is confident background (the reference's COCO rule; a CRF needs ≥ 2 labels).
         return np.zeros(img.shape[:2], dtype=np.uint8)

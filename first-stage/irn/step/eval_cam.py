@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from misc.cam_io import load_cam
+from misc.cam_io import CamFileError, load_cam
 from misc.runtime import StreamingConfusion, eval_ids, fg_on_gt_background, get_logger, iou_scores, progress
 from voc12.dataloader import VOC12GTDataset
 from voc12.source import data_source
@@ -40,9 +40,9 @@ def run(args: Any) -> dict[str, Any]:
         gt = gt_set[idx]
         cam = load_cam(cam_dir / f"{name}.npy", name)
         if "high_res" not in cam:
-            raise ValueError(f"CAM file for id '{name}' has no 'high_res': {cam_dir / (name + '.npy')}")
+            raise CamFileError(f"CAM file for id '{name}' has no 'high_res': {cam_dir / (name + '.npy')}")
         if cam["high_res"].shape[1:] != gt.shape:
-            raise ValueError(f"id '{name}': high_res CAM {cam['high_res'].shape[1:]} differs from the "
+            raise CamFileError(f"id '{name}': high_res CAM {cam['high_res'].shape[1:]} differs from the "
                              f"ground truth {gt.shape}")
         conf.add(gt, cam_prediction(cam["high_res"], cam["keys"], args.cam_eval_thres))
         for t, c in zip(sweep, sweep_conf):

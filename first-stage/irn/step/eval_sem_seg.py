@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from misc.errors import DataError
 from misc.runtime import StreamingConfusion, eval_ids, fg_on_gt_background, get_logger, progress
 from step.make_sem_seg_labels import sem_seg_dir
 from voc12.dataloader import IGNORE, VOC12GTDataset
@@ -89,7 +90,7 @@ def run(args: Any) -> dict[str, Any]:
         path = pred_dir / f"{name}.png"
         pred = read_prediction(path, name, source)
         if pred.shape != gt.shape:
-            raise ValueError(f"id '{name}': pseudo-label {path} is {pred.shape}, ground truth is {gt.shape}")
+            raise DataError(f"id '{name}': pseudo-label {path} is {pred.shape}, ground truth is {gt.shape}")
         stream.add(gt, pred)
     conf = stream.matrix
     scores = stream.scores()

@@ -16,7 +16,9 @@ reference wrote an unseeded random 50 % mask at the stride-4 CAM size (QUIRK-15)
 has the image's full H×W and ``--no_class_mask`` chooses it: ``random_half`` (default) marks
 ``int(N / (1/mask_thd))`` of the N pixels (= floor(N/2)), drawn from a generator seeded by
 (``--seed``, id), so a rerun gives the same mask; ``zero`` marks none. The pseudo-label stays all
-background.
+background. Such images are counted in the summary (``no_class_images``, the first
+``no_class_ids``) and named in a warning; an existing mask of another policy is kept without
+``--overwrite`` and counted (``no_class_masks_of_other_policy``).
 
 Ids come from ``train_list``, not from whatever files the score folder holds (QUIRK-26). Score
 files of the reference (numpy ``pred``/``keys``, score tensors saved on a GPU or as float16)
@@ -42,7 +44,9 @@ if __name__ == "__main__":  # standalone: make first-stage/irn and the repo impo
         if _p not in sys.path:
             sys.path.insert(0, _p)
 
+from misc.preflight import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
+from utils.errors import DataError  # noqa: E402
 from utils.io import save_png  # noqa: E402
 from voc12.source import VOC_STATS_GT_DIRS  # noqa: E402
 
@@ -52,11 +56,12 @@ NO_CLASS_MASKS = ("random_half", "zero")  # QUIRK-15 fixed: full-size masks, see
 # cover all of train_aug; VOC's own only train/val). COCO: mask/<split>2014/<int id>.png.
 GT_DIRS = VOC_STATS_GT_DIRS
 IGNORE = 255
+NO_CLASS_IDS_SHOWN = 10  # ids of images without class kept in the summary
 
 _warned_unsafe_load = False
 
 
-class ScoreFileError(ValueError):
+class ScoreFileError(DataError):
     """Missing or malformed score file; the message names the id and path."""
 
 
@@ -183,6 +188,14 @@ def is_no_class(data: dict[str, Any]) -> bool:
     return int(data["score"].shape[0]) == 1
 
 
+def no_class_policy_of(mask: np.ndarray, thd: float = 0.5) -> str | None:
+    """The ``--no_class_mask`` value a no-class mask was made with, from its pixel count (None: neither)."""
+    kept = int((np.asarray(mask) > 0).sum())
+    if kept == 0:
+        return "zero"
+    return "random_half" if kept == keep_count(np.asarray(mask).size, thd) else None
+
+
 def no_class_mask(shape: tuple[int, int], item_id: str, seed: int = 0, mode: str = "random_half",
                   thd: float = 0.5) -> np.ndarray:
     """(H, W) uint8 mask of an image without classes (QUIRK-15 fixed).
@@ -224,18 +237,23 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
     gt_of = gt_of or _voc_gt_reader(voc12_root)
     mask_root.mkdir(parents=True, exist_ok=True)
     stats = {"pixels": 0, "kept": 0, "kept_valid": 0, "kept_correct": 0, "unkept_valid": 0,
-             "unkept_correct": 0, "with_gt": 0, "written": 0, "no_class": 0}
+             "unkept_correct": 0, "with_gt": 0, "written": 0}
+    no_class_ids: list[str] = []
+    stale: list[str] = []  # existing no-class masks of another --no_class_mask
     for name in progress(ids, "gen_mask", enabled=show_progress):
         out = mask_root / f"{name}.png"
         data = load_score(score_root / f"{name}.pt", name)
         pred = data["pred"]
         empty = is_no_class(data)
-        stats["no_class"] += int(empty)
+        if empty:
+            no_class_ids.append(name)
         if out.is_file() and not overwrite:
             mask = read_mask_png(out)
             if mask.shape != pred.shape:
-                raise ValueError(f"existing mask for id '{name}' is {mask.shape}, its pred is {pred.shape}: {out} "
+                raise DataError(f"existing mask for id '{name}' is {mask.shape}, its pred is {pred.shape}: {out} "
                                  "(pass --overwrite)")
+            if empty and no_class_policy_of(mask, thd) != no_class:
+                stale.append(name)
         else:
             if empty:
                 mask = no_class_mask(pred.shape, name, seed, no_class, thd)
@@ -248,7 +266,7 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
         gt = gt_of(name)
         if gt is not None:
             if gt.shape != pred.shape:
-                raise ValueError(f"id '{name}': ground truth is {gt.shape}, pred is {pred.shape}")
+                raise DataError(f"id '{name}': ground truth is {gt.shape}, pred is {pred.shape}")
             valid = gt >= 0
             correct = valid & (pred == gt)
             kept = mask > 0
@@ -265,8 +283,8 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
             "images_with_gt": stats["with_gt"],
             "kept_precision": ratio(stats["kept_correct"], stats["kept_valid"]),
             "unkept_precision": ratio(stats["unkept_correct"], stats["unkept_valid"]),
-            "mask_thd": thd, "margin_tie_mode": tie_mode, "no_class_images": stats["no_class"],
-            "no_class_mask": no_class}
+            "mask_thd": thd, "margin_tie_mode": tie_mode, "no_class_images": len(no_class_ids),
+            "no_class_ids": no_class_ids, "no_class_mask": no_class, "no_class_masks_of_other_policy": len(stale)}
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -287,9 +305,15 @@ def run(args: Any) -> dict[str, Any]:
              f"pixels" + (f", label precision of kept pixels {100 * prec:.2f} % (unkept "
                           f"{100 * out['unkept_precision']:.2f} %) on {out['images_with_gt']} images with GT"
                           if prec is not None else ", no ground truth for precision"))
-    if out["no_class_images"]:
-        log.info(f"gen_mask: {out['no_class_images']} image(s) without any class: full-size "
-                 f"{out['no_class_mask']} masks (seed {getattr(args, 'seed', 0)})")
+    every = out["no_class_ids"]
+    out["no_class_ids"] = every[:NO_CLASS_IDS_SHOWN]  # the summary keeps the first few
+    if every:
+        log.warning(f"gen_mask: {no_class_sentence(len(every), policy_text(out['no_class_mask'], args.mask_thd))} "
+                    f"(full size, seed {getattr(args, 'seed', 0)}); ids {shown(every)}")
+    if out["no_class_masks_of_other_policy"]:
+        log.warning(f"gen_mask: {out['no_class_masks_of_other_policy']} existing mask(s) of images without class were "
+                    f"made with another --no_class_mask than {out['no_class_mask']} and were kept; pass --overwrite "
+                    "to remake them")
     return out
 
 
@@ -316,15 +340,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = generate_masks(load_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
                          a.voc12_root if a.dataset == "voc" else None, a.overwrite, not a.no_progress,
                          gt_of=gt_of, no_class=a.no_class_mask, seed=a.seed)
+    out["no_class_ids"] = out["no_class_ids"][:NO_CLASS_IDS_SHOWN]
     print(out)
     return out
 
 
 __all__ = ["run", "main", "margins", "confidence_mask", "keep_count", "load_score", "save_mask",
            "read_mask_png", "generate_masks", "ScoreFileError", "TIE_MODES", "NO_CLASS_MASKS", "no_class_mask",
-           "is_no_class"]
+           "is_no_class", "no_class_policy_of"]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The standalone command: the project's errors in one line on stderr (exit 1, options 2)."""
+    from misc.errors import error_types, exit_code, one_line
+    try:
+        main(argv)
+    except error_types() as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
 

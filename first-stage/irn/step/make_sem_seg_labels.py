@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from misc.cam_io import load_cam
+from misc.cam_io import CamFileError, load_cam
 from misc.random_walk import random_walk, rw_to_scores
 from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
 from step.train_irn import irn_module, irn_weights_path, work_path
@@ -81,7 +81,7 @@ def labels_for_image(model: torch.nn.Module, pair: torch.Tensor, cam: dict[str, 
         edge, _ = model(pair.to(device, non_blocking=True))
     cams = torch.from_numpy(cam["cam"]).to(device)
     if cams.shape[1:] != edge.shape[1:]:
-        raise ValueError(f"stride-4 CAM {tuple(cams.shape[1:])} and boundary map {tuple(edge.shape[1:])} differ "
+        raise CamFileError(f"stride-4 CAM {tuple(cams.shape[1:])} and boundary map {tuple(edge.shape[1:])} differ "
                          f"for an image of {size[0]}x{size[1]}")
     keys = torch.from_numpy(np.concatenate([[0], cam["keys"] + 1])).long()
     dtype_name = getattr(args, "rw_sparse_dtype", "float64")
@@ -130,11 +130,14 @@ def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
         name = item["name"]
         cam = load_cam(c_dir / f"{name}.npy", name)
         if "cam" not in cam:
-            raise ValueError(f"CAM file for id '{name}' has no stride-4 'cam': {c_dir / (name + '.npy')}")
+            raise CamFileError(f"CAM file for id '{name}' has no stride-4 'cam': {c_dir / (name + '.npy')}")
         try:
             pred, score, keys = labels_for_image(model, torch.from_numpy(item["img"]), cam, item["size"], args, device)
-        except ValueError as e:
-            raise ValueError(f"make_sem_seg: id '{name}': {e}") from None
+        except CamFileError as e:
+            raise CamFileError(f"make_sem_seg: id '{name}': {e}: {c_dir / (name + '.npy')}") from None
+        except Exception as e:  # a bug: keep its traceback, say which image
+            e.add_note(f"make_sem_seg: while processing id '{name}'")
+            raise
         # Score first: an id counts as done only when its PNG exists too.
         save_score(sc_dir / f"{name}.pt", pred, score, keys, fp16)
         save_png(sem_dir / f"{name}.png", pred.cpu().numpy().astype(np.uint8))

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from misc.errors import OptionError
 from misc.runtime import get_logger, progress, read_ids, resolve_device
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps
 from utils.io import atomic_write, save_json
@@ -64,7 +65,7 @@ def run(args: Any) -> dict[str, Any]:
         crop_size=args.cam_crop_size, crop_method="random", img_normal=TorchvisionNormalize(),
         cls_labels_file=args.cls_labels)
     if len(dataset) < args.cam_batch_size:
-        raise ValueError(f"train_cam: {len(dataset)} training images < batch size {args.cam_batch_size}; "
+        raise OptionError(f"train_cam: {len(dataset)} training images < batch size {args.cam_batch_size}; "
                          "lower --cam_batch_size")
     loader = DataLoader(dataset, batch_size=args.cam_batch_size, shuffle=True, drop_last=True,
                         pin_memory=device.type == "cuda", **loader_kwargs(args.seed, args.num_workers))

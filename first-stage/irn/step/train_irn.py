@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from misc.errors import MissingInputError, OptionError, WeightsError
 from misc.indexing import PathIndex
 from misc.runtime import get_logger, progress, read_ids, resolve_device
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
@@ -57,15 +58,15 @@ def load_backbone_from_cam(model: nn.Module, cam_weights: str | Path) -> None:
     """
     path = Path(cam_weights)
     if not path.is_file():
-        raise FileNotFoundError(f"--irn_backbone_from_cam: CAM weights not found: {path} (run train_cam first)")
+        raise MissingInputError(f"--irn_backbone_from_cam: CAM weights not found: {path} (run train_cam first)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
-        raise RuntimeError(f"--irn_backbone_from_cam: {path} holds no 'backbone.*' entries")
+        raise WeightsError(f"--irn_backbone_from_cam: {path} holds no 'backbone.*' entries")
     try:
         model.backbone.load_state_dict(backbone, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"--irn_backbone_from_cam: the backbone in {path} does not fit "
+        raise WeightsError(f"--irn_backbone_from_cam: the backbone in {path} does not fit "
                            f"ResNet-{model.backbone.depth}: {e}") from None
 
 
@@ -113,7 +114,7 @@ def run(args: Any) -> dict[str, Any]:
                                    num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
                                    crop_method="random")
     if len(dataset) < args.irn_batch_size:
-        raise ValueError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
+        raise OptionError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
                          "lower --irn_batch_size")
     loader = DataLoader(dataset, batch_size=args.irn_batch_size, shuffle=True, drop_last=True,
                         pin_memory=device.type == "cuda", **loader_kwargs(args.seed, args.num_workers))

@@ -30,7 +30,10 @@ first-stage output is named by them, the ground truth by the integer image id
 ``cls_labels_<split>2014.json`` of the stem's split (an image may have none), or all from one
 ``--cls_labels`` file keyed by stem.
 
-Reading goes through ``datasets/readers.py``; every error names the id and the file.
+Reading goes through ``datasets/readers.py``; every error is a ``DataError`` naming the id and
+the file (a VOC annotation error is a ``LabelDataError``, also a ``LabelError``). The checks
+(``check_images``, ``check_gt``, ``check_labels``) read every id up front and name the first bad
+one and how many fail.
 Sources are picklable (loader workers, spawned CRF and GPU processes); label files are read
 lazily, once per process.
 """
@@ -43,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from datasets import coco as coco_meta
-from datasets.readers import DataError, SplitFiles, read_id_list, read_image, read_label, require_files
+from datasets.readers import DataError, SplitFiles, read_id_list, read_image, read_label
 from datasets.voc_cls_labels import FG_CLASSES as VOC_FG_CLASSES
 from datasets.voc_cls_labels import ClassLabels, LabelError, load_cls_labels, multi_hot
 from utils.voc import IGNORE_INDEX
@@ -67,6 +70,17 @@ COCO_DEFAULT_SPLITS = {"train": "train", "val": "val", "infer": "train"}
 
 # The one id-list reader (an error names the file); the first stage's former name.
 load_id_list = read_id_list
+
+
+class LabelDataError(LabelError, DataError):
+    """A missing or malformed annotation / class-label file: a ``datasets.voc_cls_labels.LabelError``
+    that is also the project's DataError (whether or not LabelError itself is one); the message
+    names the id and the file."""
+
+
+def count_note(bad: int, total: int, what: str) -> str:
+    """`` (3 of 10 ids have no image)``: the count that follows the first bad id of a check."""
+    return f" ({bad} of {total} ids {what})"
 
 
 class DataSource(ABC):
@@ -119,23 +133,18 @@ class DataSource(ABC):
         return self.files_of(item_id).gt(item_id)
 
     def check_images(self, ids: Sequence[str]) -> None:
-        """Every id's image exists; fails naming the first missing one (before any worker starts)."""
-        for files, group in self._grouped(ids):
-            require_files(group, files.image_dir, ".jpg", "image")
+        """Every id's image exists; fails naming the first missing one and the count (before any
+        worker starts)."""
+        missing = [i for i in ids if not self.image_path(i).is_file()]
+        if missing:
+            raise DataError(f"image missing for id '{missing[0]}': {self.image_path(missing[0])}"
+                            f"{count_note(len(missing), len(ids), 'have no image')}")
 
     def check_gt(self, ids: Sequence[str]) -> None:
-        for files, group in self._grouped(ids):
-            missing = [i for i in group if not files.gt(i).is_file()]
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise DataError(f"ground truth missing for id '{missing[0]}': {files.gt(missing[0])}{more}")
-
-    def _grouped(self, ids: Sequence[str]) -> list[tuple[SplitFiles, list[str]]]:
-        groups: dict[Path, tuple[SplitFiles, list[str]]] = {}
-        for i in ids:
-            files = self.files_of(i)
-            groups.setdefault(files.image_dir, (files, []))[1].append(i)
-        return list(groups.values())
+        missing = [i for i in ids if not self.gt_path(i).is_file()]
+        if missing:
+            raise DataError(f"ground truth missing for id '{missing[0]}': {self.gt_path(missing[0])}"
+                            f"{count_note(len(missing), len(ids), 'have no ground truth')}")
 
     # ------------------------------------------------------------------ readers
 
@@ -173,10 +182,23 @@ class DataSource(ABC):
         """float32 multi-hot of length ``num_classes``."""
         return multi_hot(self.labels(item_id), self.num_classes)
 
-    def check_labels(self, ids: Sequence[str]) -> None:
-        """Every id has an image-level label entry (fails naming the first one without)."""
+    def check_labels(self, ids: Sequence[str]) -> list[str]:
+        """Every id has usable image-level labels; returns the ids without any class.
+
+        Reads them all now (a missing or malformed annotation is found before any worker
+        starts) and fails naming the first bad id, its file and how many ids fail.
+        """
+        bad: list[DataError] = []
+        empty: list[str] = []
         for i in ids:
-            self.labels(i)
+            try:
+                if not self.labels(i):
+                    empty.append(i)
+            except DataError as e:
+                bad.append(e)
+        if bad:
+            raise type(bad[0])(f"{bad[0]}{count_note(len(bad), len(ids), 'have no usable image-level labels')}")
+        return empty
 
     @abstractmethod
     def describe(self) -> str:
@@ -224,18 +246,32 @@ class VOCSource(DataSource):
     @property
     def class_labels(self) -> ClassLabels:
         if "table" not in self._labels_cache:
-            self._labels_cache["table"] = ClassLabels(self.root, self.cls_labels, self.num_classes)
+            try:
+                self._labels_cache["table"] = ClassLabels(self.root, self.cls_labels, self.num_classes)
+            except LabelDataError:
+                raise
+            except (LabelError, ValueError) as e:  # ValueError: a label file that is not JSON
+                raise LabelDataError(f"image-level labels: {e}") from None
         return self._labels_cache["table"]
 
     def labels(self, item_id: str) -> list[int]:
-        return self.class_labels.indices(item_id)
+        table = self.class_labels
+        try:
+            return table.indices(item_id)
+        except LabelDataError:
+            raise
+        except LabelError as e:
+            raise LabelDataError(str(e)) from None
+        except OSError as e:  # an annotation that exists but cannot be read (a folder, no permission)
+            raise LabelDataError(f"annotation for id '{item_id}' is unreadable: "
+                                 f"{self.root / 'Annotations' / (item_id + '.xml')} ({e})") from None
 
     def label_vector(self, item_id: str) -> np.ndarray:
-        return self.class_labels.vector(item_id)
+        return multi_hot(self.labels(item_id), self.num_classes)
 
-    def check_labels(self, ids: Sequence[str]) -> None:
-        self.class_labels  # noqa: B018 - an explicit --cls_labels file that is missing fails here
-        # ids are looked up lazily (JSON, else the image's XML), as before
+    def check_labels(self, ids: Sequence[str]) -> list[str]:
+        self.class_labels  # noqa: B018 - an explicit --cls_labels file that is missing fails once, here
+        return super().check_labels(ids)
 
     def describe(self) -> str:
         return f"VOC {self.root} ({self.num_classes} classes)"
@@ -356,4 +392,5 @@ def data_source(args: Any) -> DataSource:
 
 
 __all__ = ["DataSource", "VOCSource", "CocoSource", "data_source", "as_source", "load_id_list", "coco_split_of",
-           "DATASETS", "ROLES", "SEED_IGNORE", "VOC_IMAGE_DIR", "VOC_GT_DIR", "DataError"]
+           "DATASETS", "ROLES", "SEED_IGNORE", "VOC_IMAGE_DIR", "VOC_GT_DIR", "DataError", "LabelDataError",
+           "count_note"]

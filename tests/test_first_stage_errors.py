@@ -1,0 +1,363 @@
+"""First stage: errors reported as main.py reports them, the preflight, images without class.
+
+run_sample.py's command (``cli``) prints ``error: <one line>`` on stderr, writes the traceback
+to ``<work_dir>/log.txt`` and exits 2 for option errors, 1 for data and run errors; any other
+exception keeps its traceback. The preflight checks the data root and every id's image and
+image-level labels before a step starts. Images without any class are reported (log, summary).
+Tiny hand-made trees; no step here trains a network.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+IRN = REPO / "first-stage" / "irn"
+for _p in (str(IRN), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import run_sample  # noqa: E402
+from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
+from datasets.voc_cls_labels import LabelError, save_cls_labels  # noqa: E402
+from utils.errors import ConfigError, DataError  # noqa: E402
+
+TRAIN = ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]
+VAL = ["2008_000001", "2008_000002"]
+NO_CLASS = "2007_000003"  # its annotation names no object
+SIZE = (24, 32)
+CLASS_OF = {"2007_000001": "cat", "2007_000002": "dog", "2007_000004": "person", "2008_000001": "cat",
+            "2008_000002": "dog"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(one_torch_thread):
+    yield
+
+
+def _xml(name: str | None) -> str:
+    obj = f"<object><name>{name}</name><difficult>0</difficult></object>" if name else ""
+    return f"<annotation><filename>x.jpg</filename>{obj}</annotation>"
+
+
+def write_voc(root: Path) -> Path:
+    """VOC2012 layout: JPEGImages, Annotations (one image without object), SegmentationClass, lists."""
+    rng = np.random.default_rng(0)
+    for d in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in TRAIN + VAL:
+        Image.fromarray(rng.integers(0, 256, SIZE + (3,), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+        (root / "Annotations" / f"{i}.xml").write_text(_xml(CLASS_OF.get(i)))
+        Image.fromarray(np.zeros(SIZE, np.uint8), mode="L").save(root / "SegmentationClass" / f"{i}.png")
+    lists = root / "ImageSets/Segmentation"
+    (lists / "train_aug.txt").write_text("".join(f"{i}\n" for i in TRAIN))
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in TRAIN[:2]))
+    (lists / "val.txt").write_text("".join(f"{i}\n" for i in VAL))
+    return root
+
+
+@pytest.fixture
+def voc(tmp_path: Path) -> Path:
+    return write_voc(tmp_path / "VOC2012")
+
+
+def _argv(voc: Path, work: Path, *more: str) -> list[str]:
+    return ["--voc12_root", str(voc), "--work_dir", str(work), "--device", "cpu", "--num_workers", "0",
+            "--no_progress", "--backbone_depth", "18", *more]
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = run_sample.cli(argv)
+    return code, capsys.readouterr().err
+
+
+def _command(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, str(IRN / "run_sample.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def _log(work: Path) -> str:
+    return (work / "log.txt").read_text()
+
+
+# ----------------------------------------------------------------------------- exit codes (the command)
+
+
+def test_missing_root_is_a_data_error_naming_the_flag(tmp_path):
+    root, work = tmp_path / "nowhere" / "VOC2012", tmp_path / "work"
+    r = _command("--voc12_root", str(root), "--work_dir", str(work), "--steps", "train_cam", "--device", "cpu")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: data root not found: --voc12_root {root} (the VOC2012 folder: "
+                                             "JPEGImages/, Annotations/, ImageSets/Segmentation/, SegmentationClass/)"]
+    log = _log(work)
+    assert f"error: data root not found: --voc12_root {root}" in log and "Traceback" in log  # traceback: log only
+    assert "== train_cam" not in log
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
+    r = _command("--max_images", "0", "--work_dir", str(tmp_path / "w"))
+    assert r.returncode == 2 and r.stderr.strip() == "error: --max_images must be >= 1, got 0"
+    code, err = _cli(["--no_class_mask", "skip", "--work_dir", str(tmp_path / "w")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: --no_class_mask skip cannot be honoured: the second stage trains on every id "
+                          "of its own list")
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors: 2 as well
+        run_sample.cli(["--steps", "bogus"])
+    assert stop.value.code == 2 and "unknown step(s) ['bogus']" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--cpu_shards must be >= 1, got 0"):
+        run_sample.main(["--cpu_shards", "0", "--work_dir", str(tmp_path / "w")])  # Python callers get the error
+    with pytest.raises(ConfigError, match=r"--mask_thd must be in \(0, 1\], got 1.5"):
+        run_sample.parse_args(["--mask_thd", "1.5", "--work_dir", str(tmp_path / "w")])
+    with pytest.raises(ConfigError, match="--device 'tpu0' is not a device"):
+        run_sample.parse_args(["--device", "tpu0", "--work_dir", str(tmp_path / "w")])
+
+
+def test_a_programming_error_keeps_its_traceback(voc, tmp_path):
+    work = tmp_path / "work"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run_sample\n"
+            "def broken(args):\n    raise TypeError('unsupported operand in a step')\n"
+            "run_sample.step_runner = lambda name: broken\n"
+            "sys.exit(run_sample.cli(sys.argv[2:]))")
+    r = _command(str(IRN), *_argv(voc, work, "--steps", "eval_cam"), code=code)
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr and "TypeError: unsupported operand in a step" in r.stderr
+    assert "error: unsupported" not in r.stderr
+
+
+def test_cli_raises_what_is_not_ours_and_reports_config_errors_of_a_step(voc, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+
+    def broken(args):
+        raise ValueError("a bare ValueError is a bug")
+    monkeypatch.setattr(run_sample, "step_runner", lambda name: broken)
+    with pytest.raises(ValueError, match="a bare ValueError is a bug"):
+        run_sample.cli(_argv(voc, work, "--steps", "eval_cam"))
+    monkeypatch.undo()
+    # A config error found inside a step (more batch than images) is still 2.
+    code, err = _cli(_argv(voc, work, "--steps", "train_cam", "--cam_batch_size", "16"), capsys)
+    assert code == 2
+    assert err.strip() == "error: train_cam: 4 training images < batch size 16; lower --cam_batch_size"
+    assert "Traceback" in _log(work) and "lower --cam_batch_size" in _log(work)
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def test_missing_annotation_is_found_before_training(voc, tmp_path, capsys):
+    work = tmp_path / "work"
+    (voc / "Annotations" / "2007_000002.xml").unlink()
+    (voc / "Annotations" / "2007_000004.xml").unlink()
+    code, err = _cli(_argv(voc, work, "--steps", "train_cam,make_cam"), capsys)
+    assert code == 1
+    lst, xml = voc / "ImageSets/Segmentation/train_aug.txt", voc / "Annotations" / "2007_000002.xml"
+    assert err.strip() == (f"error: train list {lst}: annotation missing for id '2007_000002': {xml} "
+                           "(2 of 4 ids have no usable image-level labels)")
+    log = _log(work)
+    assert "== train_cam" not in log and not (work / "sess" / "res18_cam.pth").exists()
+    assert "Traceback" in log and "LabelDataError" in log
+
+
+def test_malformed_annotation_names_id_and_file(voc, tmp_path, capsys):
+    work = tmp_path / "work"
+    bad = voc / "Annotations" / "2007_000004.xml"
+    bad.write_text("<annotation><object><name>cat</name>")
+    code, err = _cli(_argv(voc, work, "--steps", "make_cam"), capsys)
+    assert code == 1
+    assert err.startswith(f"error: train list {voc / 'ImageSets/Segmentation/train_aug.txt'}: annotation for id "
+                          f"'2007_000004' is not valid XML: {bad} (")
+    assert err.rstrip().endswith("(1 of 4 ids have no usable image-level labels)")
+    assert "== make_cam" not in _log(work)
+
+
+def test_val_list_and_images_are_checked_too(voc, tmp_path, capsys):
+    work = tmp_path / "work"
+    (voc / "Annotations" / "2008_000002.xml").write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    code, err = _cli(_argv(voc, work, "--steps", "train_cam"), capsys)
+    assert code == 1 and err.startswith(f"error: val list {voc / 'ImageSets/Segmentation/val.txt'}: annotation for "
+                                        "id '2008_000002' names unknown class 'unicorn'")
+    # Without the validation loss the val list is not read.
+    (voc / "JPEGImages" / "2007_000003.jpg").unlink()
+    code, err = _cli(_argv(voc, work, "--steps", "train_cam", "--cam_val_loss", "false"), capsys)
+    assert code == 1
+    assert err.strip() == (f"error: train list {voc / 'ImageSets/Segmentation/train_aug.txt'}: image missing for id "
+                           f"'2007_000003': {voc / 'JPEGImages' / '2007_000003.jpg'} (1 of 4 ids have no image)")
+
+
+def test_cls_labels_file_spares_the_xml(voc, tmp_path):
+    from misc.preflight import preflight
+    import logging
+    save_cls_labels(voc / "cls_labels.json", {"2007_000001": [7], "2007_000002": [11], "2007_000003": [],
+                                              "2007_000004": [14]})
+    for i in TRAIN:
+        (voc / "Annotations" / f"{i}.xml").unlink()
+    args = run_sample.parse_args(_argv(voc, tmp_path / "work", "--cam_val_loss", "false"))
+    report = preflight(args, ["make_cam"], logging.getLogger("test"))
+    assert report["no_class_images"] == 1 and report["no_class_ids"] == [NO_CLASS]
+    assert report["checked"]["train"] == {"list": str(voc / "ImageSets/Segmentation/train_aug.txt"), "ids": 4,
+                                          "checked": ["images", "labels"]}
+
+
+def write_coco(root: Path) -> Path:
+    """tools/prepare_coco.py's layout with 3 train and 2 val images; train 42 has no class."""
+    rng = np.random.default_rng(1)
+    items = {"train": [(9, [0]), (25, [11]), (42, [])], "val": [(5, [0]), (17, [79])]}
+    for split, rows in items.items():
+        folder = f"{split}2014"
+        for d in (root / folder, root / "mask" / folder, root / "lists"):
+            d.mkdir(parents=True, exist_ok=True)
+        for image_id, _ in rows:
+            Image.fromarray(rng.integers(0, 256, SIZE + (3,), dtype=np.uint8)).save(
+                root / folder / f"{stem_of(split, image_id)}.jpg")
+            Image.fromarray(np.zeros(SIZE, np.uint8), mode="L").save(root / "mask" / folder / f"{image_id}.png")
+        (root / "lists" / f"{folder}.txt").write_text("".join(f"{stem_of(split, i)}\n" for i, _ in rows))
+        save_cls_labels(root / f"cls_labels_{folder}.json", {stem_of(split, i): c for i, c in rows}, COCO_CLASSES[1:])
+    return root
+
+
+def test_coco_root_and_labels(tmp_path, capsys):
+    work = tmp_path / "work"
+    base = ["--dataset", "coco", "--work_dir", str(work), "--device", "cpu", "--num_workers", "0", "--no_progress",
+            "--steps", "make_cam"]
+    code, err = _cli(base + ["--coco_root", str(tmp_path / "coco")], capsys)
+    assert code == 1 and err.startswith(f"error: data root not found: --coco_root {tmp_path / 'coco'} (")
+    root = write_coco(tmp_path / "coco")
+    labels = json.loads((root / "cls_labels_train2014.json").read_text())
+    del labels["labels"]["COCO_train2014_000000000025"]
+    (root / "cls_labels_train2014.json").write_text(json.dumps(labels))
+    code, err = _cli(base + ["--coco_root", str(root)], capsys)
+    assert code == 1
+    assert err.strip() == (f"error: train list {root / 'lists/train2014.txt'}: image-level labels missing for id "
+                           f"'COCO_train2014_000000000025': {root / 'cls_labels_train2014.json'} "
+                           "(1 of 3 ids have no usable image-level labels)")
+    assert "== make_cam" not in _log(work)
+
+
+def test_error_types_are_the_projects():
+    from misc.cam_io import CamFileError
+    from misc.errors import DeviceError, MissingInputError, OptionError, WeightsError, spawned_error
+    from step.gen_mask import ScoreFileError
+    from voc12.source import LabelDataError
+    assert issubclass(CamFileError, DataError) and issubclass(ScoreFileError, DataError)
+    assert issubclass(LabelDataError, DataError) and issubclass(LabelDataError, LabelError)
+    assert issubclass(OptionError, ConfigError) and OptionError.exit_code == 2 and DeviceError.exit_code == 2
+    assert issubclass(MissingInputError, FileNotFoundError) and issubclass(WeightsError, RuntimeError)
+    assert MissingInputError.exit_code == WeightsError.exit_code == 1
+    # An error of ours raised in a spawned make_cam / make_sem_seg shard: its one line and code.
+    from torch.multiprocessing import ProcessRaisedException
+    tb = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+          "  File \"x.py\", line 1, in f\nmisc.cam_io.CamFileError: CAM file missing for id 'a': /w/a.npy\n")
+    assert spawned_error(ProcessRaisedException(tb, 1, 99)) == (1, "CAM file missing for id 'a': /w/a.npy")
+    assert spawned_error(ProcessRaisedException(tb.replace("misc.cam_io.CamFileError", "KeyError"), 1, 99)) is None
+    assert spawned_error(ValueError("x")) is None
+
+
+# ----------------------------------------------------------------------------- images without class
+
+
+def _seed_results(work: Path, ids: list[str]) -> None:
+    """What make_sem_seg leaves: score files (background plane only for the image without class)
+    and pseudo-labels."""
+    from step.make_sem_seg_labels import save_score
+    h, w = SIZE
+    for i in ids:
+        if i == NO_CLASS:
+            pred, score, keys = torch.zeros(h, w, dtype=torch.long), torch.full((1, h, w), 0.25), torch.tensor([0])
+        else:
+            score = torch.rand(2, h, w, generator=torch.Generator().manual_seed(len(i)))
+            pred = score.argmax(0) * 8
+            keys = torch.tensor([0, 8])
+        save_score(work / "result" / "score" / f"{i}.pt", pred, score, keys)
+        Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(work / "result" / "sem_seg" / f"{i}.png")
+
+
+def test_no_class_images_are_reported_and_exported_visibly(voc, tmp_path, capsys):
+    from step.gen_mask import read_mask_png
+    work, out = tmp_path / "work", tmp_path / "export"
+    argv = _argv(voc, work, "--steps", "gen_mask,export", "--export_to", str(out))
+    for d in ("score", "sem_seg"):
+        (work / "result" / d).mkdir(parents=True)
+    _seed_results(work, TRAIN)
+    assert run_sample.cli(argv) == 0
+    log = _log(work)
+    half = ("their masks mark a seeded random half of their pixels reliable (--no_class_mask random_half)")
+    assert (f"preflight: 1 image has no class: their pseudo-labels will be all background and {half}; "
+            f"ids {NO_CLASS}") in log
+    assert f"gen_mask: 1 image has no class: their pseudo-labels are all background and {half}" in log
+    assert f"export: 1 image has no class: their pseudo-labels are all background and {half}; ids {NO_CLASS}" in log
+    assert log.index("preflight: 1 image has no class") < log.index("== gen_mask")  # before work starts
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["preflight"]["no_class_images"] == 1 and summary["preflight"]["no_class_ids"] == [NO_CLASS]
+    assert (work / "logs" / "no_class_ids.txt").read_text() == f"{NO_CLASS}\n"
+    gen, exp = summary["steps"]["gen_mask"]["metrics"], summary["steps"]["export"]["metrics"]
+    assert (gen["no_class_images"], gen["no_class_ids"], gen["no_class_mask"]) == (1, [NO_CLASS], "random_half")
+    assert (exp["no_class_images"], exp["no_class_ids"], exp["no_class_mask"]) == (1, [NO_CLASS], "random_half")
+    assert exp["irn_mask"] == exp["irn_pseudo_label"] == len(TRAIN)  # every id exported, the second stage lists it
+    mask = read_mask_png(out / "irn_mask" / f"{NO_CLASS}.png")
+    assert mask.shape == SIZE and int(mask.sum()) == SIZE[0] * SIZE[1] // 2
+    assert int(np.asarray(Image.open(out / "irn_pseudo_label" / f"{NO_CLASS}.png")).max()) == 0
+
+    # Another policy without --overwrite keeps the old masks, and says so; the export reads the masks.
+    assert run_sample.cli(argv + ["--no_class_mask", "zero"]) == 0
+    steps = json.loads((work / "summary.json").read_text())["steps"]
+    assert steps["gen_mask"]["metrics"]["no_class_masks_of_other_policy"] == 1
+    assert steps["export"]["metrics"]["no_class_mask"] == "random_half"
+    assert "made with another --no_class_mask than zero and were kept; pass --overwrite" in _log(work)
+    assert run_sample.cli(argv + ["--no_class_mask", "zero", "--overwrite"]) == 0
+    assert steps_metrics(work)["export"]["no_class_mask"] == "zero"
+    assert ("export: 1 image has no class: their pseudo-labels are all background and their masks mark no pixel "
+            "reliable (--no_class_mask zero)") in _log(work)
+    assert int(read_mask_png(out / "irn_mask" / f"{NO_CLASS}.png").sum()) == 0
+    capsys.readouterr()
+
+
+def steps_metrics(work: Path) -> dict:
+    return {k: v["metrics"] for k, v in json.loads((work / "summary.json").read_text())["steps"].items()}
+
+
+def test_no_class_count_before_training(voc, tmp_path):
+    import logging
+    from misc.preflight import preflight
+    args = run_sample.parse_args(_argv(voc, tmp_path / "work"))
+    report = preflight(args, ["train_cam"], logging.getLogger("test"))
+    assert (report["no_class_images"], report["no_class_ids"]) == (1, [NO_CLASS])
+    assert set(report["checked"]) == {"train", "val"}
+    # Steps that read no labels report nothing (gen_mask counts from the score files).
+    assert "no_class_images" not in preflight(args, ["cam_to_ir_label"], logging.getLogger("test"))
+
+
+def test_export_refuses_missing_outputs(voc, tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "export"
+    for d in ("score", "sem_seg"):
+        (work / "result" / d).mkdir(parents=True)
+    _seed_results(work, TRAIN)
+    (work / "result" / "sem_seg" / "2007_000002.png").unlink()
+    code, err = _cli(_argv(voc, work, "--steps", "export", "--export_to", str(out)), capsys)
+    assert code == 1
+    assert err.strip() == (f"error: export: 1 of 4 files missing in {work / 'result' / 'sem_seg'}, e.g. id "
+                           f"'2007_000002': {work / 'result' / 'sem_seg' / '2007_000002.png'}")
+    assert not (out / "irn_pseudo_label").exists()  # nothing half-exported
+
+
+def test_gen_mask_summary_counts_without_the_driver(tmp_path):
+    from step.gen_mask import generate_masks
+    from step.make_sem_seg_labels import save_score
+    save_score(tmp_path / "s" / "e.pt", torch.zeros(3, 4, dtype=torch.long), torch.full((1, 3, 4), 0.25),
+               torch.tensor([0]))
+    out = generate_masks(["e"], tmp_path / "s", tmp_path / "m", show_progress=False)
+    assert out["no_class_images"] == 1 and out["no_class_ids"] == ["e"] and out["no_class_masks_of_other_policy"] == 0
+
+
+def test_namespace_without_driver_still_works(voc):
+    """Steps called with a plain Namespace (library use) read labels through the source as before."""
+    from voc12.source import data_source
+    src = data_source(Namespace(voc12_root=voc))
+    assert src.labels("2007_000001") == [7] and src.labels(NO_CLASS) == []
+    assert src.check_labels(TRAIN) == [NO_CLASS]
