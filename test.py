@@ -37,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 from datasets.build import dataset_entry  # noqa: E402
 from datasets.readers import DataError, SplitFiles, read_image, read_label  # noqa: E402
 from utils.config import Config, ConfigError, CrfCfg, apply_overrides, build_config, load_yaml  # noqa: E402
+from utils.errors import BecoError, one_line  # noqa: E402
 from utils.crf import available_cores, parallel_map, postprocess  # noqa: E402
 from utils.io import atomic_write, save_json, save_png  # noqa: E402
 from utils.score_maps import SUFFIX, ScoreMapError, load_score_map  # noqa: E402
@@ -341,9 +342,12 @@ def run(args: argparse.Namespace) -> dict:
               pred_dir=pred_dir, vis_dir=run_dir / f"{args.mode}_vis", num_classes=cfg.data.num_classes,
               names=tuple(names), crf=cfg.test.crf if args.crf else None, crf_for_vis=cfg.test.crf,
               align_corners=cfg.model.align_corners, overwrite=args.overwrite)
-    n_jobs = args.n_jobs or available_cores()
-    if n_jobs < 1:
-        raise ConfigError("--n-jobs must be >= 1")
+    if args.n_jobs is not None and args.n_jobs < 1:
+        raise ConfigError(f"--n-jobs must be >= 1, got {args.n_jobs}")
+    # More workers than ids (or than cores) only cost start-up time and memory.
+    n_jobs = min(args.n_jobs or available_cores(), len(ids))
+    if args.n_jobs is not None and n_jobs < args.n_jobs:
+        print(f"--n-jobs {args.n_jobs}: {len(ids)} ids, so {n_jobs} worker(s)")
     tasks = [(i, k < args.vis) for k, i in enumerate(ids)]
     print(f"{len(ids)} ids of '{split}' | {'dense CRF' + (' (pruned labels)' if cfg.test.crf.prune_labels else '') if args.crf else 'no CRF'} | "
           f"{n_jobs} worker(s), {cfg.test.chunk_size} ids per chunk | -> {pred_dir}", flush=True)
@@ -397,12 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except BecoError as e:  # config and usage errors exit 2, data errors 1; anything else is a bug
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

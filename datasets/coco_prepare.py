@@ -37,6 +37,7 @@ import numpy as np
 
 from datasets.coco import (CATEGORIES, SPLITS, cls_labels_name, list_name, split_folder, stem_of)
 from datasets.voc_cls_labels import save_cls_labels
+from utils.errors import DataError
 from utils.io import save_json, save_png, save_text
 
 SUMMARY_NAME = "prepare_coco.json"
@@ -45,7 +46,7 @@ FG_NAMES: tuple[str, ...] = tuple(name for _, name in CATEGORIES)  # classificat
 CHUNK = 64  # images per pool task: big enough to amortise IPC, small enough for a smooth bar
 
 
-class CocoPrepareError(ValueError):
+class CocoPrepareError(DataError):
     """Bad COCO input; the message names the offending file (and image or annotation id)."""
 
 

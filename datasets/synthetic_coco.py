@@ -52,6 +52,7 @@ from datasets.coco_prepare import SUMMARY_NAME as PREPARE_SUMMARY_NAME
 from datasets.coco_prepare import annotation_path, prepare_coco
 from datasets.synthetic_voc import (CLASS_STYLES, COLOUR_MODES, _background, _generate, _image_size, _render,
                                     previous_set)
+from utils.errors import OutputExistsError
 from utils.io import save_jpeg, save_json, save_png
 
 # Bump when the output changes for the same arguments (a stored tree then counts as other settings).
@@ -252,7 +253,7 @@ def make_synthetic_coco(out: str | Path, *, train: int = 24, val: int = 8, size:
             if old_ids is not None:
                 _remove(_generated_paths(out, old_ids) + _prepared_paths(out, old_ids))
     elif any((out / d).exists() for d in ("annotations", "train2014", "val2014", "mask")) and not overwrite:
-        raise FileExistsError(f"{out} holds COCO-like folders not made by this generator (no {SUMMARY_NAME}); "
+        raise OutputExistsError(f"{out} holds COCO-like folders not made by this generator (no {SUMMARY_NAME}); "
                               f"pass overwrite=True to write over it")
     # Prepared outputs of whatever was here are stale once the annotations are rewritten.
     _remove(_prepared_paths(out, ids))

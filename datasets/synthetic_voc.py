@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import torch
 
+from utils.errors import OutputExistsError
 from utils.io import save_jpeg, save_json, save_png, save_text
 from utils.metrics import confusion_matrix, segmentation_scores
 from utils.voc import IGNORE_INDEX, VOC_CLASSES, voc_palette
@@ -609,7 +610,7 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
             _remove_previous(out, stored.get("settings", {}), settings)
         # same settings but incomplete (an interrupted run): just generate again
     elif (out / "VOC2012").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'VOC2012'} exists but was not made by this generator "
+        raise OutputExistsError(f"{out / 'VOC2012'} exists but was not made by this generator "
                               f"(no {SUMMARY_NAME}); pass overwrite=True to write over it")
 
     ids = synthetic_ids(train, val, test)
@@ -714,7 +715,7 @@ def previous_set(summary_path: Path, settings: dict[str, Any], overwrite: bool, 
         return stored, bool(stored.get("complete"))
     if not overwrite:
         changed = sorted(k for k in set(settings) | set(old) if settings.get(k) != old.get(k))
-        raise FileExistsError(f"{summary_path.parent} holds {what} made with different settings "
+        raise OutputExistsError(f"{summary_path.parent} holds {what} made with different settings "
                               f"(differs in: {', '.join(changed)}); pass overwrite=True (--overwrite) to replace it")
     return stored, False
 

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
+from utils.errors import DataError
 from utils.io import save_json
 from utils.voc import VOC_CLASSES
 
@@ -28,7 +29,7 @@ FG_CLASSES: tuple[str, ...] = VOC_CLASSES[1:]  # CAM index k = label id - 1
 DEFAULT_NAME = "cls_labels.json"
 
 
-class LabelError(ValueError):
+class LabelError(DataError):
     """A missing or malformed annotation/label file; the message names the id and path."""
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt_io
 from engine.evaluate import ShardSampler, average_outputs
 from utils.config import Config, ConfigError, to_dict, to_yaml
+from utils.errors import CheckpointError, OutputExistsError, RunError
 from utils.io import save_json, save_text
 from utils.logs import log, setup_logging
 
@@ -60,7 +61,7 @@ def test_run_dir(cfg: Config, ckpt: str | None) -> Path:
 def resolve_checkpoint(cfg: Config, ckpt: str | None, run_dir: Path) -> Path:
     path = Path(ckpt) if ckpt else run_dir / ckpt_io.BEST
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}" + ("" if ckpt else " (pass --ckpt)"))
+        raise CheckpointError(f"checkpoint not found: {path}" + ("" if ckpt else " (pass --ckpt)"))
     return path
 
 
@@ -78,7 +79,7 @@ def load_test_nets(cfg: Config, path: Path, device: torch.device) -> list[nn.Mod
     nets = build_test_nets(cfg, device)
     state = ckpt_io.load(path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a checkpoint dictionary (got {type(state).__name__})")
+        raise CheckpointError(f"{path}: not a checkpoint dictionary (got {type(state).__name__})")
     ckpt_io.load_nets(state, nets, str(path))
     return nets
 
@@ -132,9 +133,9 @@ def load_saved_map(path: Path, item_id: str, cfg: Config) -> np.ndarray:
     try:
         score = load_score_map(path, item_id, cfg.data.num_classes)
     except ScoreMapError as e:
-        raise ValueError(f"{e}; rerun with --overwrite") from None
+        raise RunError(f"{e}; rerun with --overwrite") from None
     if cfg.test.logits_format == "dense" and np.load(path, mmap_mode="r").dtype != np.dtype(cfg.test.logits_dtype):
-        raise ValueError(f"saved map for id '{item_id}' is not {cfg.test.logits_dtype} (test.logits_dtype): "
+        raise RunError(f"saved map for id '{item_id}' is not {cfg.test.logits_dtype} (test.logits_dtype): "
                          f"{path}; rerun with --overwrite")
     return to_dense(score, REST_FLOOR)
 
@@ -163,10 +164,10 @@ def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); rerun with --overwrite") from e
+        raise RunError(f"{path} is unreadable ({e}); rerun with --overwrite") from e
     changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
     if changed:
-        raise ValueError(f"{folder} holds maps made with other settings (differs in: {', '.join(changed)}); "
+        raise OutputExistsError(f"{folder} holds maps made with other settings (differs in: {', '.join(changed)}); "
                          f"rerun with --overwrite to replace them, or use another --logging_tag")
 
 
@@ -233,6 +234,8 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     # id must have one, which the data set checks with the missing id named.
     with_labels = files.gt_dir is not None and any(files.gt(i).is_file() for i in ids)
     dataset = EvalSet(cfg.data, cfg.test.split, with_labels=with_labels, full_labels=True)
+    from datasets.verify import preflight
+    preflight([(dataset, cfg.test.split)], info)
     loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, collate_fn=collate_eval,
                         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
@@ -268,7 +271,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
             with autocast:
                 pre, full = predict_maps(nets, images, cfg)
             if pre.shape[1] != num_classes:
-                raise ValueError(f"the nets output {pre.shape[1]} classes, data.num_classes is {num_classes}")
+                raise CheckpointError(f"the nets output {pre.shape[1]} classes, data.num_classes is {num_classes}")
             stored = pre.float()
             if save:
                 for path, arr in zip(paths, stored.cpu().numpy()):

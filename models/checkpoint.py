@@ -15,13 +15,15 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Union
 import torch
 from torch import Tensor, nn
 
+from utils.errors import BecoError, InputNotFoundError
+
 StateDict = Dict[str, Tensor]
 FilterFn = Callable[[Mapping[str, Tensor]], StateDict]
 
 _LIST_LIMIT = 20
 
 
-class CheckpointMismatchError(KeyError, ValueError):
+class CheckpointMismatchError(BecoError, KeyError, ValueError):
     """Checkpoint keys or shapes do not match the module. Subclasses both
     KeyError and ValueError so callers may catch either."""
 
@@ -118,7 +120,7 @@ def load_pretrained(
         source = os.fspath(path_or_obj)
         if not os.path.isfile(source):
             where = f"config key '{config_key}': " if config_key else ""
-            raise FileNotFoundError(f"{where}no file {source} (set it to null to train from scratch)")
+            raise InputNotFoundError(f"{where}no file {source} (set it to null to train from scratch)")
         obj = torch.load(source, map_location="cpu", weights_only=weights_only)
     else:
         source, obj = "<in-memory object>", path_or_obj

@@ -44,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:  # a usage error (exit 2); a missing or bad annotation file is a data error (exit 1)
+        print(f"error: unknown COCO split '{unknown[0]}'; expected some of {SPLITS}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         summary = prepare_coco(args.coco, splits, workers=args.workers, overwrite=args.overwrite,
                                progress=not args.quiet)
     except CocoPrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     for s in splits:
         c = summary["splits"][s]
         stale = (" (annotation file changed: all rewritten)" if c["stale_masks_rewritten"]

@@ -52,6 +52,12 @@ def init_distributed(gpu_id: int | None = None) -> DistInfo:
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
         return DistInfo(rank, world, local_rank, device)
+    if gpu_id is not None and not 0 <= gpu_id < torch.cuda.device_count():
+        from utils.errors import ConfigError
+        seen = torch.cuda.device_count()
+        raise ConfigError(f"--gpu_id {gpu_id}: this machine has {'no GPU' if seen == 0 else f'{seen} GPU(s) (0..{seen - 1})'}"
+                          f"{' visible' if os.environ.get('CUDA_VISIBLE_DEVICES') is not None else ''}; "
+                          f"leave --gpu_id out to run on {'the CPU' if seen == 0 else 'GPU 0'}")
     if torch.cuda.is_available():
         device = torch.device("cuda", gpu_id or 0)
         torch.cuda.set_device(device)

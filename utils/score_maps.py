@@ -28,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import DataError
+
 FORMATS = ("dense", "compact")
 SUFFIX = {"dense": ".npy", "compact": ".npz"}
 
 
-class ScoreMapError(ValueError):
+class ScoreMapError(DataError):
     """An unreadable or mismatched saved map; the message names the id and the file."""
 
 
