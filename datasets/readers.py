@@ -17,8 +17,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from utils.voc import IGNORE_INDEX
 
 
-class DataError(ValueError):
-    """Bad or missing input data; the message names the id and the file."""
+from utils.errors import DataError  # re-exported: the readers raise it
 
 
 def read_id_list(path: str | Path) -> list[str]:
@@ -103,15 +102,34 @@ def read_label(path: Path, item_id: str, num_classes: int, what: str = "label",
     return Image.fromarray(arr, mode="L")
 
 
-def read_mask(path: Path, item_id: str) -> Image.Image:
-    """Confidence mask as an L image of 0/1: any non-zero pixel is reliable (spec §1).
+def mask_values(img: Image.Image, path: Path, item_id: str) -> np.ndarray:
+    """The grey values of a confidence mask (H, W): L and 1-bit as they are, palette PNGs by
+    raw index, LA and RGBA without their alpha, RGB only when its three channels agree."""
+    if img.mode in ("LA", "RGBA"):
+        img = img.convert("L" if img.mode == "LA" else "RGB")
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise DataError(f"confidence mask for id '{item_id}' is a colour image ({img.mode} with channels that "
+                            f"differ): {path}; the first stage writes grey 0/255 masks")
+        arr = arr[..., 0]
+    return arr.astype(np.uint8) if arr.dtype == bool else arr
 
-    Accepts the first stage's RGB 0/255 files and single-channel 0/1 or 0/255 ones.
+
+def read_mask(path: Path, item_id: str) -> Image.Image:
+    """Confidence mask as an L image of 0/1: non-zero is reliable (spec §1, §15).
+
+    Accepts the first stage's RGB 0/255 files and single-channel 0/1 or 0/255 ones; any
+    other value set is refused (a JPEG-compressed mask, a pseudo-label given as a mask),
+    since thresholding it would silently invent a mask.
     """
     img = _open(path, item_id, "confidence mask")
-    arr = np.asarray(img)  # P mode: raw indices
-    if arr.ndim == 3:
-        arr = arr[..., :3].max(axis=2)
+    arr = mask_values(img, path, item_id)
+    values = np.unique(arr)
+    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+        shown = values[:10].tolist()
+        raise DataError(f"confidence mask for id '{item_id}' has values {shown}{' ...' if len(values) > 10 else ''}, "
+                        f"not a binary 0/1 or 0/255 mask (JPEG-compressed? a pseudo-label?): {path}")
     return Image.fromarray((arr > 0).astype(np.uint8), mode="L")
 
 
