@@ -60,10 +60,14 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def paths(self, item_id: str) -> tuple[Path, Path, Path]:
+        """(image, pseudo-label, confidence mask) of one sample."""
+        return self.files.image(item_id), self.label_dir / f"{item_id}.png", self.mask_dir / f"{item_id}.png"
+
     def load(self, index: int) -> tuple[str, Image.Image, Image.Image, Image.Image]:
         """The raw (untransformed) sample, validated."""
         i = self.ids[index]
-        paths = (self.files.image(i), self.label_dir / f"{i}.png", self.mask_dir / f"{i}.png")
+        paths = self.paths(i)
         image = read_image(paths[0], i, self.allow_truncated)
         label = read_label(paths[1], i, self.cfg.num_classes, "pseudo-label")
         mask = read_mask(paths[2], i)

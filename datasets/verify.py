@@ -1,0 +1,394 @@
+"""Read every file of a data set before training starts (``data.verify: full``).
+
+Building a ``TrainSet`` / ``EvalSet`` only checks that each file exists; its content is
+checked when a loader worker reads it. A truncated validation image or a ground truth
+with a bad value would then stop a run after a whole training epoch, which is lost.
+``verify`` reads every file of every sample up front with the same readers the data
+sets use (``datasets/readers.py``), so what passes here is what training will accept:
+
+* image: decodable under ``data.truncated_images``;
+* pseudo-label / ground truth: single-channel, values within the class ids (plus the
+  void value 255 where the data set has one);
+* confidence mask: binary (``read_mask`` refuses a JPEG-compressed mask or a pseudo-label
+  given as one);
+* sizes: a training sample's label and mask agree with its image when
+  ``data.mask_size_mismatch`` is ``error`` (the other policies handle a mismatch), and an
+  evaluation sample's ground truth always (``EvalSet`` checks it on every read);
+* training supervision as a whole: not every confidence mask empty, not every
+  pseudo-label entirely void (either trains on nothing, silently).
+
+All bad files are collected and reported together (one ``DataError`` naming the first
+few, the full list in ``<data.root>/.verify_report.txt``), so one run finds them all.
+
+Reading is spread over worker processes (``utils.crf.parallel_map``), and every file that
+passed is remembered in ``<data.root>/.verify_cache.json`` by its absolute path, byte size
+and modification time (ns) together with what it was checked for: a rerun reads only new
+or changed files, and is instant when nothing changed. Only files that passed are cached,
+so the cache never hides an error; a file whose size or mtime changed is read again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from datasets.readers import DataError, check_sizes, read_image, read_label, read_mask
+from datasets.segmentation import EvalSet, TrainSet
+from utils.crf import available_cores, parallel_map
+from utils.io import save_json, save_text
+from utils.voc import IGNORE_INDEX
+
+CACHE_NAME = ".verify_cache.json"
+REPORT_NAME = ".verify_report.txt"
+# Bump when a reader's checks change: files that passed the old checks are read again.
+CACHE_VERSION = 1
+SHOWN = 3          # problems named in the error message; the report lists them all
+CHUNK = 16         # samples handed to a worker at a time
+
+Dataset = Union[TrainSet, EvalSet]
+
+
+# ----------------------------------------------------------------------------- what is read
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One file of a sample and the check it must pass.
+
+    ``check`` names the check with its parameters (``image``, ``image+truncated``,
+    ``label:<classes>:<void>``, ``mask``): a cached pass counts only for the same check, so
+    switching ``data.truncated_images`` to ``error`` re-reads the images that passed with
+    ``load``.
+    """
+    role: str        # "image" | "pseudo-label" | "ground truth" | "confidence mask"
+    path: str        # absolute
+    check: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every worker needs once (sent with the pool's initializer, not per task)."""
+    num_classes: int
+    allow_truncated: bool
+    label_ignore: int | None    # void value of the sample's label file (None: every value must be a class)
+    sizes_must_agree: bool
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Width and height of a file already read (from the cache or a worker); stands in for a
+    PIL image in ``readers.check_sizes`` so a size mismatch reads as it does in training."""
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def _check_name(role: str, settings: Settings) -> str:
+    if role == "image":
+        return "image+truncated" if settings.allow_truncated else "image"
+    if role == "confidence mask":
+        return "mask"
+    void = "none" if settings.label_ignore is None else str(settings.label_ignore)
+    return f"label:{settings.num_classes}:{void}"
+
+
+def _sample_plan(dataset: Dataset) -> tuple[Settings, list[str], list[list[FileCheck]]]:
+    """The files of every sample, as the data set reads them (``TrainSet.load``,
+    ``EvalSet.__getitem__``), and the checks' settings."""
+    cfg = dataset.cfg
+    if isinstance(dataset, TrainSet):
+        settings = Settings(cfg.num_classes, dataset.allow_truncated, IGNORE_INDEX, cfg.mask_size_mismatch == "error")
+        roles = lambda i: tuple(zip(("image", "pseudo-label", "confidence mask"), dataset.paths(i)))
+    elif isinstance(dataset, EvalSet):
+        settings = Settings(cfg.num_classes, dataset.allow_truncated, dataset.entry.gt_ignore_index, True)
+        if dataset.with_labels:
+            roles = lambda i: (("image", dataset.files.image(i)), ("ground truth", dataset.files.gt(i)))
+        else:
+            roles = lambda i: (("image", dataset.files.image(i)),)
+    else:
+        raise TypeError(f"verify takes a TrainSet or an EvalSet, got {type(dataset).__name__}")
+    names = {role: _check_name(role, settings) for role in ("image", "pseudo-label", "ground truth",
+                                                             "confidence mask")}
+    plan = [[FileCheck(role, os.path.abspath(path), names[role]) for role, path in roles(i)] for i in dataset.ids]
+    return settings, list(dataset.ids), plan
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def load_cache(path: Path) -> dict[str, dict[str, str]]:
+    """``{directory: {file name: "<bytes> <mtime_ns> <check> <width> <height> <count>"}}``.
+
+    One string per file keeps the JSON small and quick to write for COCO's 330,000 files. A
+    missing, corrupt or older-version file is an empty cache (replaced once a file passes)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("version") != CACHE_VERSION or not isinstance(raw.get("dirs"), dict):
+        return {}
+    return {d: files for d, files in raw["dirs"].items() if isinstance(files, dict)}
+
+
+def _entry(stat: tuple[int, int], check: str, size: Dims, count: int) -> str:
+    return f"{stat[0]} {stat[1]} {check} {size.width} {size.height} {count}"
+
+
+def _cached(cache: dict[str, dict[str, str]], f: FileCheck,
+            stat: tuple[int, int] | None) -> tuple[Dims, int] | None:
+    """The cached (size, count) of ``f`` if the file is unchanged and passed the same check."""
+    if stat is None:
+        return None
+    d, name = os.path.split(f.path)
+    entry = cache.get(d, {}).get(name)
+    parts = entry.split(" ") if isinstance(entry, str) else []
+    if len(parts) != 6 or parts[0] != str(stat[0]) or parts[1] != str(stat[1]) or parts[2] != f.check:
+        return None
+    try:
+        return Dims(int(parts[3]), int(parts[4])), int(parts[5])
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the workers
+
+_SETTINGS: Settings | None = None
+
+
+def _init_worker(settings: Settings) -> None:
+    global _SETTINGS
+    _SETTINGS = settings
+
+
+@dataclass
+class SampleResult:
+    """One sample's outcome: its problems (reader messages, naming id and path), the files it
+    read that passed (to cache), and its supervision counts."""
+    index: int
+    problems: list[str]
+    passed: dict[str, str]      # path -> cache entry of a file read now
+    files_read: int
+    kept: int = 0               # confidence-mask pixels marked reliable
+    mask_pixels: int = 0
+    labelled: int = 0           # pseudo-label pixels other than 255
+    label_pixels: int = 0
+
+
+def _read(f: FileCheck, item_id: str, s: Settings) -> tuple[Dims, int]:
+    """Read one file with the data sets' reader; its size and its count (reliable mask
+    pixels, non-void label pixels, 0 for an image). Raises the reader's DataError."""
+    path = Path(f.path)
+    if f.role == "image":
+        img = read_image(path, item_id, s.allow_truncated)
+        return Dims(img.width, img.height), 0
+    if f.role == "confidence mask":
+        img = read_mask(path, item_id)
+        return Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img)))
+    img = read_label(path, item_id, s.num_classes, f.role, s.label_ignore)
+    return Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img) != IGNORE_INDEX))
+
+
+Task = tuple[int, str, list[tuple[FileCheck, "tuple[int, int] | None", "tuple[Dims, int] | None"]]]
+
+
+def _one_line(message: str) -> str:
+    """The report holds one problem a line, whatever a decoder's message looks like."""
+    return " ".join(message.split("\n"))
+
+
+def _verify_sample(task: Task) -> SampleResult:
+    """Check one sample: every file (read now, or its cached result), then their sizes."""
+    index, item_id, files = task
+    s = _SETTINGS
+    result = SampleResult(index, [], {}, 0)
+    dims: list[tuple[Dims, str]] = []  # of the files that passed, image first
+    for f, stat, entry in files:
+        if entry is not None:
+            size, count = entry
+        else:
+            result.files_read += 1
+            try:
+                size, count = _read(f, item_id, s)
+            except DataError as e:
+                result.problems.append(_one_line(str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - any failure to read is this file's problem (e.g. PIL's bomb check)
+                result.problems.append(_one_line(f"{f.role} for id '{item_id}' could not be read: {f.path} "
+                                                 f"({type(e).__name__}: {e})"))
+                continue
+            if stat is not None:  # stat taken before the read: a file changed meanwhile is read again next time
+                result.passed[f.path] = _entry(stat, f.check, size, count)
+        dims.append((size, f.path))
+        pixels = size.width * size.height
+        if f.role == "confidence mask":
+            result.kept, result.mask_pixels = count, pixels
+        elif f.role == "pseudo-label":
+            result.labelled, result.label_pixels = count, pixels
+    image_ok = bool(dims) and dims[0][1] == files[0][0].path  # sizes are compared with the image's
+    if s.sizes_must_agree and image_ok and len(dims) > 1:
+        try:
+            check_sizes(item_id, dims[0], *dims[1:])
+        except DataError as e:
+            result.problems.append(str(e))
+    return result
+
+
+# ----------------------------------------------------------------------------- the check
+
+def _noun(dataset: Dataset, split: str) -> str:
+    if isinstance(dataset, TrainSet):
+        return "training"
+    return {"val": "validation"}.get(split, f"'{split}'")
+
+
+def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
+           split: str | None = None) -> dict[str, Any]:
+    """Read every file of ``dataset`` (a built ``TrainSet`` or ``EvalSet``) and raise one
+    ``DataError`` for all that training or evaluation would fail on.
+
+    ``jobs``: worker processes (default: the cores this process may use), never more than
+    the samples to read. ``split`` only names the set in the bar and messages (default
+    ``train`` for a TrainSet, ``val`` for an EvalSet). With ``data.verify: exists`` it returns
+    at once: building the set has checked existence already.
+
+    Returns a summary: ``mode``, ``split``, ``ids`` (samples checked), ``files``,
+    ``files_read``, ``files_cached``, ``jobs``, ``seconds``, ``kept_fraction`` (reliable
+    share of all confidence-mask pixels; None without masks) and ``labelled_fraction``
+    (non-void share of all pseudo-label pixels; None without pseudo-labels).
+    """
+    start = time.perf_counter()
+    cfg = dataset.cfg
+    split = split or ("train" if isinstance(dataset, TrainSet) else "val")
+    summary: dict[str, Any] = {"mode": cfg.verify, "split": split, "ids": len(dataset.ids), "files": 0,
+                               "files_read": 0, "files_cached": 0, "jobs": 0, "seconds": 0.0,
+                               "kept_fraction": None, "labelled_fraction": None}
+    if cfg.verify == "exists":
+        summary["ids"] = 0
+        return summary
+    settings, ids, plan = _sample_plan(dataset)
+    root = Path(cfg.root)
+    cache_path = root / CACHE_NAME
+    cache = load_cache(cache_path)
+
+    tasks, done = [], []
+    for index, (item_id, files) in enumerate(zip(ids, plan)):
+        entries = []
+        for f in files:
+            stat = _stat(f.path)
+            entries.append((f, stat, _cached(cache, f, stat)))
+        task = (index, item_id, entries)
+        (done if all(e is not None for _, _, e in entries) else tasks).append(task)
+    n_jobs = max(1, min(jobs or available_cores(), len(tasks)))
+
+    results: list[SampleResult] = []
+    with tqdm(total=len(ids), desc=f"verify {split}", unit="img", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        _init_worker(settings)  # the cached samples are checked here, without reading a file
+        results.extend(_verify_sample(t) for t in done)
+        bar.update(len(done))
+        if tasks:
+            for r in parallel_map(_verify_sample, tasks, n_jobs, CHUNK, _init_worker, (settings,)):
+                results.append(r)
+                bar.update(1)
+    results.sort(key=lambda r: r.index)
+
+    _update_cache(cache_path, cache, results)
+    summary.update(files=sum(len(files) for files in plan), files_read=sum(r.files_read for r in results),
+                   jobs=n_jobs if tasks else 0)
+    summary["files_cached"] = summary["files"] - summary["files_read"]
+
+    bad = [r for r in results if r.problems]
+    if bad:
+        raise DataError(_report(root / REPORT_NAME, bad, ids, _noun(dataset, split), split))
+    mask_pixels = sum(r.mask_pixels for r in results)
+    label_pixels = sum(r.label_pixels for r in results)
+    kept, labelled = sum(r.kept for r in results), sum(r.labelled for r in results)
+    if isinstance(dataset, TrainSet):
+        if kept == 0:
+            raise DataError(f"no pixel is marked reliable in any of the {len(ids)} confidence masks under "
+                            f"{dataset.mask_dir}: every mask is all 0, so nothing would be trained as reliable; "
+                            f"is data.mask_dir ({cfg.mask_dir}) the first stage's mask output?")
+        if labelled == 0:
+            raise DataError(f"every one of the {len(ids)} pseudo-labels under {dataset.label_dir} is entirely "
+                            f"255 (void), so there is no target to train on; is data.pseudo_label_dir "
+                            f"({cfg.pseudo_label_dir}) the first stage's pseudo-label output?")
+    summary["kept_fraction"] = kept / mask_pixels if mask_pixels else None
+    summary["labelled_fraction"] = labelled / label_pixels if label_pixels else None
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+def _update_cache(path: Path, cache: dict[str, dict[str, str]], results: Iterable[SampleResult]) -> None:
+    """Add the files that passed now and write the cache, only when there are any.
+
+    A file that failed is never added; an entry of it from an earlier pass no longer matches
+    (its size, mtime or check differs, or it would not have been read), so it cannot hide the
+    error. A data root that cannot be written (a shared, read-only copy) only loses the cache.
+    """
+    passed = [(p, entry) for r in results for p, entry in r.passed.items()]
+    for p, entry in passed:
+        d, name = os.path.split(p)
+        cache.setdefault(d, {})[name] = entry
+    if passed:
+        try:
+            save_json(path, {"version": CACHE_VERSION, "dirs": cache})
+        except OSError:
+            pass
+
+
+def _report(path: Path, bad: list[SampleResult], ids: list[str], noun: str, split: str) -> str:
+    """Write every problem to ``path`` (one a line) and return the error message naming the first few."""
+    problems = [p for r in bad for p in r.problems]
+    head = f"{len(bad)} of {len(ids)} {noun} samples are bad"
+    text = (f"# data.verify: {head} ({len(problems)} problems; split '{split}'), one a line:\n"
+            + "".join(f"{p}\n" for p in problems))
+    try:
+        save_text(path, text)
+        where = f"full list in {path}"
+    except OSError as e:
+        where = f"full list not written to {path}: {e}"
+    more = len(problems) - SHOWN
+    tail = f" (and {more} more; {where})" if more > 0 else f" ({where})"
+    return f"{head}: " + "; ".join(problems[:SHOWN]) + tail
+
+
+def preflight(sets: list[tuple[Dataset, str]], info) -> None:
+    """Read every file of the sets before any work (``data.verify: full``, cached by size and
+    mtime, datasets/verify.py): a bad val image is found now, not after an epoch. Rank 0 reads;
+    every rank stops with its message."""
+    import torch
+    from utils.logs import log
+    error = None
+    if info.is_main:
+        try:
+            for dataset, split in sets:
+                summary = verify(dataset, split=split)
+                if summary["mode"] == "full":
+                    log.info(f"verified {summary['ids']} {split} samples: {summary['files_read']} files read, "
+                             f"{summary['files_cached']} unchanged since their last check ({summary['seconds']:.1f} s)")
+        except DataError as e:
+            error = str(e)
+    if info.distributed:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise DataError(error)
+
+
+__all__ = ["verify", "preflight", "load_cache", "CACHE_NAME", "REPORT_NAME", "CACHE_VERSION"]
