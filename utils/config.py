@@ -26,8 +26,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+from utils.errors import ConfigError  # re-exported: its historical home
 
 
 # The kinds' own files: configs/model/<name>.yaml, configs/optim/<name>.yaml.
@@ -85,6 +84,7 @@ class DataCfg:
     # reference crops it with the image's box (crop_like_reference); or resize it first.
     mask_size_mismatch: Literal["error", "crop_like_reference", "resize_nearest"]
     truncated_images: Literal["error", "load"]  # load: decode what is there, as the reference does on COCO
+    verify: Literal["full", "exists"]  # before training: read every file (datasets/verify.py) | existence only
     synthetic: Optional[SyntheticCfg]
     crop_size: int
     scale: list[float]
@@ -143,6 +143,7 @@ class TrainCfg:
     allow_tf32: bool
     log_interval: int
     val_interval: int
+    ckpt_interval: Optional[int]  # iterations between resumable checkpoints (null: epoch ends only)
     # Validation on a fixed, seeded subset of the val split (null: all of it).
     val_subset: Optional[int]
     val_subset_seed: int
@@ -428,7 +429,7 @@ def upgrade_legacy(raw: dict) -> dict:
 
 # Keys a run's saved config.yaml may lack because they came later (upgrade_legacy fills them).
 ADDED_KEYS = {
-    "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits"),
+    "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits", "ckpt_interval"),
     "test": ("save_logits", "logits_format", "compact_threshold", "compact_max_classes"),
 }
 REFERENCE_CONFIG = SECTION_DEFAULTS_DIR / "beco_voc.yaml"
@@ -440,8 +441,58 @@ def build_config(raw: dict) -> Config:
     return cfg
 
 
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _probability(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+# Keys whose values have a meaning only in a range: checked with the config, so a setting
+# outside it stops at start-up naming the key, not later with PyTorch's or Python's text.
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    *((k, _probability, "a probability in [0, 1]") for k in (
+        "method.threshold", "method.mix_prob", "data.flip_prob", "method.strong_aug.color_prob",
+        "method.strong_aug.gray_prob", "method.strong_aug.blur_prob")),
+    *((k, _positive, "> 0") for k in (
+        "optim.lr", "optim.poly_power", "data.crop_size", "data.val_size", "data.batch_size",
+        "data.val_batch_size", "data.crop_attempts", "train.epochs", "train.val_interval", "train.log_interval")),
+    *((k, _non_negative, ">= 0") for k in (
+        "optim.min_lr", "optim.weight_decay", "data.num_workers", "method.warmup_epochs",
+        "method.co_training_start_epoch", "method.boundary_size", "method.w_hb", "method.w_hi", "method.w_lb",
+        "method.w_li", "train.num_vis")),
+    ("train.ckpt_interval", lambda v: v is None or v >= 1, ">= 1 or null (only at epoch ends)"),
+    ("data.scale", lambda v: all(x > 0 for x in v), "all > 0"),
+    ("data.ratio", lambda v: all(x > 0 for x in v), "all > 0"),
+    ("data.std", lambda v: all(x > 0 for x in v), "all > 0"),
+    ("test.scales", lambda v: all(x > 0 for x in v), "all > 0"),
+)
+
+
 def check_consistency(cfg: Config) -> None:
-    """Rules that span keys: caught here so a bad combination fails before training."""
+    """Value ranges (``RANGES``) and rules that span keys: caught here so a bad setting fails
+    before training."""
+    for key, ok, meaning in RANGES:
+        try:
+            value = _value(cfg, key)
+        except AttributeError:  # a key of another kind of a tagged section (e.g. AdamW has no momentum)
+            continue
+        if not ok(value):
+            raise ConfigError(f"config key '{key}': must be {meaning}, got {value!r}")
+    if hasattr(cfg.optim, "momentum") and not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError(f"config key 'optim.momentum': must be in [0, 1), got {cfg.optim.momentum}")
     if cfg.optim.head_lr_mult is not None and cfg.optim.head_lr_mult <= 0:
         raise ConfigError(f"config key 'optim.head_lr_mult': must be > 0 or null, got {cfg.optim.head_lr_mult}")
     if cfg.method.name == "beco" and cfg.data.batch_size % 2:
