@@ -12,10 +12,12 @@ The training loop below reads top to bottom: one iteration is
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from functools import partial
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils.config import Config, ConfigError, apply_overrides, build_config, load_yaml, to_yaml
+from utils.errors import BecoError, RunError, one_line
 
 from utils.logs import log, log_error_to_file, setup_logging
 
@@ -50,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", action="store_true", help="test a checkpoint instead of training")
     p.add_argument("--overwrite", action="store_true",
                    help="with --test: recompute and rewrite score maps already saved (default: keep them)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume --ckpt with settings that differ from the checkpoint's (each is logged and "
+                        "used: lr, epochs, ...); without it such a resume is refused, naming the keys")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p.parse_intermixed_args(argv)  # key=value pairs may come before or after flags
 
@@ -120,7 +126,7 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
     barrier()
 
 
-def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, "EpochSampler"]:
     from datasets.segmentation import EvalSet, TrainSet, seed_worker_fn, val_subset_ids
     from engine.evaluate import ShardSampler
     train_set = TrainSet(cfg.data)
@@ -128,10 +134,12 @@ def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, Distribute
     if cfg.train.val_subset is not None:
         val_set = EvalSet(cfg.data, cfg.data.val_split,
                           ids=val_subset_ids(val_set.ids, cfg.train.val_subset, cfg.train.val_subset_seed))
+    from datasets.verify import preflight
+    preflight([(train_set, "train"), (val_set, "val")], info)
     # One sampler for every case: its order is a function of (seed, epoch), so a resumed
     # run sees the same batches as an uninterrupted one.
-    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.train.seed, drop_last=True)
+    sampler = EpochSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                           seed=cfg.train.seed, drop_last=True)
     if len(train_set) < cfg.data.batch_size * info.world_size:
         raise ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} per process x {info.world_size} "
                           f"processes exceeds the {len(train_set)} training images")
@@ -176,20 +184,69 @@ def make_autocast(cfg: Config, device: torch.device):
 VAL_LOGITS = "val_logits"  # the validation's saved maps (train.val_mode dump_logits_only / save_val_logits)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunError):
     pass
+
+
+class Preempted(RunError):
+    """SIGTERM (a scheduler's preemption): the run saved a resumable checkpoint and stops."""
+    exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a process it stopped
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start ``skip`` samples in, for a mid-epoch resume:
+    the order is still a function of (seed, epoch) alone, so the resumed run sees the rest of
+    the interrupted epoch's batches."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class Stop:
+    """Set by SIGTERM; every rank stops at the same iteration (an all-reduce when distributed)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+        log.info("SIGTERM: saving a resumable checkpoint at the end of this iteration, then stopping")
+
+    def now(self, info) -> bool:
+        if not info.distributed:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------- training
 
 def train_one_epoch(nets, loader, optimizer, scheduler, scaler, epoch: int, it0: int, cfg: Config,
-                    info, autocast, writer, metrics_file) -> int:
+                    info, autocast, writer, metrics_file, save_resumable, stop: Stop,
+                    rng_after_iter: dict | None = None) -> int:
+    """One epoch from iteration ``it0`` (mid-epoch when resumed); returns the next iteration.
+
+    Every ``train.ckpt_interval`` iterations, and on SIGTERM, ``save_resumable(epoch, it)``
+    writes latest_ckpt.pth. ``rng_after_iter``: the RNG state of a mid-epoch checkpoint,
+    restored once the loader's iterator exists (creating it draws from torch's RNG, which
+    the interrupted run did before the checkpoint).
+    """
     from engine.beco import training_step
     for n in nets:
         n.train()
     it = it0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not info.is_main,
-               dynamic_ncols=True, leave=False)
+    iterator = iter(loader)
+    if rng_after_iter is not None:
+        from engine.checkpoint import set_rng_state
+        set_rng_state(rng_after_iter)
+    iters_per_epoch = loader.sampler.num_samples // cfg.data.batch_size
+    bar = tqdm(iterator, total=len(loader), initial=0, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               disable=not info.is_main, dynamic_ncols=True, leave=False)
     t0 = time.time()
     for step, batch in enumerate(bar):
         losses = training_step(nets, batch, epoch, cfg, autocast, info.device)
@@ -213,6 +270,13 @@ def train_one_epoch(nets, loader, optimizer, scheduler, scaler, epoch: int, it0:
                     writer.add_scalar(f"train/loss_{k}", v, it)
                 writer.add_scalar("train/lr", lr, it)
         it += 1
+        if it % iters_per_epoch == 0:
+            break  # the epoch end validates and writes its checkpoint (then stops on SIGTERM)
+        stopping = stop.now(info)
+        if stopping or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0):
+            path = save_resumable(epoch, it)
+        if stopping:
+            raise Preempted(f"stopped by SIGTERM at iteration {it}; resume with --ckpt {path}")
     if info.is_main:
         metrics_file.flush()
     return it
@@ -230,23 +294,59 @@ def vis_grid(vis: list, cfg: Config) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+def _resume_state(cfg: Config, args: argparse.Namespace) -> dict:
+    """The checkpoint to resume from, checked before anything is written: resumable, and made
+    with this run's settings (``--allow-config-change`` lets keys differ, each one logged)."""
+    from engine import checkpoint as ckpt_io
+    state = ckpt_io.load(args.ckpt)
+    if "optimizer" not in state:
+        raise RunError(f"{args.ckpt} holds networks only; resume needs a resumable checkpoint ({ckpt_io.LATEST})")
+    if "config" in state:
+        from utils.config import to_dict
+        import yaml
+        saved = to_dict(build_config(yaml.safe_load(state["config"])))
+        changes = ckpt_io.config_changes(saved, to_dict(cfg))
+        if changes:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:12])
+            more = f" (and {len(changes) - 12} more)" if len(changes) > 12 else ""
+            if not args.allow_config_change:
+                raise RunError(f"resuming {args.ckpt} with other settings than it was trained with: {listed}{more}. "
+                               f"Drop the overrides to continue the run as it was, or pass --allow-config-change "
+                               f"to continue with the new values")
+            log.warning(f"--allow-config-change: continuing {args.ckpt} with {listed}{more}")
+        state["_changes"] = changes
+    return state
+
+
+def _apply_optimizer_config(optimizer, scheduler, fresh_groups: list[dict], it: int) -> None:
+    """After loading a checkpoint's optimiser and scheduler, take this run's hyperparameters
+    (lr, momentum, weight decay, ...) from the freshly built optimiser: an allowed config
+    change must be honoured, not silently replaced by the checkpoint's values."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update({k: v for k, v in fresh.items() if k != "params"})
+    scheduler.base_lrs = [g["initial_lr"] for g in fresh_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(it)
+
+
 def train(cfg: Config, args: argparse.Namespace) -> dict:
     from engine import checkpoint as ckpt_io
     from engine.evaluate import evaluate
     from models import build_optimizer
     from utils.distributed import barrier, init_distributed
     from utils.io import save_text
+    from utils.logs import setup_console_logging
 
     info = init_distributed(args.gpu_id)
     configure_backends(cfg)
     set_seed(cfg.train.seed + info.rank)
     run_dir = run_dir_for(cfg, args.ckpt)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_text(run_dir / "config.yaml", to_yaml(cfg))
-    setup_logging(run_dir / "train.log" if info.is_main else None)
-    log.info(f"run folder {run_dir} | {info.world_size} process(es) on {info.device} | "
-             f"method {cfg.method.name} | model {cfg.model.name} | amp {cfg.train.amp}")
+        setup_console_logging()
+    # Nothing is written into the run folder until the run is known to be valid.
+    state = _resume_state(cfg, args) if args.ckpt else None
+    if state is None:
+        ckpt_io.check_new_run_folder(run_dir)
 
     ensure_data(cfg, info.is_main)
     train_loader, val_loader, sampler = build_loaders(cfg, info)
@@ -259,23 +359,70 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
     autocast = make_autocast(cfg, info.device)
 
-    start_epoch, best_miou = 0, -1.0
-    if args.ckpt:
-        state = ckpt_io.load(args.ckpt)
-        if "optimizer" not in state:
-            raise ValueError(f"{args.ckpt} holds networks only; resume needs a resumable checkpoint "
-                             f"({ckpt_io.LATEST})")
+    start_it, best_miou, rng_after_iter = 0, -1.0, None
+    if state is not None:
+        saved_ipe = state.get("iters_per_epoch", state["iteration"] // (state["epoch"] + 1))
+        if saved_ipe != iters_per_epoch:
+            raise RunError(f"{args.ckpt} was written with {saved_ipe} iterations per epoch, this run has "
+                           f"{iters_per_epoch}: batch size, processes or data differ")
+        fresh_groups = [dict(g) for g in optimizer.param_groups]
         ckpt_io.load_nets(state, nets, args.ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
-        if state["iteration"] != start_epoch * iters_per_epoch:
-            raise ValueError(f"{args.ckpt} was written with {state['iteration'] // (state['epoch'] + 1)} "
-                             f"iterations per epoch, this run has {iters_per_epoch}: batch size or data differ")
-        ckpt_io.set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
-        log.info(f"resumed from {args.ckpt}: epoch {start_epoch + 1}, iteration {start_epoch * iters_per_epoch}")
+        start_it, best_miou = state["iteration"], state["best_miou"]
+        if state["_changes"]:
+            _apply_optimizer_config(optimizer, scheduler, fresh_groups, start_it)
+        rng = state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0]
+        if start_it % iters_per_epoch:
+            rng_after_iter = rng  # mid-epoch: restored once the epoch's loader iterator exists
+        else:
+            ckpt_io.set_rng_state(rng)
+    start_epoch, skip = divmod(start_it, iters_per_epoch)
 
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt_io.remove_stale_temporaries(run_dir)
+        if state is not None:  # what the interrupted run logged after its checkpoint goes
+            ckpt_io.truncate_jsonl(run_dir / "train_log.jsonl", lambda r: r.get("iter", -1) < start_it)
+            ckpt_io.truncate_jsonl(run_dir / "val_log.jsonl", lambda r: r.get("epoch", 0) <= start_epoch)
+            if state["_changes"] and (run_dir / "config.yaml").is_file():
+                save_text(run_dir / f"config.before-iteration-{start_it}.yaml", (run_dir / "config.yaml").read_text())
+        save_text(run_dir / "config.yaml", to_yaml(cfg))
+    barrier()
+    setup_logging(run_dir / "train.log" if info.is_main else None)
+    log.info(f"run folder {run_dir} | {info.world_size} process(es) on {info.device} | "
+             f"method {cfg.method.name} | model {cfg.model.name} | amp {cfg.train.amp}")
+    if info.is_main and stale:
+        log.info(f"removed {len(stale)} temporary file(s) a killed write left behind")
+    if state is not None:
+        log.info(f"resumed from {args.ckpt}: epoch {start_epoch + 1}, iteration {start_it}"
+                 + (f" ({skip} of the epoch's {iters_per_epoch} done)" if skip else ""))
+
+    # Every rank gathers its RNG state so a resumed multi-process run continues each stream.
+    def gathered_rng() -> list:
+        rng = [ckpt_io.rng_state()]
+        if info.distributed:
+            out = [None] * info.world_size
+            torch.distributed.all_gather_object(out, rng[0])
+            rng = out
+        return rng
+
+    def save_resumable(epoch: int, it: int, rng: list | None = None) -> Path:
+        rng = rng or gathered_rng()
+        path = run_dir / ckpt_io.LATEST
+        if info.is_main:
+            ckpt_io.save(path, {
+                "net_state_dict": {name: ckpt_io.unwrap(n).state_dict() for name, n in zip(ckpt_io.NET_NAMES, nets)},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng, "epoch": epoch, "iteration": it,
+                "iters_per_epoch": iters_per_epoch, "best_miou": best_miou,
+                "method": {"name": cfg.method.name, "epoch": epoch}, "config": to_yaml(cfg)})
+            metrics_file.flush()
+        return path
+
+    stop = Stop()
+    previous_handler = signal.signal(signal.SIGTERM, stop)
     from datasets.build import dataset_entry
     class_names = dataset_entry(cfg.data.dataset).class_names(cfg.data.num_classes)
     writer = metrics_file = None
@@ -284,13 +431,16 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
         writer = SummaryWriter(run_dir / "tb")
         metrics_file = open(run_dir / "train_log.jsonl", "a", buffering=1)  # line-buffered: survives a kill
     history = []
-    it = start_epoch * iters_per_epoch
+    it = start_it
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             sampler.set_epoch(epoch)
+            sampler.skip = skip * cfg.data.batch_size if epoch == start_epoch else 0
             t_epoch = time.time()
             it = train_one_epoch(nets, train_loader, optimizer, scheduler, scaler, epoch, it, cfg, info,
-                                 autocast, writer, metrics_file)
+                                 autocast, writer, metrics_file, save_resumable, stop,
+                                 rng_after_iter if epoch == start_epoch else None)
+            sampler.skip = 0
             scores = None
             validated = (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.train.epochs
             if validated:
@@ -300,23 +450,14 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
                                        with_metrics=cfg.train.val_mode == "metrics",
                                        dump_dir=run_dir / VAL_LOGITS if dump else None,
                                        dump_dtype=cfg.test.logits_dtype)
-            # Every rank gathers its RNG state so a resumed multi-process run continues each stream.
-            rng = [ckpt_io.rng_state()]
-            if info.distributed:
-                gathered = [None] * info.world_size
-                torch.distributed.all_gather_object(gathered, rng[0])
-                rng = gathered
-            if info.is_main:
-                improved = scores is not None and scores["miou"] > best_miou
-                if improved:
-                    best_miou = scores["miou"]
+            rng = gathered_rng()
+            improved = scores is not None and scores["miou"] > best_miou
+            if improved:
+                best_miou = scores["miou"]
+                if info.is_main:
                     ckpt_io.save_best(run_dir / ckpt_io.BEST, nets)
-                ckpt_io.save(run_dir / ckpt_io.LATEST, {
-                    "net_state_dict": {name: ckpt_io.unwrap(n).state_dict() for name, n in zip(ckpt_io.NET_NAMES, nets)},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng, "epoch": epoch, "iteration": it,
-                    "best_miou": best_miou, "method": {"name": cfg.method.name, "epoch": epoch},
-                    "config": to_yaml(cfg)})
+            save_resumable(epoch, it, rng)
+            if info.is_main:
                 record = {"epoch": epoch + 1, "iteration": it, "time_s": round(time.time() - t_epoch, 2)}
                 if scores is not None:
                     record.update({k: v for k, v in scores.items() if k != "iou"})
@@ -336,7 +477,11 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
                 with open(run_dir / "val_log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             barrier()
+            if stop.now(info):
+                raise Preempted(f"stopped by SIGTERM at the end of epoch {epoch + 1}; resume with --ckpt "
+                                f"{run_dir / ckpt_io.LATEST}")
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if info.is_main:
             metrics_file.close()
             writer.close()
@@ -369,7 +514,6 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
             return 2
         mp.spawn(_spawned, args=(n, free_port(), sys.argv[1:] if argv is None else argv), nprocs=n)
         return 0
-    from datasets.readers import DataError
     from utils.distributed import cleanup
     try:
         if args.test:  # every rank tests its own shard of the ids
@@ -377,11 +521,14 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
             run_test(cfg, args)
         else:
             train(cfg, args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteLoss) as e:
-        # Bad input or a diverged run: a clear message on the console, the traceback in the run's log.
-        log_error_to_file(f"error: {e}", sys.exc_info())
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except BecoError as e:
+        # Bad input, a refused resume, a diverged or preempted run: one line on the console (also
+        # for errors raised in a loader worker), the traceback in the run's log. Anything else is
+        # a bug and keeps its traceback.
+        message = one_line(e)
+        log_error_to_file(f"error: {message}", sys.exc_info())
+        print(f"error: {message}", file=sys.stderr)
+        return e.exit_code
     finally:
         cleanup()
     return 0

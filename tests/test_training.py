@@ -175,7 +175,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(syn_root, tmp_path, mon
         out["total"] = out["total"] * float("nan")
         return out
     monkeypatch.setattr(engine.beco, "training_step", poisoned)
-    rc = main_mod.main(_args(syn_root, tmp_path, "nan", "train.epochs=2", "--ckpt", str(ckpt)))
+    rc = main_mod.main(_args(syn_root, tmp_path, "nan", "train.epochs=2", "--allow-config-change", "--ckpt", str(ckpt)))
     assert rc == 1
     assert ckpt.read_bytes() == before
     assert "non-finite loss at epoch 2, iteration 4" in (tmp_path / "nan" / "train.log").read_text()
@@ -214,8 +214,9 @@ def test_demo_config_generates_missing_synthetic_data(tmp_path):
     assert "generating the synthetic VOC-format set" in (tmp_path / "logs" / "quickstart" / "train.log").read_text()
     assert len(list((root / "irn_mask").glob("*.png"))) == 8
     # Other generator settings on the same root: refused by name, not trained on stale data.
-    r = _run(args + ["data.synthetic.train=9"])
+    r = _run(args + ["data.synthetic.train=9", "--logging_tag", "other"])
     assert r.returncode == 1 and "synthetic" in r.stderr and "train" in r.stderr
+    assert not (tmp_path / "logs" / "other").exists()  # refused before its run folder was written
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -14,8 +14,21 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record))
 
 
+class _Held(logging.Handler):
+    """Keeps the records logged before the run folder may be written, for its log file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def setup_logging(log_file: Path | None) -> logging.Logger:
-    """Log to the console and ``log_file``; ``None`` (ranks other than 0) silences the logger."""
+    """Log to the console and ``log_file``; ``None`` (ranks other than 0) silences the logger.
+    Lines logged since ``setup_console_logging`` are written to the file first."""
+    held = [r for h in log.handlers if isinstance(h, _Held) for r in h.records]
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
@@ -23,9 +36,25 @@ def setup_logging(log_file: Path | None) -> logging.Logger:
         log.addHandler(logging.NullHandler())
         return log
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (_TqdmHandler(), logging.FileHandler(log_file)):
+    file_handler = logging.FileHandler(log_file)
+    for handler in (_TqdmHandler(), file_handler):
         handler.setFormatter(fmt)
         log.addHandler(handler)
+    for record in held:
+        file_handler.handle(record)
+    return log
+
+
+def setup_console_logging() -> logging.Logger:
+    """Console only, for the start of a run before its folder may be written; the lines are
+    kept and go to the log file once ``setup_logging`` opens it."""
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.addHandler(_Held())
     return log
 
 
