@@ -224,6 +224,11 @@ def stage_train(config: Path, tag: str, cfg: Config, out: Path, overrides: list[
     if (run_dir / "latest_ckpt.pth").is_file():
         say(f"{tag}: resuming from {run_dir / 'latest_ckpt.pth'}")
         cmd += ["--ckpt", run_dir / "latest_ckpt.pth"]
+    elif run_dir.exists():
+        # The demo's own run, killed before its first checkpoint: nothing to resume, start it again
+        # (main.py never starts a run in a folder that holds one).
+        say(f"{tag}: {run_dir} holds a run stopped before its first checkpoint; starting it again")
+        shutil.rmtree(run_dir)
     run(cmd)
     return {}
 
