@@ -74,9 +74,11 @@ def rgb_to_hsv_u8(rgb: Tensor) -> Tensor:
     sdiv = torch.where(i > 0, torch.round((255 * one) / i.clamp(min=1)), 0).to(torch.int32)
     hdiv = torch.where(i > 0, torch.round((_HUE_RANGE * one) / (6 * i.clamp(min=1))), 0).to(torch.int32)
     half = one >> 1
-    s = torch.div(diff * sdiv[v.long()] + half, one, rounding_mode="floor")
+    # OpenCV's fixed point: an arithmetic right shift, which floors as OpenCV's does (also for
+    # the negative hue sums), and is far cheaper than a floor division.
+    s = (diff * sdiv[v] + half) >> _HSV_SHIFT
     h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = torch.div(h * hdiv[diff.long()] + half, one, rounding_mode="floor")
+    h = (h * hdiv[diff] + half) >> _HSV_SHIFT
     h = torch.where(h < 0, h + _HUE_RANGE, h)
     return torch.stack([h, s, v], 1)
 
@@ -150,15 +152,46 @@ def gaussian_kernel1d(ksize: int, device: torch.device | None = None, dtype: tor
     return (k / k.sum()).to(dtype)
 
 
+def _separable(x: Tensor, weights: Tensor, dim: int) -> Tensor:
+    """``x`` filtered along ``dim`` (-1 or -2) with per-image taps ``weights`` (B, K), K odd,
+    reflect-101 border: K shifted multiply-adds, each a cheap elementwise op on any device
+    (a one-channel conv2d is far slower on the CPU)."""
+    k = weights.shape[1]
+    p = k // 2
+    n = x.shape[dim]
+    pad = (p, p, 0, 0) if dim == -1 else (0, 0, p, p)
+    padded = F.pad(x, pad, mode="reflect")
+    out = None
+    for j in range(k):
+        w = weights[:, j].view(-1, *([1] * (x.dim() - 1)))
+        term = padded.narrow(dim, j, n) * w
+        out = term if out is None else out + term
+    return out
+
+
+def blur_batch(images: Tensor, weights: Tensor) -> Tensor:
+    """Per-image separable blur of (B, C, H, W) with 1-D taps ``weights`` (B, K): rows, then columns.
+    An image whose taps are the identity (1 in the middle) comes out unchanged, bit for bit."""
+    return _separable(_separable(images, weights, -1), weights, -2)
+
+
 def gaussian_blur(images: Tensor, ksize: int) -> Tensor:
-    """Separable depthwise Gaussian blur with OpenCV's default border (reflect-101 = torch 'reflect')."""
-    b, c, h, w = images.shape
+    """Separable Gaussian blur with OpenCV's default kernel and border (reflect-101 = torch 'reflect')."""
     k = gaussian_kernel1d(ksize, images.device, images.dtype)
-    p = ksize // 2
-    x = images.reshape(b * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (p, p, 0, 0), mode="reflect"), k.view(1, 1, 1, ksize))
-    x = F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), k.view(1, 1, ksize, 1))
-    return x.reshape(b, c, h, w)
+    return blur_batch(images, k.expand(images.shape[0], ksize))
+
+
+def blur_taps(kernels: Sequence[int], pick: Tensor, do_blur: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, K) taps: image i gets kernel ``kernels[pick[i]]`` if ``do_blur[i]``, else the identity,
+    every kernel centred in the largest one's width, so one pass blurs the whole batch."""
+    width = max(int(k) for k in kernels)
+    table = torch.zeros(len(kernels) + 1, width, dtype=dtype, device=pick.device)
+    for j, k in enumerate(kernels):
+        off = (width - int(k)) // 2
+        table[j, off:off + int(k)] = gaussian_kernel1d(int(k), pick.device, dtype)
+    table[len(kernels), width // 2] = 1.0  # identity
+    row = torch.where(do_blur, pick, torch.full_like(pick, len(kernels)))
+    return table[row]
 
 
 def _uniform(u: Tensor, bounds: Sequence[float]) -> Tensor:
@@ -200,9 +233,5 @@ def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.
     if cfg.gray_prob > 0:
         x = torch.where(do_gray, to_gray(x), x)
     if cfg.blur_prob > 0:
-        out = x
-        for j, k in enumerate(cfg.blur_kernels):
-            pick = (do_blur & (kidx == j)).view(-1, 1, 1, 1)
-            out = torch.where(pick, gaussian_blur(x, int(k)), out)
-        x = out
+        x = blur_batch(x, blur_taps(cfg.blur_kernels, kidx, do_blur, x.dtype))
     return x.clamp(0, 255)

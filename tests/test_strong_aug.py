@@ -210,3 +210,19 @@ def test_normalize_round_trip():
     n = normalize(x, mean, std)
     torch.testing.assert_close(n[:, 0], (x[:, 0] / 255 - mean[0]) / std[0])
     torch.testing.assert_close(denormalize(n, mean, std), x, atol=1e-4, rtol=0)
+
+
+def test_one_pass_batch_blur_equals_per_kernel_blurs(aug_cfg):
+    """The per-image taps (each image's kernel, or the identity) give what blurring the whole
+    batch with each kernel and selecting per image gives: identity images bit for bit, blurred
+    ones to float rounding."""
+    from engine.strong_aug import blur_batch, blur_taps
+    x = torch.rand(5, 3, 19, 23, generator=torch.Generator().manual_seed(1)) * 255
+    pick = torch.tensor([0, 1, 0, 1, 0])
+    do_blur = torch.tensor([True, True, False, False, True])
+    out = blur_batch(x, blur_taps([3, 5], pick, do_blur, x.dtype))
+    for i, (k, on) in enumerate(zip((3, 5, 3, 5, 3), do_blur.tolist())):
+        if on:
+            torch.testing.assert_close(out[i], gaussian_blur(x[i:i + 1], k)[0], atol=1e-4, rtol=0)
+        else:
+            assert torch.equal(out[i], x[i])
