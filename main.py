@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", action="store_true", help="test a checkpoint instead of training")
     p.add_argument("--overwrite", action="store_true",
                    help="with --test: recompute and rewrite score maps already saved (default: keep them)")
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help="set by python -m torch.distributed.launch (LOCAL_RANK in the environment wins)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume --ckpt with settings that differ from the checkpoint's (each is logged and "
                         "used: lr, epochs, ...); without it such a resume is refused, naming the keys")
@@ -485,8 +487,24 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
         if info.is_main:
             metrics_file.close()
             writer.close()
+    if info.distributed:
+        check_ranks_agree(nets, info)
     log.info(f"done: best val mIoU {best_miou:.4f}; checkpoints in {run_dir}")
     return {"run_dir": str(run_dir), "best_miou": best_miou, "history": history}
+
+
+def check_ranks_agree(nets: list[nn.Module], info) -> bool:
+    """Every rank holds the same parameters (DDP keeps them so; a rank that silently diverged
+    would make rank 0's checkpoint the wrong one to trust). BatchNorm statistics are per rank
+    on the CPU, so only parameters are compared."""
+    from engine.checkpoint import unwrap
+    digest = [float(sum(p.detach().double().sum() for p in unwrap(n).parameters())) for n in nets]
+    everyone = [None] * info.world_size
+    torch.distributed.all_gather_object(everyone, digest)
+    agree = all(d == everyone[0] for d in everyone)
+    log.info(f"parameters of all {info.world_size} ranks agree" if agree else
+             f"WARNING: the ranks' parameters differ: {everyone}")
+    return agree
 
 
 def _spawned(rank: int, world_size: int, port: int, argv: list[str]) -> None:
@@ -495,13 +513,30 @@ def _spawned(rank: int, world_size: int, port: int, argv: list[str]) -> None:
     main(argv, spawned=True)
 
 
+def resolve_ckpt(cfg: Config, ckpt: str | None) -> str | None:
+    """A bare checkpoint name (``--ckpt best_ckpt.pth``, the reference README's test command)
+    that is not a file here is looked up in the run folder the tag names."""
+    if ckpt is None or Path(ckpt).exists() or Path(ckpt).name != ckpt:
+        return ckpt
+    name = cfg.logging.tag + (cfg.logging.run_id or "")
+    candidate = Path(cfg.logging.path_base) / name / ckpt
+    if name and candidate.is_file():
+        print(f"--ckpt {ckpt}: using {candidate}", file=sys.stderr)
+        return str(candidate)
+    return ckpt
+
+
 def main(argv: list[str] | None = None, spawned: bool = False) -> int:
+    from utils.distributed import apply_local_rank_flag, slurm_env
     args = parse_args(argv)
+    apply_local_rank_flag(args.local_rank)
+    slurm_env()
     try:
         cfg = resolve_config(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    args.ckpt = resolve_ckpt(cfg, args.ckpt)
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0

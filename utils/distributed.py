@@ -1,4 +1,6 @@
-"""Process-group set-up for torchrun (single or multi-node) and the reference's -dist spawn."""
+"""Process-group set-up for every launcher: torchrun (single or multi-node),
+``python -m torch.distributed.launch`` (its ``--local-rank`` flag), SLURM's ``srun`` (one
+task per GPU, ranks from SLURM's variables) and the reference's ``-dist`` spawn."""
 from __future__ import annotations
 
 import os
@@ -27,6 +29,42 @@ class DistInfo:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def apply_local_rank_flag(local_rank: int | None) -> None:
+    """``torch.distributed.launch`` without ``--use-env`` passes ``--local-rank=N`` (older
+    torch: ``--local_rank=N``); it also sets LOCAL_RANK, which wins where both exist."""
+    if local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` -> ``gpu03`` (what
+    ``scontrol show hostnames`` would print first; used when scontrol is not at hand)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    first = ranges.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_env(env: dict | None = None) -> bool:
+    """Under ``srun`` (one task per GPU), the torchrun variables from SLURM's: RANK =
+    SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the
+    first node of SLURM_NODELIST (unless set), MASTER_PORT 29500 + the job id's last 3 digits
+    (unless set). Nothing changes when torchrun's variables are already there (torchrun
+    inside an allocation) or outside SLURM. Returns whether it set them."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))))
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")[-3:] or 0)))
+    return True
 
 
 def free_port() -> int:
