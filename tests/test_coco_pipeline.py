@@ -74,28 +74,22 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
     # maps in tests/test_score_maps.py.
     _run("main.py", "--config", REPO / "configs/demo_coco.yaml", "--logging_tag", "compact", *common,
          "test.compact_max_classes=81")
-    _run("main.py", "--config", REPO / "configs/demo_coco.yaml", "--logging_tag", "half", *common,
-         "test.logits_dtype=float16", "test.compact_max_classes=81")
-    dense, compact, half = tmp_path / "dense", tmp_path / "compact", tmp_path / "half"
+    dense, compact = tmp_path / "dense", tmp_path / "compact"
     assert len(list((dense / "logits").glob("*.npy"))) == 5
     assert len(list((compact / "logits_compact").glob("*.npz"))) == 5
     in_pass = json.loads((compact / "logits_compact_scores.json").read_text())["original_resolution"]
     assert in_pass["class_names"][1] == "person" and len(in_pass["iou"]) == 81
 
-    for name, folder in (("dense", "logits"), ("compact", "logits_compact"), ("half", "logits_compact")):
+    for name, folder in (("dense", "logits"), ("compact", "logits_compact")):
         for crf in ([], ["--crf"]):
             r = _run("test.py", "--logits_dir", tmp_path / name / folder, "--mode", "val", "--n-jobs", "1", *crf)
             assert "absent from the ground truth" in r.stdout
-    flipped = total = 0
     for pred in ("val_pred", "val_pred_crf"):
         ids = sorted(p.name for p in (dense / pred).glob("*.png"))
         assert len(ids) == 5
         for i in ids:  # the bounded-disk path (float32) gives the labels of the full-precision one
             ref = np.asarray(Image.open(dense / pred / i))
             assert np.array_equal(ref, np.asarray(Image.open(compact / pred / i))), i
-            flipped += int((ref != np.asarray(Image.open(half / pred / i))).sum())
-            total += ref.size
-    assert flipped <= total * 1e-3, (flipped, total)  # float16: near-ties only
     offline = json.loads((compact / "val_pred_scores.json").read_text())
     assert offline["miou"] == pytest.approx(in_pass["miou"], abs=1e-12)  # test.py without CRF = the test pass
 

@@ -75,7 +75,7 @@ def test_single_process_training_writes_resumable_and_best_checkpoints(syn_root,
     for it, rec in iters.items():
         assert rec["lr"] == pytest.approx(max(0.05 * (1 - it / 8) ** 0.9, 1e-5), rel=1e-9)
     vals = [json.loads(l) for l in (run / "val_log.jsonl").read_text().splitlines()]
-    assert [v["epoch"] for v in vals] == [1, 2] and all(0 <= v["miou"] <= 1 for v in vals)
+    assert [v["epoch"] for v in vals] == [1] and all(0 <= v["miou"] <= 1 for v in vals)
 
 
 def test_amp_on_cpu_uses_bf16_and_trains(syn_root, tmp_path):
@@ -86,16 +86,16 @@ def test_amp_on_cpu_uses_bf16_and_trains(syn_root, tmp_path):
     assert "amp True" in (tmp_path / "amp" / "train.log").read_text()
 
 
-def test_determinism_and_kill_resume(syn_root, tmp_path):
-    args = ["train.epochs=3", "--determ", "data.num_workers=1"]
+def test_kill_after_an_epoch_checkpoint_resumes_bit_exact_with_a_loader_worker(syn_root, tmp_path):
+    """With one loader worker (the reference reseeds workers at every epoch start), a run killed
+    after epoch 1's checkpoint and resumed logs the uninterrupted run's losses exactly. Kills in
+    the middle of an epoch: tests/test_reliability.py."""
+    args = ["train.epochs=2", "--determ", "data.num_workers=1", "train.ckpt_interval=null"]
     full = _run(_args(syn_root, tmp_path, "full", *args))
     assert full.returncode == 0, full.stderr[-3000:]
-    again = _run(_args(syn_root, tmp_path, "again", *args))
-    assert again.returncode == 0, again.stderr[-3000:]
-    ref, rep = _iters(tmp_path / "full"), _iters(tmp_path / "again")
-    assert [r["total"] for r in ref.values()] == [r["total"] for r in rep.values()]  # bit-identical
+    ref = _iters(tmp_path / "full")
 
-    # Kill the run in the middle of epoch 3 (after epoch 2's checkpoint), then resume.
+    # Kill the run in the middle of epoch 2 (after epoch 1's checkpoint), then resume.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "main.py"] + _args(syn_root, tmp_path, "killed", *args), cwd=REPO,
@@ -103,18 +103,18 @@ def test_determinism_and_kill_resume(syn_root, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:
         log = run / "train_log.jsonl"
-        if log.is_file() and any(json.loads(l)["iter"] >= 9 for l in log.read_text().splitlines() if l.strip()):
+        if log.is_file() and any(json.loads(l)["iter"] >= 5 for l in log.read_text().splitlines() if l.strip()):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = torch.load(run / "latest_ckpt.pth", weights_only=False)
-    assert latest["epoch"] == 1 and latest["iteration"] == 8
+    assert latest["epoch"] == 0 and latest["iteration"] == 4
     resumed = _run(_args(syn_root, tmp_path, "ignored", *args, "--ckpt", str(run / "latest_ckpt.pth")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = _iters(run)
-    assert sorted(got) == list(range(12))
-    for it in range(12):
+    assert sorted(got) == list(range(8))
+    for it in range(8):
         assert got[it]["lr"] == ref[it]["lr"]
         assert got[it]["total"] == ref[it]["total"], f"iteration {it} differs after resume"
     assert "resumed from" in (run / "train.log").read_text()
@@ -203,15 +203,17 @@ def test_demo_config_generates_missing_synthetic_data(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_segmenter_trains_tests_and_scores_end_to_end(name, syn_root, tmp_path):
-    """2 epochs of BECO and 1 of the CE baseline at CPU size, then main.py --test with
-    multi-scale and flip (score maps at the segmenter's stride) and test.py with the CRF."""
+    """1 epoch of BECO (past its warm-up: online labels, mixing, co-training) and 1 of the CE
+    baseline at CPU size, then main.py --test with multi-scale and flip (score maps at the
+    segmenter's stride) and test.py with the CRF."""
     config, stride = CPU_CONFIGS[name]
-    r = _run(_args(syn_root, tmp_path, "beco", config=config))
+    r = _run(_args(syn_root, tmp_path, "beco", "train.epochs=1", "method.warmup_epochs=0",
+                   "method.co_training_start_epoch=0", config=config))
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "beco"
     assert f"model {name}" in (run / "train.log").read_text()
     vals = [json.loads(line) for line in (run / "val_log.jsonl").read_text().splitlines()]
-    assert [v["epoch"] for v in vals] == [1, 2] and all(0 <= v["miou"] <= 1 for v in vals)
+    assert [v["epoch"] for v in vals] == [1] and all(0 <= v["miou"] <= 1 for v in vals)
     best = torch.load(run / "best_ckpt.pth", weights_only=True)["net_state_dict"]
     assert sorted(best) == ["network1", "network2"]
     assert all(torch.isfinite(v.float()).all() for v in best["network1"].values())
