@@ -130,7 +130,7 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
 
 def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, "EpochSampler"]:
     from datasets.segmentation import EvalSet, TrainSet, seed_worker_fn, val_subset_ids
-    from engine.evaluate import ShardSampler
+    from engine.evaluate import val_sampler
     train_set = TrainSet(cfg.data)
     val_set = EvalSet(cfg.data, cfg.data.val_split)
     if cfg.train.val_subset is not None:
@@ -151,7 +151,7 @@ def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, "EpochSamp
                               worker_init_fn=seed_worker_fn(cfg.train.seed, info.rank, workers),
                               persistent_workers=False)
     val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size,
-                            sampler=ShardSampler(len(val_set), info.rank, info.world_size),
+                            sampler=val_sampler(len(val_set), info.rank, info.world_size, cfg.train.val_pad_like_ddp),
                             num_workers=workers, pin_memory=info.device.type == "cuda")
     return train_loader, val_loader, sampler
 

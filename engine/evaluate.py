@@ -29,6 +29,16 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def val_sampler(length: int, rank: int, world_size: int, pad_like_ddp: bool) -> Sampler[int]:
+    """Each id once (``ShardSampler``), or, with ``pad_like_ddp``, the reference's
+    DistributedSampler(shuffle=False, drop_last=False), which pads the ids to a multiple of the
+    world size so a few images count twice (QUIRK-S13: 1,449 VOC val ids on 4 GPUs -> 1,452)."""
+    if not pad_like_ddp:
+        return ShardSampler(length, rank, world_size)
+    from torch.utils.data import DistributedSampler
+    return DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+
+
 def average_logits(nets: list[nn.Module], images: torch.Tensor, key: str = "logits") -> torch.Tensor:
     return average_outputs(nets, images, (key,))[key]
 

@@ -228,3 +228,13 @@ def test_torchrun_shards_then_test_py_finds_the_data_through_the_saved_config(sy
     assert r.returncode == 0, r.stderr[-3000:]
     full_res = json.loads((tmp_path / "ddp/val_pred_scores.json").read_text())
     assert full_res["miou"] == pytest.approx(ddp["miou"], abs=1e-6)
+
+
+def test_val_sampler_counts_each_id_once_or_pads_like_the_reference():
+    """QUIRK-S13: 1,449 VOC val ids on 4 ranks: ours 1,449 (each once), the reference's 1,452."""
+    from engine.evaluate import val_sampler
+    ours = [i for r in range(4) for i in val_sampler(1449, r, 4, False)]
+    assert sorted(ours) == list(range(1449))
+    ref = [i for r in range(4) for i in val_sampler(1449, r, 4, True)]
+    assert len(ref) == 1452 and sorted(set(ref)) == list(range(1449))
+    assert len([i for r in range(4) for i in val_sampler(40_504, r, 4, True)]) == 40_504  # COCO: no padding

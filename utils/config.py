@@ -151,6 +151,7 @@ class TrainCfg:
     # no best checkpoint, every image's averaged pre_logits saved each validation).
     val_mode: Literal["metrics", "dump_logits_only"]
     save_val_logits: bool
+    val_pad_like_ddp: bool  # QUIRK-S13: true counts the reference's padded duplicates (DDP val sampler)
     num_vis: int
 
 
@@ -429,7 +430,8 @@ def upgrade_legacy(raw: dict) -> dict:
 
 # Keys a run's saved config.yaml may lack because they came later (upgrade_legacy fills them).
 ADDED_KEYS = {
-    "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits", "ckpt_interval"),
+    "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits", "ckpt_interval",
+              "val_pad_like_ddp"),
     "test": ("save_logits", "logits_format", "compact_threshold", "compact_max_classes"),
 }
 REFERENCE_CONFIG = SECTION_DEFAULTS_DIR / "beco_voc.yaml"
