@@ -201,7 +201,8 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     from datasets.segmentation import EvalSet, collate_eval
     from utils.distributed import all_reduce_sum, barrier, init_distributed
     from utils.metrics import confusion_matrix, iou_table, segmentation_scores
-    from utils.score_maps import SUFFIX, bytes_bound, save_score_map
+    from utils.crf import REST_FLOOR
+    from utils.score_maps import SUFFIX, bytes_bound, save_score_map, to_dense
 
     if cfg.test.multi_scale and not cfg.test.scales:
         raise ConfigError("config key 'test.scales': multi-scale testing needs at least one scale")
@@ -274,13 +275,12 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
                 raise CheckpointError(f"the nets output {pre.shape[1]} classes, data.num_classes is {num_classes}")
             stored = pre.float()
             if save:
-                for path, arr in zip(paths, stored.cpu().numpy()):
-                    save_score_map(path, arr, fmt, dtype, cfg.test.compact_threshold, cfg.test.compact_max_classes)
-                    counts[0] += 1
-            if save and with_labels:
-                # The original-resolution metric reads what test.py will read: the rounded map.
-                stored = torch.from_numpy(np.stack([load_saved_map(p, i, cfg) for p, i in zip(paths, batch_ids)]))
-                stored = stored.to(info.device)
+                # The original-resolution metric uses what test.py will read: the rounded map.
+                written = [save_score_map(path, arr, fmt, dtype, cfg.test.compact_threshold,
+                                          cfg.test.compact_max_classes) for path, arr in zip(paths, stored.cpu().numpy())]
+                counts[0] += len(written)
+                if with_labels:
+                    stored = torch.from_numpy(np.stack([to_dense(m, REST_FLOOR) for m in written])).to(info.device)
         if with_labels:
             conf += confusion_matrix(full.argmax(1), batch["label"].to(info.device), num_classes)
             conf_full += _full_resolution_confusion(stored, batch["full_label"], num_classes, align)

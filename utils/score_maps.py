@@ -88,17 +88,22 @@ def compact(logits: np.ndarray, threshold: float, max_classes: int, dtype: str =
 
 
 def save_score_map(path: Path, logits: np.ndarray, fmt: str, dtype: str, threshold: float,
-                   max_classes: int) -> Path:
-    """Write one image's map atomically in ``fmt``, its planes stored as ``dtype``."""
+                   max_classes: int) -> ScoreMap:
+    """Write one image's map atomically in ``fmt``, its planes stored as ``dtype``; returns what
+    ``load_score_map`` will read back (the rounded values), so a caller needs no re-read."""
     from utils.io import atomic_write, save_npy
     if fmt == "dense":
-        return save_npy(path, logits.astype(dtype))
+        stored = logits.astype(dtype)
+        save_npy(path, stored)
+        return ScoreMap(np.arange(len(stored)), stored.astype(np.float32), None, len(stored))
     record = compact(logits, threshold, max_classes, dtype)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **record)
-    return atomic_write(path, write)
+    atomic_write(path, write)
+    return ScoreMap(record["classes"].astype(np.int64), record["logits"].astype(np.float32),
+                    record["rest"].astype(np.float32), int(record["num_classes"]), float(record["dropped_peak"]))
 
 
 def load_score_map(path: Path, item_id: str, num_classes: int) -> ScoreMap:
