@@ -34,6 +34,7 @@ from utils.config import Config, ConfigError, apply_overrides, build_config, loa
 from utils.errors import BecoError, RunError, one_line
 
 from utils.logs import log, log_error_to_file, setup_logging
+from utils.runtime import keep_host_memory, make_autocast, net_layout, uses_grad_scaler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +90,7 @@ def set_seed(seed: int) -> None:
 
 
 def configure_backends(cfg: Config) -> None:
+    keep_host_memory(cfg.train.keep_host_memory)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -162,13 +164,15 @@ def build_nets(cfg: Config, info) -> list[nn.Module]:
     from models import build_model
     nets = []
     for _ in range(num_nets(cfg)):
-        net = build_model(cfg.model, cfg.data.num_classes).to(info.device)
+        net = net_layout(build_model(cfg.model, cfg.data.num_classes).to(info.device), cfg)
         if info.distributed:
             # SyncBatchNorm runs on GPUs only; CPU (Gloo) processes keep per-process statistics.
             if info.device.type == "cuda":
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        if cfg.train.compile:
+            net = torch.compile(net)
         nets.append(net)
     return nets
 
@@ -176,11 +180,6 @@ def build_nets(cfg: Config, info) -> list[nn.Module]:
 def poly_factor(it: int, max_it: int, power: float, floor: float) -> float:
     """lr / base_lr of the poly schedule with a floor: max((1 - it/max_it)^power, floor)."""
     return max((1 - it / max_it) ** power, floor) if it < max_it else floor
-
-
-def make_autocast(cfg: Config, device: torch.device):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=cfg.train.amp)
 
 
 VAL_LOGITS = "val_logits"  # the validation's saved maps (train.val_mode dump_logits_only / save_val_logits)
@@ -358,7 +357,7 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     max_it = cfg.train.epochs * iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         poly_factor, max_it=max_it, power=cfg.optim.poly_power, floor=cfg.optim.min_lr / cfg.optim.lr))
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
+    scaler = torch.amp.GradScaler(info.device.type, enabled=uses_grad_scaler(cfg, info.device))
     autocast = make_autocast(cfg, info.device)
 
     start_it, best_miou, rng_after_iter = 0, -1.0, None

@@ -25,9 +25,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.beco import augment, confident_labels  # noqa: E402
 from engine.mixing import mix_batch  # noqa: E402
-from engine.strong_aug import denormalize, normalize, strong_augment  # noqa: E402
+from engine.strong_aug import normalize  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.runtime import keep_host_memory  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -40,11 +42,21 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def inputs(batch: int, size: int, classes: int, seed: int) -> dict:
+def inputs(batch: int, size: int, classes: int, seed: int, noise_images: bool, mean, std) -> dict:
+    """Random logits, blocky labels, and images that are either photo-like (smooth colour
+    fields plus pixel noise of 4 levels: neighbouring pixels have close colours, as in
+    photos) or pure noise (every pixel an independent colour: the worst case for the
+    colour lookups, whose table reads then all miss the cache)."""
     g = torch.Generator().manual_seed(seed)
     label = torch.randint(0, classes, (batch, size // 32, size // 32), generator=g)
     label = torch.nn.functional.interpolate(label[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    return {"images": torch.randn(batch, 3, size, size, generator=g), "label": label,
+    if noise_images:
+        raw = torch.rand(batch, 3, size, size, generator=g) * 255
+    else:
+        coarse = torch.rand(batch, 3, max(size // 32, 2), max(size // 32, 2), generator=g) * 255
+        raw = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        raw = (raw + 4 * torch.randn(batch, 3, size, size, generator=g)).clamp(0, 255)
+    return {"images": normalize(raw, mean, std), "label": label,
             "mask": (torch.rand(batch, size, size, generator=g) < 0.5).long(),
             "logits": torch.randn(batch, classes, size, size, generator=g)}
 
@@ -57,15 +69,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-images", action="store_true",
+                   help="pure-noise images: the colour tables' worst case (default: photo-like images)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(REPO / "configs/beco_voc.yaml")
-    x = inputs(args.batch, args.size, args.classes, args.seed)
+    kept = keep_host_memory(cfg.train.keep_host_memory)  # as main.py does
     method, data = cfg.method, cfg.data
+    x = inputs(args.batch, args.size, args.classes, args.seed, args.noise_images, data.mean, data.std)
 
     def online() -> tuple[torch.Tensor, torch.Tensor]:
-        prob, lab = x["logits"].softmax(1).max(1)
-        return lab, (prob > method.threshold).long()
+        return confident_labels(x["logits"], method.threshold)
 
     online_label, online_mask = online()
 
@@ -74,20 +88,19 @@ def main(argv: list[str] | None = None) -> dict:
                          args.classes, random.Random(args.seed), np.random.RandomState(args.seed))
 
     def augmentation() -> torch.Tensor:
-        raw = denormalize(x["images"], data.mean, data.std)
-        return normalize(strong_augment(raw, method.strong_aug, None), data.mean, data.std)
+        return augment(x["images"], cfg)
 
     def whole() -> None:
         lab, msk = online()
         mixed = mix_batch(x["images"], x["label"], x["mask"], lab, msk, False, method, args.classes,
                           random.Random(args.seed), np.random.RandomState(args.seed))
-        raw = denormalize(mixed["images"], data.mean, data.std)
-        normalize(strong_augment(raw, method.strong_aug, None), data.mean, data.std)
+        augment(mixed["images"], cfg)
 
     parts = {"online labels (softmax + max)": online, "boundary-enhanced mixing": mixing,
              "strong augmentation": augmentation, "total (as in the step)": whole}
     print(f"B = {args.batch}, {args.size} x {args.size}, {args.classes} classes, {args.threads} threads, "
-          f"median of {args.repeats} (torch {torch.__version__})")
+          f"median of {args.repeats} (torch {torch.__version__}; {'photo-like' if not args.noise_images else 'noise'} "
+          f"images; train.keep_host_memory {'on' if kept else 'off'})")
     results = {}
     for name, fn in parts.items():
         results[name] = median_seconds(fn, args.repeats)

@@ -16,32 +16,68 @@ from torch import nn
 
 from engine.evaluate import average_logits
 from engine.mixing import mix_batch
-from engine.strong_aug import denormalize, normalize, strong_augment
+from engine.strong_aug import strong_augment
 from losses.beco_loss import baseline_loss, beco_loss
 from models.checkpoint import unwrap
 from utils.config import Config
+from utils.runtime import net_input
+
+
+# On the CPU the logits go through in pieces of this many pixels (2.75 MB of float32
+# logits at 21 classes), so each piece stays in cache through the passes below; the result does
+# not depend on it. A GPU takes the whole batch at once.
+_CPU_CHUNK_PIXELS = 1 << 15
+
+
+def confident_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel of (B,C,H,W) logits: the argmax class (the first of ties) and
+    [max softmax probability > threshold], both (B,H,W) int64.
+
+    The top probability is 1 / Σ_c exp(l_c − max), softmax's own value at its top,
+    found without writing the (B,C,H,W) softmax. It can differ from ``softmax`` in
+    the last bit (its exp is another implementation), so only a pixel within ~1e-6 of
+    the threshold can differ. The argmax avoids the index-returning max and float
+    compares, both slow on the CPU: t = l − max is +0.0 exactly at the max and negative
+    elsewhere, so as int32 bits it is 0 there and below −2^23 elsewhere; adding
+    rank_c = C − c and taking the integer max gives C minus the first class at the max.
+    """
+    b, c = logits.shape[:2]
+    flat = logits.reshape(b, c, -1)
+    first = torch.empty(b, flat.shape[2], dtype=torch.int32, device=logits.device)
+    confident = torch.empty(b, flat.shape[2], dtype=torch.bool, device=logits.device)
+    rank = torch.arange(c, 0, -1, dtype=torch.int32, device=logits.device).view(1, c, 1)
+    on_cpu = logits.device.type == "cpu"
+    step = _CPU_CHUNK_PIXELS if on_cpu else flat.shape[2]
+    for i in range(b if on_cpu else 1):
+        rows = slice(i, i + 1) if on_cpu else slice(None)
+        for j in range(0, flat.shape[2], step):
+            t = flat[rows, :, j:j + step].float()
+            t = t - t.amax(1, keepdim=True)
+            torch.amax(t.view(torch.int32) + rank, 1, out=first[rows, j:j + step])
+            torch.gt(t.exp_().sum(1).reciprocal_(), threshold, out=confident[rows, j:j + step])
+    shape = (b, *logits.shape[2:])
+    label = (c - first.long()).clamp_(0, c - 1)  # the clamp: NaN logits have no +0.0
+    return label.view(shape), confident.long().view(shape)
 
 
 @torch.no_grad()
 def online_labels(nets: list[nn.Module], images: torch.Tensor, threshold: float,
                   autocast: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class and [confidence > threshold] of the nets' averaged softmax, computed in eval mode."""
+    """Class and [confidence > threshold] of the nets' averaged logits, computed in eval mode."""
     for n in nets:
         n.eval()
     with autocast():
         logits = average_logits(nets, images)
-    prob, label = logits.float().softmax(1).max(1)
     for n in nets:
         n.train()
-    return label, (prob > threshold).long()
+    return confident_labels(logits, threshold)
 
 
 def augment(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Strong augmentation runs on 0..255 images, so undo and redo the normalisation around it."""
     if not cfg.method.strong_aug.enabled:
         return images
-    raw = denormalize(images, cfg.data.mean, cfg.data.std)
-    return normalize(strong_augment(raw, cfg.method.strong_aug, None), cfg.data.mean, cfg.data.std)
+    return strong_augment(images, cfg.method.strong_aug, None, mean=cfg.data.mean, std=cfg.data.std)
 
 
 def baseline_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
@@ -51,7 +87,7 @@ def baseline_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
     images = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     with autocast():
-        logits = nets[0](augment(images, cfg))["logits"]
+        logits = nets[0](net_input(augment(images, cfg), cfg))["logits"]
     return baseline_loss(logits.float(), label)
 
 
@@ -74,11 +110,11 @@ def beco_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
         online_label = online_mask = None
         if not warmup:
             bare = [unwrap(n) for n in nets]
-            online_label, online_mask = online_labels(bare, images, method.threshold, autocast)
+            online_label, online_mask = online_labels(bare, net_input(images, cfg), method.threshold, autocast)
         mixed = mix_batch(images, label, mask, online_label, online_mask, warmup, method,
                           cfg.data.num_classes, py_rng, np_rng)
         images, label, mask, band = mixed["images"], mixed["target"], mixed["mask"], mixed["band"]
-    images = augment(images, cfg)
+    images = net_input(augment(images, cfg), cfg)
     with autocast():
         logits1 = nets[0](images)["logits"]
         logits2 = nets[1](images)["logits"]

@@ -33,6 +33,7 @@ from utils.config import Config, ConfigError, to_dict, to_yaml
 from utils.errors import CheckpointError, OutputExistsError, RunError
 from utils.io import save_json, save_text
 from utils.logs import log, setup_logging
+from utils.runtime import keep_host_memory, make_autocast
 
 
 CONFIG_NAME = "config.yaml"  # test.py finds the data set through this file beside the logits folder
@@ -197,6 +198,7 @@ def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], n
 def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     """Save every id's averaged map (unless ``test.save_logits`` is off) and report the metrics
     at 512x512 and at the original resolution; returns a summary."""
+    keep_host_memory(cfg.train.keep_host_memory)
     from datasets.build import dataset_entry
     from datasets.segmentation import EvalSet, collate_eval
     from utils.distributed import all_reduce_sum, barrier, init_distributed
@@ -253,8 +255,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
 
     num_classes = cfg.data.num_classes
     align = cfg.model.align_corners
-    autocast = torch.autocast(info.device.type, dtype=torch.float16 if info.device.type == "cuda" else torch.bfloat16,
-                              enabled=cfg.train.amp)
+    autocast = make_autocast(cfg, info.device)()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=info.device)
     conf_full = torch.zeros_like(conf)
     counts = torch.zeros(2, dtype=torch.long, device=info.device)  # written, read back

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.config import MethodCfg
-from utils.voc import IGNORE_INDEX
+
+
+def _dilate(x: Tensor, size: int) -> Tensor:
+    """Binary dilation of bool (B,H,W) by a (2·size+1)² square, outside pixels counting as False:
+    a separable OR of shifted views (exact for a square kernel, and on one-byte data far cheaper
+    than a max-pool over floats)."""
+    for dim in (-1, -2):
+        n = x.shape[dim]
+        pad = (size, size, 0, 0) if dim == -1 else (0, 0, size, size)
+        padded = F.pad(x.view(torch.uint8), pad).view(torch.bool)
+        out = padded.narrow(dim, 0, n).clone()
+        for j in range(1, 2 * size + 1):
+            out |= padded.narrow(dim, j, n)
+        x = out
+    return x
 
 
 def boundary_band(alpha: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -26,46 +40,36 @@ def boundary_band(alpha: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
     Square (2·size+1)² kernel, one iteration each, OpenCV's default borders: for
     erosion pixels outside the image count as object, for dilation as
-    background. max_pool2d's implicit −inf padding gives exactly that: outside
-    pixels never win the max, so dilation sees background there and erosion
-    (−maxpool(−α)) sees object. A sample whose α is constant over the image gets
-    all-zero band and inside, as in the reference (it skips the morphology then).
+    background. Erosion is the complement's dilation with the same outside-is-
+    background rule, which gives exactly that. A sample whose α is constant over
+    the image gets all-zero band and inside, as in the reference (it skips the
+    morphology then).
     """
     if alpha.dim() != 3:
         raise ValueError(f"alpha must be (B,H,W), got shape {tuple(alpha.shape)}")
-    a = alpha.float().unsqueeze(1)
-    k = 2 * size + 1
-    dilated = F.max_pool2d(a, k, stride=1, padding=size)
-    eroded = -F.max_pool2d(-a, k, stride=1, padding=size)
+    a = alpha.bool()
     flat = a.flatten(1)
-    varies = (flat.amax(1) != flat.amin(1)).view(-1, 1, 1, 1)
-    band = torch.where(varies, dilated - eroded, torch.zeros_like(a))
-    inside = torch.where(varies, eroded, torch.zeros_like(a))
-    return band.squeeze(1), inside.squeeze(1)
+    varies = (flat.any(1) & ~flat.all(1)).view(-1, 1, 1)
+    eroded = ~_dilate(~a, size) & varies
+    band = _dilate(a, size) & varies & ~eroded
+    return band.float(), eroded.float()
 
 
-def choose_paste_masks(source_label: Tensor, num_classes: int, ignore_background: bool, mix_prob: float,
-                       py_rng: Any = random, np_rng: Any = np.random) -> tuple[Tensor, Tensor]:
-    """ClassMix paste masks α (B,H,W float) and whether each sample mixes (B,) bool.
-
-    Random draws in the reference's order, one sample after the other:
-    ``py_rng.random() < mix_prob`` decides whether the sample mixes; if it does,
-    ``np_rng.choice(candidates, ceil(n/2), replace=False)`` picks the pasted
-    classes, where the candidates are the source's classes (ascending, as
-    ``np.unique`` lists them) without the ignore value and, if
-    ``ignore_background``, without class 0. With no candidate the reference's
-    ``choice(empty, 0)`` consumes no randomness, so skipping the call is the same.
-    """
-    if source_label.dim() != 3:
-        raise ValueError(f"source_label must be (B,H,W), got shape {tuple(source_label.shape)}")
-    b = source_label.shape[0]
-    device = source_label.device
-    # 255 goes to an extra column that is never a candidate and never chosen.
-    idx = torch.where(source_label == IGNORE_INDEX, num_classes, source_label.long()).flatten(1)
-    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=device)
-    present.scatter_(1, idx, True)
-    # The one host transfer: a B×C bool matrix the scalar draws need.
-    present_np = present[:, :num_classes].cpu().numpy()
+def _paste_masks(class_map: Tensor, source: Sequence[int], num_classes: int, ignore_background: bool,
+                 mix_prob: float, py_rng: Any, np_rng: Any) -> tuple[Tensor, np.ndarray]:
+    """``choose_paste_masks`` on a (B,H,W) int64 map in batch order whose non-candidate pixels
+    hold ``num_classes``, sample k pasting from sample ``source[k]``: α in output order and
+    the mixed flags left on the host, where they were drawn. Reading the sources' maps in
+    place saves the copy of the map into output order."""
+    if class_map.dim() != 3:
+        raise ValueError(f"source_label must be (B,H,W), got shape {tuple(class_map.shape)}")
+    b = class_map.shape[0]
+    device = class_map.device
+    idx = class_map.flatten(1)
+    present = torch.zeros(b, num_classes + 1, dtype=torch.int64, device=device)
+    present.scatter_(1, idx, 1)
+    # The one host transfer: a B×C matrix the scalar draws need.
+    present_np = present[:, :num_classes].cpu().numpy()[list(source)] > 0
 
     chosen = np.zeros((b, num_classes + 1), dtype=bool)
     mixed = np.zeros(b, dtype=bool)
@@ -82,14 +86,60 @@ def choose_paste_masks(source_label: Tensor, num_classes: int, ignore_background
         picked = np_rng.choice(candidates, int(math.ceil(n / 2)), replace=False)
         chosen[i, picked] = True
 
-    chosen_t = torch.from_numpy(chosen).to(device, non_blocking=True)
-    alpha = torch.gather(chosen_t, 1, idx).view_as(source_label).float()
-    return alpha, torch.from_numpy(mixed).to(device, non_blocking=True)
+    chosen_t = torch.from_numpy(chosen.astype(np.float32)).to(device, non_blocking=True)
+    alpha = torch.empty(class_map.shape, dtype=torch.float32, device=device)
+    for k, j in enumerate(source):
+        torch.gather(chosen_t[k], 0, idx[j], out=alpha[k].view(-1))
+    return alpha, mixed
+
+
+def choose_paste_masks(source_label: Tensor, num_classes: int, ignore_background: bool, mix_prob: float,
+                       py_rng: Any = random, np_rng: Any = np.random) -> tuple[Tensor, Tensor]:
+    """ClassMix paste masks α (B,H,W float) and whether each sample mixes (B,) bool.
+
+    Random draws in the reference's order, one sample after the other:
+    ``py_rng.random() < mix_prob`` decides whether the sample mixes; if it does,
+    ``np_rng.choice(candidates, ceil(n/2), replace=False)`` picks the pasted
+    classes, where the candidates are the source's classes (ascending, as
+    ``np.unique`` lists them) without the ignore value and, if
+    ``ignore_background``, without class 0. With no candidate the reference's
+    ``choice(empty, 0)`` consumes no randomness, so skipping the call is the same.
+    """
+    # 255 goes to an extra column that is never a candidate and never chosen (a clamp, as
+    # every other value is a class).
+    alpha, mixed = _paste_masks(source_label.long().clamp(max=num_classes), range(source_label.shape[0]),
+                                num_classes, ignore_background, mix_prob, py_rng, np_rng)
+    return alpha, torch.from_numpy(mixed).to(source_label.device, non_blocking=True)
 
 
 def _squeeze_mask(mask: Tensor) -> Tensor:
     # The loader may hand masks as (B,1,H,W); everything here works on (B,H,W).
     return mask.squeeze(1) if mask.dim() == 4 else mask
+
+
+def _pair_select(alpha: Tensor, pasted: Tensor, unmixed: Optional[Tensor] = None,
+                 mixed: Optional[np.ndarray] = None) -> Tensor:
+    """The mixed batch in output order, read straight from the batch (no gathered copies).
+
+    Output sample 2i has base i and source half+i; 2i+1 has base half+i and source i.
+    A pixel takes the source's ``pasted`` where the binary ``alpha`` (output order,
+    broadcastable per sample) is 1, else its base's ``pasted`` if the sample ``mixed``
+    (host flags) or no ``unmixed`` is given, else its base's ``unmixed``.
+    The select is arithmetic, which is exact for a 0/1 α: ``lerp`` returns either end
+    bit for bit, and ``base + (source − base)·α`` is integer. Both are several times
+    faster than ``torch.where`` on the CPU.
+    """
+    half = pasted.shape[0] // 2
+    out = torch.empty_like(pasted)
+    w = alpha if alpha.dtype == pasted.dtype else alpha.to(pasted.dtype)
+    for k in range(pasted.shape[0]):
+        base, source = (k // 2, half + k // 2) if k % 2 == 0 else (half + k // 2, k // 2)
+        base_map = (pasted if unmixed is None or mixed[k] else unmixed)[base]
+        if pasted.is_floating_point():
+            torch.lerp(base_map, pasted[source], w[k], out=out[k])
+        else:
+            torch.add(base_map, (pasted[source] - base_map).mul_(w[k]), out=out[k])
+    return out
 
 
 def mix_batch(images: Tensor, offline_label: Tensor, offline_mask: Tensor, online_label: Optional[Tensor],
@@ -118,39 +168,33 @@ def mix_batch(images: Tensor, offline_label: Tensor, offline_mask: Tensor, onlin
         raise ValueError("after warm-up mix_batch needs the online label and mask")
 
     half = b // 2
-    first = torch.arange(half, device=images.device)
-    second = first + half
-    base = torch.stack([first, second], 1).flatten()    # d1 of each output sample
-    source = torch.stack([second, first], 1).flatten()  # d2, whose classes get pasted
-
     if warmup:
         # The reference picks classes from the source's offline label as is: the
-        # offline mask does not restrict it (spec §4.2, "Before epoch W").
-        src_map = offline_label[source]
+        # offline mask does not restrict it (spec §4.2, "Before epoch W"). 255 -> C.
+        class_map = offline_label.long().clamp(max=num_classes)
     else:
-        online_mask = _squeeze_mask(online_mask)
-        src_map = torch.where(online_mask[source].bool(), online_label[source],
-                              torch.full_like(online_label[source], IGNORE_INDEX))
-    alpha, mixed = choose_paste_masks(src_map, num_classes, cfg.ignore_background, cfg.mix_prob, py_rng, np_rng)
+        online_mask = _squeeze_mask(online_mask).to(offline_mask.dtype)
+        online_label = online_label.to(offline_label.dtype)
+        # Unreliable pixels are no candidates: where(mask, label, C) as integer arithmetic
+        # on the 0/1 mask (exact, and several times cheaper than a select on the CPU).
+        class_map = (online_label.long() - num_classes).mul_(online_mask).add_(num_classes)
+    # Output sample 2i's source (d2) is batch sample half+i and 2i+1's is sample i.
+    source = [half + k // 2 if k % 2 == 0 else k // 2 for k in range(b)]
+    alpha, mixed = _paste_masks(class_map, source, num_classes, cfg.ignore_background, cfg.mix_prob, py_rng, np_rng)
 
-    sel = alpha.bool()
-    a = alpha.to(images.dtype).unsqueeze(1)
-    out_images = images[base] * (1 - a) + images[source] * a
-    # With a binary α the blend of integer maps is a select; it also keeps 255 exact.
+    # The blend base·(1−α) + source·α with a binary α is a select, which keeps 255 exact.
+    out_images = _pair_select(alpha.unsqueeze(1), images)
     if warmup:
-        blend_label = torch.where(sel, offline_label[source], offline_label[base])
-        blend_mask = torch.where(sel, offline_mask[source], offline_mask[base])
+        a_int = alpha.to(offline_label.dtype)
+        target = _pair_select(a_int, offline_label)
+        mask = _pair_select(a_int, offline_mask)
         band, inside = zeros, zeros.clone()
     else:
-        online_mask = online_mask.to(offline_mask.dtype)
-        online_label = online_label.to(offline_label.dtype)
-        blend_label = torch.where(sel, online_label[source], online_label[base])
-        blend_mask = torch.where(sel, online_mask[source], online_mask[base])
+        # Mixed samples take the blended online maps even when α is empty (no
+        # candidate class): the reference decides on the coin flip, not on α.
+        a_int = alpha.to(offline_label.dtype)
+        target = _pair_select(a_int, online_label, offline_label, mixed)
+        mask = _pair_select(a_int, online_mask, offline_mask, mixed)
         band, inside = boundary_band(alpha, cfg.boundary_size)
-    # Mixed samples take the blended maps even when α is empty (no candidate
-    # class): the reference decides on the coin flip, not on α.
-    m = mixed.view(-1, 1, 1)
-    target = torch.where(m, blend_label, offline_label[base])
-    mask = torch.where(m, blend_mask, offline_mask[base])
     return {"images": out_images, "target": target, "mask": mask, "band": band, "inside": inside,
-            "alpha": alpha, "mixed": mixed}
+            "alpha": alpha, "mixed": torch.from_numpy(mixed).to(images.device, non_blocking=True)}

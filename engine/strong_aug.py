@@ -15,6 +15,7 @@ true RGB image.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -118,20 +119,63 @@ def hsv_u8_to_rgb(hsv: Tensor) -> Tensor:
     return torch.trunc(rgb).clamp(0, 255)
 
 
+_HSV_TABLES: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _hsv_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Lookup tables of the two conversions above, built once per device from them (so
+    bit-exact by construction): RGB -> packed ``H<<16 | S<<8 | V`` over all 2^24 colours,
+    and HSV -> packed ``R | G<<8 | B<<16`` over 180·2^16 triplets; int32, 114 MB together.
+    One gather per pixel replaces some forty elementwise passes of the arithmetic."""
+    if device in _HSV_TABLES:
+        return _HSV_TABLES[device]
+    if sys.byteorder != "little":
+        raise RuntimeError("the strong augmentation's colour tables unpack bytes little-endian")
+    i32 = dict(dtype=torch.int32, device=device)
+    low = torch.arange(1 << 16, **i32)
+    hi_bits, lo_bits = (low >> 8).expand(16, -1), (low & 255).expand(16, -1)
+    rgb2hsv = torch.empty(1 << 24, **i32)
+    for r in range(0, 256, 16):  # 16 red levels (1 M colours) at a time bounds the build's memory
+        red = torch.arange(r, r + 16, **i32).view(-1, 1).expand(-1, 1 << 16)
+        hsv = rgb_to_hsv_u8(torch.stack([red, hi_bits, lo_bits])[None].float())[0]
+        rgb2hsv[r << 16:(r + 16) << 16] = ((hsv[0] << 16) | (hsv[1] << 8) | hsv[2]).flatten()
+    hsv2rgb = torch.empty(_HUE_RANGE << 16, **i32)
+    for h in range(0, _HUE_RANGE, 20):
+        hue = torch.arange(h, h + 20, **i32).view(-1, 1).expand(-1, 1 << 16)
+        rgb = hsv_u8_to_rgb(torch.stack([hue, hi_bits[:1].expand(20, -1), lo_bits[:1].expand(20, -1)])[None])[0].int()
+        hsv2rgb[h << 16:(h + 20) << 16] = (rgb[0] | (rgb[1] << 8) | (rgb[2] << 16)).flatten()
+    _HSV_TABLES[device] = rgb2hsv, hsv2rgb
+    return rgb2hsv, hsv2rgb
+
+
 def shift_hsv(images: Tensor, hue: Tensor, sat: Tensor, val: Tensor) -> Tensor:
     """albumentations' uint8 HueSaturationValue with per-image shifts (B,).
 
     The image enters as uint8 (the reference's LUT chain truncates, so floor);
     hue wraps modulo 180 and saturation/value clip to 0..255, each truncated to
     an integer like the reference's LUTs (``astype(uint8)`` of the float sum).
+    The arithmetic is ``rgb_to_hsv_u8``, the shifts, then ``hsv_u8_to_rgb``; it runs
+    as lookups: the two conversions from their tables, the shifts from per-image
+    tables over the 256 levels (the same float ops on the same values).
     """
-    hsv = rgb_to_hsv_u8(images.clamp(0, 255).floor()).float()
-    hue, sat, val = (t.view(-1, 1, 1).float() for t in (hue, sat, val))
-    h = torch.remainder(hsv[:, 0] + hue, _HUE_RANGE).floor()
+    rgb2hsv, hsv2rgb = _hsv_tables(images.device)
+    b, _, height, width = images.shape
+    x = images.clamp(0, 255).floor_()
+    # R·2^16 + G·2^8 + B of integers is below 2^24, so exact in float32.
+    key = (x[:, 0] * 65536).add_(x[:, 1], alpha=256).add_(x[:, 2]).long()
+    hsv = torch.take(rgb2hsv, key).view(b, -1).long()
+    levels = torch.arange(256, dtype=torch.float32, device=images.device)
+    hue, sat, val = (t.view(-1, 1).float() for t in (hue, sat, val))
+    h = torch.remainder(levels + hue, _HUE_RANGE).floor()
     h = torch.where(h >= _HUE_RANGE, h - _HUE_RANGE, h)  # float rounding of a tiny negative sum
-    s = (hsv[:, 1] + sat).clamp(0, 255).floor()
-    v = (hsv[:, 2] + val).clamp(0, 255).floor()
-    return hsv_u8_to_rgb(torch.stack([h, s, v], 1))
+    s = (levels + sat).clamp(0, 255).floor()
+    v = (levels + val).clamp(0, 255).floor()
+    # Per image: (H, S) -> H'<<16 | S'<<8, indexed by H·256 + S = hsv >> 8; and V -> V'.
+    hs_table = ((h.long() << 16)[:, :, None] | (s.long() << 8)[:, None, :]).view(b, -1)
+    shifted = hs_table.gather(1, hsv >> 8) | v.long().gather(1, hsv & 255)
+    rgb = torch.take(hsv2rgb, shifted)
+    out = torch.empty(b, 3, height, width, dtype=torch.float32, device=images.device)
+    return out.copy_(rgb.view(torch.uint8).view(b, height, width, 4)[..., :3].permute(0, 3, 1, 2))
 
 
 def to_gray(images: Tensor) -> Tensor:
@@ -154,18 +198,18 @@ def gaussian_kernel1d(ksize: int, device: torch.device | None = None, dtype: tor
 
 def _separable(x: Tensor, weights: Tensor, dim: int) -> Tensor:
     """``x`` filtered along ``dim`` (-1 or -2) with per-image taps ``weights`` (B, K), K odd,
-    reflect-101 border: K shifted multiply-adds, each a cheap elementwise op on any device
+    reflect-101 border: K shifted multiply-adds, accumulated in place (``addcmul_``, one
+    rounding per tap where the hardware fuses), each a cheap elementwise op on any device
     (a one-channel conv2d is far slower on the CPU)."""
     k = weights.shape[1]
     p = k // 2
     n = x.shape[dim]
     pad = (p, p, 0, 0) if dim == -1 else (0, 0, p, p)
     padded = F.pad(x, pad, mode="reflect")
-    out = None
-    for j in range(k):
-        w = weights[:, j].view(-1, *([1] * (x.dim() - 1)))
-        term = padded.narrow(dim, j, n) * w
-        out = term if out is None else out + term
+    w = weights.view(-1, k, *([1] * (x.dim() - 1)))
+    out = padded.narrow(dim, 0, n) * w[:, 0]
+    for j in range(1, k):
+        out.addcmul_(padded.narrow(dim, j, n), w[:, j])
     return out
 
 
@@ -199,39 +243,74 @@ def _uniform(u: Tensor, bounds: Sequence[float]) -> Tensor:
     return lo + (hi - lo) * u
 
 
-def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.Generator] = None) -> Tensor:
+def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.Generator] = None,
+                   per_image: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None) -> Tensor:
     """Colour jitter + HSV shift (p=color_prob), grey (p=gray_prob), Gaussian blur (p=blur_prob).
 
-    ``images``: (B,3,H,W) float RGB in 0..255; returns the same layout. Every
+    ``images``: (B,3,H,W) float RGB in 0..255, or normalised with ``mean``/``std`` if they
+    are given (then undone before the steps and redone after them); returns the same
+    layout. Every
     image gets its own draws; all draws come from one (B, 9) uniform tensor, so
     image i's draws do not depend on the batch size or on the other images.
-    Each step is computed for the whole batch and selected per image with
-    ``torch.where`` (no data-dependent indexing, no host sync).
+    ``per_image`` (the default on the CPU): one image at a time, each step only if
+    drawn, so the image stays in cache through its steps and no work is thrown away.
+    Otherwise (a GPU) each step runs on the whole batch and is kept per image by an
+    exact 0/1 select, with no data-dependent indexing and no host sync. Every image's
+    result depends on that image alone, so both give the same bits.
     """
     if not cfg.enabled:
         return images
+    normalised = mean is not None
+    if normalised != (std is not None):
+        raise ValueError("strong_augment: give both mean and std, or neither")
+    if per_image is None:
+        per_image = images.device.type == "cpu"
     b = images.shape[0]
     gen_device = generator.device if generator is not None else images.device
     u = torch.rand(b, 9, generator=generator, device=gen_device).to(images.device)
     u = u.to(torch.float32)
-    do_color = (u[:, 0] < cfg.color_prob).view(-1, 1, 1, 1)
+    do_color = u[:, 0] < cfg.color_prob
     contrast = _uniform(u[:, 1], cfg.contrast).view(-1, 1, 1, 1)
     brightness = _uniform(u[:, 2], cfg.brightness).view(-1, 1, 1, 1)
     hue = _uniform(u[:, 3], cfg.hue_shift)
     sat = _uniform(u[:, 4], cfg.saturation_shift)
     val = _uniform(u[:, 5], cfg.value_shift)
-    do_gray = (u[:, 6] < cfg.gray_prob).view(-1, 1, 1, 1)
+    do_gray = u[:, 6] < cfg.gray_prob
     do_blur = u[:, 7] < cfg.blur_prob
     # Kernel index: the first kernel whose cumulative probability exceeds the draw.
     cum = torch.tensor(cfg.blur_kernel_probs, dtype=torch.float64, device=images.device).cumsum(0)
     kidx = torch.searchsorted(cum, u[:, 8].double().contiguous(), right=True).clamp(max=len(cfg.blur_kernels) - 1)
+    taps = blur_taps(cfg.blur_kernels, kidx, do_blur, images.dtype)
 
-    x = images
+    def colour(x: Tensor, i: slice) -> Tensor:
+        jittered = (x * contrast[i] + brightness[i] * 255.0).clamp(0, 255)
+        return shift_hsv(jittered, hue[i], sat[i], val[i]).to(x.dtype)
+
+    if per_image:
+        out = torch.empty_like(images)
+        for i, (c, g, bl) in enumerate(zip(do_color.tolist(), do_gray.tolist(), do_blur.tolist())):
+            x = denormalize(images[i:i + 1], mean, std) if normalised else images[i:i + 1]
+            if c and cfg.color_prob > 0:
+                x = colour(x, slice(i, i + 1))
+            if g and cfg.gray_prob > 0:
+                x = to_gray(x)
+            if bl and cfg.blur_prob > 0:
+                x = blur_batch(x, taps[i:i + 1])
+            if normalised:
+                out[i:i + 1] = normalize(x.clamp(0, 255), mean, std)
+            else:
+                torch.clamp(x, 0, 255, out=out[i:i + 1])
+        return out
+
+    def keep(new: Tensor, old: Tensor, chosen: Tensor) -> Tensor:
+        return torch.lerp(old, new, chosen.to(old.dtype).view(-1, 1, 1, 1))  # exact for a 0/1 weight
+
+    x = denormalize(images, mean, std) if normalised else images
     if cfg.color_prob > 0:
-        jittered = (x * contrast + brightness * 255.0).clamp(0, 255)
-        x = torch.where(do_color, shift_hsv(jittered, hue, sat, val).to(x.dtype), x)
+        x = keep(colour(x, slice(None)), x, do_color)
     if cfg.gray_prob > 0:
-        x = torch.where(do_gray, to_gray(x), x)
+        x = keep(to_gray(x), x, do_gray)
     if cfg.blur_prob > 0:
-        x = blur_batch(x, blur_taps(cfg.blur_kernels, kidx, do_blur, x.dtype))
-    return x.clamp(0, 255)
+        x = blur_batch(x, taps)  # identity taps leave an unblurred image's bits unchanged
+    return normalize(x.clamp(0, 255), mean, std) if normalised else x.clamp(0, 255)

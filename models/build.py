@@ -54,6 +54,7 @@ class SGDCfg:
     poly_power: float
     min_lr: float
     head_lr_mult: Optional[float]   # null: one group per net (the reference); a number: head lr = lr x it
+    implementation: Literal["default", "foreach", "fused"]
 
 
 @dataclass
@@ -66,6 +67,7 @@ class AdamWCfg:
     poly_power: float
     min_lr: float
     head_lr_mult: Optional[float]
+    implementation: Literal["default", "foreach", "fused"]
 
 
 def param_groups(nets: Sequence[nn.Module], lr: float, head_lr_mult: Optional[float]) -> list[dict]:
@@ -82,12 +84,19 @@ def param_groups(nets: Sequence[nn.Module], lr: float, head_lr_mult: Optional[fl
     return groups
 
 
+def _implementation(c: Any) -> dict:
+    """torch's keyword for ``optim.implementation``: its own choice (the reference's), the
+    multi-tensor ``foreach`` kernels, or one ``fused`` kernel for all parameters."""
+    return {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[c.implementation]
+
+
 def _sgd(groups: list[dict], c: SGDCfg) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **_implementation(c))
 
 
 def _adamw(groups: list[dict], c: AdamWCfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay,
+                             **_implementation(c))
 
 
 class OptimizerEntry(NamedTuple):

@@ -38,7 +38,9 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
 
 
 def unwrap(net: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel/DataParallel wrapper (or the net itself)."""
+    """The module inside torch.compile's and DistributedDataParallel/DataParallel's wrappers
+    (or the net itself)."""
+    net = getattr(net, "_orig_mod", net)
     return net.module if hasattr(net, "module") else net
 
 

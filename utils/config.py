@@ -138,6 +138,10 @@ class TrainCfg:
     epochs: int
     seed: int
     amp: bool
+    amp_dtype: Literal["float16", "bfloat16"]  # float16 (with the gradient scaler) is the reference's
+    channels_last: bool
+    compile: bool
+    keep_host_memory: bool
     deterministic: bool
     cudnn_benchmark: bool
     allow_tf32: bool
@@ -431,7 +435,7 @@ def upgrade_legacy(raw: dict) -> dict:
 # Keys a run's saved config.yaml may lack because they came later (upgrade_legacy fills them).
 ADDED_KEYS = {
     "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits", "ckpt_interval",
-              "val_pad_like_ddp"),
+              "val_pad_like_ddp", "amp_dtype", "channels_last", "compile", "keep_host_memory"),
     "test": ("save_logits", "logits_format", "compact_threshold", "compact_max_classes"),
 }
 REFERENCE_CONFIG = SECTION_DEFAULTS_DIR / "beco_voc.yaml"

@@ -1,0 +1,59 @@
+"""Process-wide run settings that change speed, never results: host allocator, autocast, net layout."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# glibc's mallopt parameter ids (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc refuses an mmap threshold above 32 MiB on 64-bit hosts; at it, every temporary of a
+# 512 x 512 batch (images 12 MB, label maps 8 MB, logits in pieces) comes from the heap.
+_MMAP_THRESHOLD_MAX = 32 << 20
+_NEVER_TRIM = (1 << 31) - 1  # mallopt takes a C int
+
+
+def keep_host_memory(enabled: bool) -> bool:
+    """``train.keep_host_memory``: on glibc, serve allocations up to 32 MiB from the heap and
+    never hand freed heap memory back to the system. By default glibc maps each large
+    tensor afresh and unmaps it when freed, so every iteration page-faults its temporaries
+    in again (tens of ms per BECO step on the CPU at 512 x 512). The price: the process
+    keeps its peak heap. Returns whether the setting took effect (False off glibc)."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+
+
+def make_autocast(cfg: Any, device: torch.device) -> Callable:
+    """``with make_autocast(cfg, device)():`` mixed precision in ``train.amp_dtype`` when
+    ``train.amp`` is on (float16 is the reference's; bfloat16 needs no gradient scaler)."""
+    return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, cfg.train.amp_dtype),
+                   enabled=cfg.train.amp)
+
+
+def uses_grad_scaler(cfg: Any, device: torch.device) -> bool:
+    """float16 gradients need loss scaling; bfloat16's range does not (and on the CPU torch
+    has no scaler for it)."""
+    return cfg.train.amp and cfg.train.amp_dtype == "float16" and device.type == "cuda"
+
+
+def net_layout(net: nn.Module, cfg: Any) -> nn.Module:
+    """``train.channels_last``: the net's weights in NHWC, where tensor cores convolve fastest."""
+    return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
+
+
+def net_input(images: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """The batch in the layout the nets were put in (``net_layout``)."""
+    return images.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else images
