@@ -189,7 +189,7 @@ def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], n
     from utils.metrics import confusion_matrix
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=maps.device)
     for m, label in zip(maps, labels):
-        label = label.to(maps.device)
+        label = label.to(maps.device, non_blocking=True)
         up = F.interpolate(m[None].float(), size=label.shape, mode="bilinear", align_corners=align)
         conf += confusion_matrix(up[0].argmax(0), label, num_classes)
     return conf
@@ -280,8 +280,10 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
                 written = [save_score_map(path, arr, fmt, dtype, cfg.test.compact_threshold,
                                           cfg.test.compact_max_classes) for path, arr in zip(paths, stored.cpu().numpy())]
                 counts[0] += len(written)
-                if with_labels:
+                if with_labels and fmt == "compact":
                     stored = torch.from_numpy(np.stack([to_dense(m, REST_FLOOR) for m in written])).to(info.device)
+                elif with_labels and dtype == "float16":
+                    stored = stored.half().float()  # the rounding of the saved map, on the device
         if with_labels:
             conf += confusion_matrix(full.argmax(1), batch["label"].to(info.device), num_classes)
             conf_full += _full_resolution_confusion(stored, batch["full_label"], num_classes, align)

@@ -173,9 +173,11 @@ def limit_threads() -> Callable[[], None]:
     torch = sys.modules.get("torch")
     cv2_threads = cv2.getNumThreads() if cv2 is not None else None
     torch_threads = torch.get_num_threads() if torch is not None else None
-    if cv2 is not None:
+    # Only when needed: in a forked child, cv2.setNumThreads waits forever for the worker
+    # threads of the parent's pool, which the fork did not copy.
+    if cv2 is not None and cv2_threads != 1:
         cv2.setNumThreads(1)
-    if torch is not None:
+    if torch is not None and torch_threads != 1:
         torch.set_num_threads(1)
 
     def restore() -> None:
@@ -220,7 +222,13 @@ def parallel_map(func: Callable[[Any], Any], tasks: Sequence[Any], n_jobs: int, 
         return
     method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform == "linux" else "spawn"
     ctx = mp.get_context(method)
-    pool = ctx.Pool(n_jobs, initializer=_worker_init, initargs=(init, init_args))
+    # Forked workers start single-threaded: the limits are set here, before the fork, so no
+    # child has to shut down a thread pool it inherited without its threads (OpenCV's hangs).
+    restore = limit_threads()
+    try:
+        pool = ctx.Pool(n_jobs, initializer=_worker_init, initargs=(init, init_args))
+    finally:
+        restore()
     try:
         chunk = max(1, min(chunk_size, math.ceil(len(tasks) / n_jobs)))
         yield from pool.imap_unordered(func, tasks, chunksize=chunk)
