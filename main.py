@@ -257,7 +257,8 @@ def train_one_epoch(nets, loader, optimizer, scheduler, scaler, epoch: int, it0:
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        values = {k: v.item() for k, v in losses.items()}
+        # One device-to-host transfer for all the terms (logging and the finiteness check).
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         if not math.isfinite(values["total"]):
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it} "
                                 f"({', '.join(f'{k}={v}' for k, v in values.items())}); "

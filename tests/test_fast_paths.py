@@ -179,3 +179,22 @@ def test_blur_equals_dense_convolution_and_keeps_unblurred_bits():
         ref = F.conv2d(F.pad(images[i:i + 1], (k // 2,) * 4, mode="reflect"), kernel, groups=3)
         assert (out[i:i + 1] - ref).abs().max() < 1e-3
     assert torch.equal(out[2:], images[2:])
+
+
+# ---------------------------------------------------------------- optimiser
+
+def test_foreach_sgd_equals_one_tensor_at_a_time(cfg):
+    """optim.implementation: foreach (our default) takes the same SGD steps bit for bit."""
+    from models import build_optimizer
+    params = {}
+    for impl in ("default", "foreach"):
+        torch.manual_seed(0)
+        nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))]
+        opt = build_optimizer(nets, dataclasses.replace(cfg.optim, implementation=impl))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in nets[0].parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        params[impl] = [p.detach().clone() for p in nets[0].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params["default"], params["foreach"]))

@@ -37,10 +37,12 @@ def keep_host_memory(enabled: bool) -> bool:
 
 
 def make_autocast(cfg: Any, device: torch.device) -> Callable:
-    """``with make_autocast(cfg, device)():`` mixed precision in ``train.amp_dtype`` when
-    ``train.amp`` is on (float16 is the reference's; bfloat16 needs no gradient scaler)."""
-    return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, cfg.train.amp_dtype),
-                   enabled=cfg.train.amp)
+    """``with make_autocast(cfg, device)():`` mixed precision when ``train.amp`` is on: in
+    ``train.amp_dtype`` on GPUs (float16 is the reference's; bfloat16 needs no gradient
+    scaler), always bfloat16 on the CPU, whose float16 kernels are emulated and many times
+    slower."""
+    dtype = getattr(torch, cfg.train.amp_dtype) if device.type == "cuda" else torch.bfloat16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=cfg.train.amp)
 
 
 def uses_grad_scaler(cfg: Any, device: torch.device) -> bool:
