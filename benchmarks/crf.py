@@ -69,7 +69,11 @@ def synthetic_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, n
     from PIL import Image
 
     from datasets.synthetic_voc import make_synthetic_voc, synthetic_ids
-    root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="crf_bench_"))
+    if not args.data:  # a temporary set, removed once its images are read
+        with tempfile.TemporaryDirectory(prefix="crf_bench_") as tmp:
+            args = argparse.Namespace(**{**vars(args), "data": tmp})
+            return synthetic_inputs(args)
+    root = Path(args.data)
     make_synthetic_voc(root, train=1, val=args.images, test=0, size=tuple(args.size), classes=args.classes - 1,
                        seed=args.seed)
     rng = np.random.default_rng(args.seed)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "first-stage" / "irn"))
 
 from misc.random_walk import random_walk, rw_to_scores  # noqa: E402

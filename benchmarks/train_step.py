@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.beco import num_nets, training_step  # noqa: E402
-from utils.runtime import make_autocast  # noqa: E402
+from utils.runtime import keep_host_memory, make_autocast  # noqa: E402
 from models import build_model, build_optimizer  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
@@ -48,6 +48,7 @@ def main() -> None:
     cfg = load_config(args.config, [*args.overrides, f"data.crop_size={args.size}", f"data.batch_size={args.batch}",
                                     f"train.amp={str(args.amp).lower()}"])
     torch.backends.cudnn.benchmark = True
+    keep_host_memory(cfg.train.keep_host_memory)  # as main.py does
     nets = [build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device) for _ in range(num_nets(cfg))]
     opt = build_optimizer(nets, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
