@@ -88,7 +88,7 @@ def _id_of(k: int) -> str:
 # ----------------------------------------------------------------------------- random fields
 
 
-def _smooth_field(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
     """Zero-mean, unit-std smooth random field whose features are about ``cell`` px apart."""
     gh = max(2, int(math.ceil(h / cell)) + 1)
     gw = max(2, int(math.ceil(w / cell)) + 1)
@@ -237,7 +237,7 @@ def _background(rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray) -> tup
         cb = np.clip(ca + rng.normal(0.0, 30.0, 3), 0, 255).astype(np.float32)
         kind = int(rng.integers(0, 4))
         if kind == 0:  # mottled colour
-            t = _unit(_smooth_field(rng, h, w, rng.uniform(6, 16)))
+            t = _unit(smooth_field(rng, h, w, rng.uniform(6, 16)))
         elif kind == 1:  # gradient
             t = _unit(u)
         elif kind == 2:  # soft coarse stripes, unlike any class texture
@@ -328,7 +328,7 @@ def _render(rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray,
             ca, cb = _class_colour_pair(obj["cls"], rng, colour_jitter)
         else:
             ca, cb = _colour_pair(rng)
-        shading = 1.0 + 0.25 * _smooth_field(rng, h, w, 2.0 * obj["r"])[..., None]
+        shading = 1.0 + 0.25 * smooth_field(rng, h, w, 2.0 * obj["r"])[..., None]
         fill = (ca * (1 - t) + cb * t) * np.clip(shading, 0.6, 1.4)
         # A slightly soft edge, as a camera's anti-aliasing gives.
         alpha = cv2.GaussianBlur(obj["mask"].astype(np.float32), (0, 0), 0.6)[..., None]
@@ -386,7 +386,7 @@ def _pseudo_label(rng: np.random.Generator, objects: list[dict[str, Any]], distr
         # Boundary displaced by a per-object bias (CAMs tend to spill over) plus a smooth
         # wobble whose features are a fraction of the object's size.
         bias = noise * (rng.normal(1.1, 1.5) + 0.09 * r * rng.normal(0.0, 1.0))
-        wobble = noise * (1.9 + 0.07 * r) * _smooth_field(rng, h, w, max(4.0, 0.7 * r))
+        wobble = noise * (1.9 + 0.07 * r) * smooth_field(rng, h, w, max(4.0, 0.7 * r))
         region = sdf + bias + wobble > 0
         # A missed part: a bite taken out at the object's edge.
         if rng.random() < 0.5 * noise:
@@ -396,7 +396,7 @@ def _pseudo_label(rng: np.random.Generator, objects: list[dict[str, Any]], distr
                 bite_r = r * rng.uniform(0.4, 0.75)
                 dist = np.sqrt((np.arange(w, dtype=np.float32)[None, :] - xs[k]) ** 2
                                + (np.arange(h, dtype=np.float32)[:, None] - ys[k]) ** 2)
-                bite = dist + 0.25 * bite_r * _smooth_field(rng, h, w, max(4.0, 0.5 * bite_r)) < bite_r
+                bite = dist + 0.25 * bite_r * smooth_field(rng, h, w, max(4.0, 0.5 * bite_r)) < bite_r
                 region &= ~bite
         cls = obj["cls"]
         # Occasionally the smallest object as a whole gets another class of the image or
@@ -408,7 +408,7 @@ def _pseudo_label(rng: np.random.Generator, objects: list[dict[str, Any]], distr
     return label
 
 
-def _confidence_mask(rng: np.random.Generator, label: np.ndarray, keep: float, score_noise: float) -> np.ndarray:
+def confidence_mask(rng: np.random.Generator, label: np.ndarray, keep: float, score_noise: float) -> np.ndarray:
     """gen_mask (first-stage §14) with score = distance to the label's class boundaries + noise.
 
     Per class present (ascending), its pixels in row-major order, sorted by score
@@ -418,7 +418,7 @@ def _confidence_mask(rng: np.random.Generator, label: np.ndarray, keep: float, s
     k = np.ones((3, 3), np.uint8)
     boundary = cv2.dilate(label, k) != cv2.erode(label, k)
     # Half smooth, half per-pixel noise: a real margin varies smoothly along a boundary.
-    smooth = _smooth_field(rng, h, w, 8.0)
+    smooth = smooth_field(rng, h, w, 8.0)
     white = rng.standard_normal((h, w))
     if boundary.any():
         dist = cv2.distanceTransform((~boundary).astype(np.uint8), cv2.DIST_L2, 5)
@@ -505,7 +505,7 @@ def _generate(k: int, settings: dict[str, Any], with_label: bool) -> dict[str, A
     if with_label:
         pseudo = _pseudo_label(label_rng, objects, distractors, (h, w), settings["label_noise"])
         out["pseudo"] = pseudo
-        out["mask"] = _confidence_mask(label_rng, pseudo, settings["mask_keep"], settings["mask_score_noise"])
+        out["mask"] = confidence_mask(label_rng, pseudo, settings["mask_keep"], settings["mask_score_noise"])
     return out
 
 
@@ -741,4 +741,4 @@ def _remove_previous(out: Path, old: dict[str, Any], new: dict[str, Any]) -> Non
             path.unlink()
 
 
-__all__ = ["make_synthetic_voc", "previous_set", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]
+__all__ = ["make_synthetic_voc", "previous_set", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "smooth_field", "confidence_mask", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]

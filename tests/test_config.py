@@ -159,13 +159,20 @@ def test_base_inheritance_and_numeric_override(tmp_path):
 
 def test_every_config_file_loads():
     """Second-stage configs build; first-stage option files (*first_stage*.yaml, read by
-    tools/demo.py) hold only options that run_sample.py parses, with valid values."""
+    tools/demo.py) hold only options that run_sample.py parses, with valid values; a study
+    (noise_study*.yaml, tools/noise_study.py) builds every method's config with its overrides."""
     sys.path.insert(0, str(REPO / "first-stage" / "irn"))
     sys.path.insert(0, str(REPO / "tools"))
     import run_sample
     from demo import first_stage_argv
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        if "first_stage" in path.name:
+        if path.name.startswith("noise_study"):
+            import noise_study
+            study = noise_study.load_study(path)
+            for method in study["methods"].values():
+                load_config(REPO / method["config"], [*noise_study.data_overrides(study), *study["train_overrides"],
+                                                      *method.get("overrides", [])])
+        elif "first_stage" in path.name:
             options = load_yaml(path)
             assert options, path
             args = run_sample.build_parser().parse_args(first_stage_argv(options))
