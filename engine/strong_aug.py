@@ -47,14 +47,14 @@ def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     """Normalised RGB images (B,3,H,W) back to 0..255."""
     m = images.new_tensor(mean).view(1, -1, 1, 1)
     s = images.new_tensor(std).view(1, -1, 1, 1)
-    return (images * s + m) * 255.0
+    return (images * s).add_(m).mul_(255.0)  # (x·s + m)·255, one temporary
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """0..255 RGB images (B,3,H,W) to the network's normalised input."""
     m = images.new_tensor(mean).view(1, -1, 1, 1)
     s = images.new_tensor(std).view(1, -1, 1, 1)
-    return (images / 255.0 - m) / s
+    return (images / 255.0).sub_(m).div_(s)  # (x/255 − m)/s, one temporary
 
 
 def rgb_to_hsv_u8(rgb: Tensor) -> Tensor:
@@ -284,7 +284,7 @@ def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.
     taps = blur_taps(cfg.blur_kernels, kidx, do_blur, images.dtype)
 
     def colour(x: Tensor, i: slice) -> Tensor:
-        jittered = (x * contrast[i] + brightness[i] * 255.0).clamp(0, 255)
+        jittered = (x * contrast[i]).add_(brightness[i] * 255.0).clamp_(0, 255)  # in place: same arithmetic
         return shift_hsv(jittered, hue[i], sat[i], val[i]).to(x.dtype)
 
     if per_image:
@@ -297,10 +297,9 @@ def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.
                 x = to_gray(x)
             if bl and cfg.blur_prob > 0:
                 x = blur_batch(x, taps[i:i + 1])
-            if normalised:
-                out[i:i + 1] = normalize(x.clamp(0, 255), mean, std)
-            else:
-                torch.clamp(x, 0, 255, out=out[i:i + 1])
+            o = torch.clamp(x, 0, 255, out=out[i:i + 1])
+            if normalised:  # normalize's arithmetic, in place in the output
+                o.div_(255.0).sub_(o.new_tensor(mean).view(1, -1, 1, 1)).div_(o.new_tensor(std).view(1, -1, 1, 1))
         return out
 
     def keep(new: Tensor, old: Tensor, chosen: Tensor) -> Tensor:
