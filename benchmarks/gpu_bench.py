@@ -24,7 +24,7 @@ its error and the rest still run):
 
 Nets are built as main.py builds them (``models.build_model`` without ImageNet weights,
 ``utils.runtime.net_layout``), the iteration is main.train_one_epoch's (``training_step``,
-zero_grad, scaled backward, ``scaler.step``, ``scaler.update``, every loss's ``.item()``),
+zero_grad, scaled backward, ``scaler.step``, ``scaler.update``, the loss terms fetched in one transfer),
 and the backends are set by main.configure_backends (cuDNN benchmark on, TF32 on). The batch
 is random, pinned on the host as the loader hands it over: no data loading is measured.
 ``--smoke`` keeps every code path but shrinks the work: ResNet-18 / MiT-B0 nets, 64 x 64,
@@ -255,7 +255,8 @@ class Rig:
         with timer.part(OPT_PART) if timer else nullcontext():
             self.scaler.step(self.opt)
         self.scaler.update()
-        values = {k: v.item() for k, v in losses.items()}
+        # As main.train_one_epoch: one device-to-host transfer for all the loss terms.
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         return values["total"]
 
     def iteration(self, timer: Optional[PartTimer] = None) -> float:
@@ -764,7 +765,7 @@ def _parts_table(rows: list[dict]) -> list[str]:
 METHOD_NOTES = [
     "- **Iteration**: as main.train_one_epoch: `engine.beco.training_step` at an epoch past warm-up and "
     "co-training start (online labels, band and all four loss terms on), `zero_grad`, scaled backward, "
-    "`scaler.step`, `scaler.update`, `.item()` of every loss term (so each iteration ends with a host sync, "
+    "`scaler.step`, `scaler.update`, the loss terms fetched in one transfer (so each iteration ends with a host sync, "
     "as in training). Random batch pinned on the host, copied in the step; no data loading, no scheduler.",
     "- **it/s, img/s, step ms**: wall clock over the timed iterations after the warm-up, synchronised at the end.",
     "- **peak GiB**: `torch.cuda.max_memory_allocated` over the timed iterations (weights, gradients, "
