@@ -290,6 +290,44 @@ def check_settings(pred_dir: Path, settings: dict, overwrite: bool, ids: list[st
     save_json(path, settings)
 
 
+def pred_folder_name(logits_name: str, mode: str, crf: bool) -> str:
+    """``<mode>_pred[_crf]`` for the reference's ``logits`` folder; other inference settings add
+    their suffix (``val_pred_msc_flip_crf``), so a run's single-scale and multi-scale predictions
+    and scores never share a folder. The storage format (``_compact``) changes no prediction."""
+    suffix = logits_name[len("logits"):] if logits_name.startswith("logits") else f"_{logits_name}"
+    suffix = suffix.removesuffix("_compact")
+    return f"{mode}_pred{suffix}{'_crf' if crf else ''}"
+
+
+def update_card(run_dir: Path, logits_dir: Path, cfg: Config, scores: dict, crf: bool, split: str,
+                seconds: float) -> Path | None:
+    """This prediction's row in the run's results card (engine/results_card.py), for the net and
+    inference setting the maps were made with (their ``_settings.json``)."""
+    from engine import results_card as card
+    from engine.beco import num_nets
+    from utils.config import to_dict
+    settings_path = logits_dir / SETTINGS_NAME
+    if not settings_path.is_file():
+        print(f"note: no {settings_path}, so no results card row (maps not written by main.py --test)")
+        return None
+    made = json.loads(settings_path.read_text())
+    ckpt = Path(made["checkpoint"])
+    old = card.read_card(run_dir).get("checkpoint", {})
+    if ckpt.is_file():
+        entry = card.checkpoint_entry(ckpt, run_dir)
+    elif old.get("path") == str(ckpt):
+        entry = old  # the checkpoint was moved away since the test pass; its hash is on the card
+    else:
+        print(f"note: checkpoint {ckpt} of these maps is gone and not on the card: no results card row")
+        return None
+    row = card.make_row(scores, card.saved_net_name(num_nets(cfg)), card.inference_name(made["multi_scale"], made["flip"]),
+                        crf, "original", split=split, num_images=scores["num_images"],
+                        source="test.py" + (" --crf" if crf else ""))
+    return card.update_card(run_dir, entry, [row], class_names=scores["class_names"], config=to_dict(cfg),
+                            tool="test.py" + (" --crf" if crf else ""), seconds=seconds,
+                            scales=made.get("scales"))
+
+
 def write_submission(run_dir: Path, pred_dir: Path, ids: list[str], layout: Path) -> Path:
     """The evaluation-server layout (VOC's ``results/VOC2012/Segmentation/comp6_test_cls/<id>.png``)
     under ``<run>/<pred>_submission/``, and ``<run>/<pred>_submission.tar`` holding exactly the listed ids."""
@@ -331,7 +369,7 @@ def run(args: argparse.Namespace) -> dict:
     if not with_gt and entry.submission_dir is None:
         print(f"note: {cfg.data.dataset} has no evaluation-server layout; --mode test writes the predictions only")
 
-    pred_dir = run_dir / f"{args.mode}_pred{'_crf' if args.crf else ''}"
+    pred_dir = run_dir / pred_folder_name(logits_dir.name, args.mode, args.crf)
     crf_settings = dataclasses.asdict(cfg.test.crf) if args.crf else None
     check_settings(pred_dir, {"logits_dir": logits_dir.name, "split": split, "num_classes": cfg.data.num_classes,
                               "align_corners": cfg.model.align_corners, "crf": crf_settings},
@@ -387,6 +425,9 @@ def run(args: argparse.Namespace) -> dict:
         scores_path = save_json(run_dir / f"{pred_dir.name}_scores.json", record)
         print_scores(scores, names)
         print(f"scores: {scores_path}")
+        card_path = update_card(run_dir, logits_dir, cfg, record, args.crf, split, elapsed)
+        if card_path is not None:
+            print(f"results card: {card_path.with_suffix('.md')}")
         summary["scores"] = record
     elif entry.submission_dir is not None:
         tar_path = write_submission(run_dir, pred_dir, ids, Path(entry.submission_dir))

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
-from engine.evaluate import ShardSampler, average_outputs
+from engine import results_card as card
+from engine.evaluate import ShardSampler
 from utils.config import Config, ConfigError, to_dict, to_yaml
 from utils.errors import CheckpointError, OutputExistsError, RunError
 from utils.io import save_json, save_text
@@ -87,41 +88,76 @@ def load_test_nets(cfg: Config, path: Path, device: torch.device) -> list[nn.Mod
 
 # ----------------------------------------------------------------------------- forward passes
 
-def _averaged(nets: list[nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over the nets of (pre_logits, logits), float32."""
-    out = average_outputs(nets, images, ("pre_logits", "logits"))
-    return out["pre_logits"], out["logits"]
+def _mean(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the nets, float32, summed in net order (engine.evaluate.average_outputs' arithmetic)."""
+    total = outs[0].float()
+    for o in outs[1:]:
+        total = total + o.float()
+    return total / len(outs)
 
 
-def _one_scale(nets: list[nn.Module], images: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    pre, full = _averaged(nets, images)
-    if flip:
-        pre_f, full_f = _averaged(nets, images.flip(-1))
-        pre, full = (pre + pre_f.flip(-1)) / 2, (full + full_f.flip(-1)) / 2
-    return pre, full
+@torch.no_grad()
+def predict_variants(nets: list[nn.Module], images: torch.Tensor, cfg: Config, settings: list[tuple[bool, bool]],
+                     per_net: bool = False) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(head-resolution map, full-size logits) for every (multi_scale, flip) of ``settings``, keyed by
+    (net, inference name) (engine.results_card): both nets averaged (``mean``; a one-net run: ``net1``),
+    and with ``per_net`` each net alone too. Every forward pass runs once, whatever the settings share.
+
+    Multi-scale (spec §7): the input is also resized by every ``test.scales``, each head-resolution
+    map is resized to the base one's size, and the pixel-wise maximum over the base and the scaled
+    maps is kept; its full-size logits are that map upsampled. Without multi-scale the full-size
+    logits are the nets' own, as in validation (§6). Flip averages each scale's map with the
+    flipped input's, flipped back.
+    """
+    align = cfg.model.align_corners
+    need_flip = any(f for _, f in settings)
+    scales = cfg.test.scales if any(m for m, _ in settings) else []
+    h, w = images.shape[-2:]
+    # views[(scale, flipped)] = per-net (pre, full); flipped outputs are flipped back.
+    views: dict[tuple[float | None, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for scale in [None, *scales]:
+        x = images if scale is None else F.interpolate(images, size=(round(h * scale), round(w * scale)),
+                                                       mode="bilinear", align_corners=align)
+        for flipped in (False, True) if need_flip else (False,):
+            outs = [net(x.flip(-1) if flipped else x) for net in nets]
+            # Scaled inputs' full-size logits are never used: not kept (they are the largest tensors).
+            views[(scale, flipped)] = [tuple(None if (k == "logits" and scale is not None)
+                                             else o[k].flip(-1) if flipped else o[k] for k in ("pre_logits", "logits"))
+                                       for o in outs]
+    groups = {card.saved_net_name(len(nets)): list(range(len(nets)))}
+    if per_net and len(nets) > 1:
+        groups.update({name: [k] for k, name in enumerate(card.net_names(len(nets))[:-1])})
+
+    def view(members: list[int], scale: float | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def mean(j: int, flipped: bool) -> torch.Tensor | None:
+            return None if scale is not None and j == 1 else _mean([views[(scale, flipped)][k][j] for k in members])
+        pre, full = mean(0, False), mean(1, False)
+        if flip:
+            pre = (pre + mean(0, True)) / 2
+            full = None if full is None else (full + mean(1, True)) / 2
+        return pre, full
+
+    result = {}
+    for name, members in groups.items():
+        for msc, flip in settings:
+            pre, full = view(members, None, flip)
+            if msc:
+                best = pre
+                for scale in cfg.test.scales:
+                    pre_s, _ = view(members, scale, flip)
+                    best = torch.maximum(best, F.interpolate(pre_s, size=pre.shape[-2:], mode="bilinear",
+                                                             align_corners=align))
+                pre, full = best, F.interpolate(best, size=(h, w), mode="bilinear", align_corners=align)
+            result[(name, card.inference_name(msc, flip))] = (pre, full)
+    return result
 
 
 @torch.no_grad()
 def predict_maps(nets: list[nn.Module], images: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head-resolution map to save, full-size logits for the metrics) of a normalised batch.
-
-    Multi-scale (spec §7): the input is also resized by every scale, each head-resolution map is
-    resized to the base one's size, and the pixel-wise maximum over the base and the scaled
-    maps is kept; its full-size logits are that map upsampled. Without multi-scale the
-    full-size logits are the nets' own, as in validation (§6).
-    """
-    align = cfg.model.align_corners
-    pre, full = _one_scale(nets, images, cfg.test.flip)
-    if not cfg.test.multi_scale:
-        return pre, full
-    h, w = images.shape[-2:]
-    best = pre
-    for scale in cfg.test.scales:
-        scaled = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bilinear",
-                               align_corners=align)
-        pre_s, _ = _one_scale(nets, scaled, cfg.test.flip)
-        best = torch.maximum(best, F.interpolate(pre_s, size=pre.shape[-2:], mode="bilinear", align_corners=align))
-    return best, F.interpolate(best, size=(h, w), mode="bilinear", align_corners=align)
+    """(head-resolution map to save, full-size logits for the metrics) of a normalised batch: the
+    nets averaged, with the config's multi-scale and flip (``predict_variants``)."""
+    key = (card.saved_net_name(len(nets)), card.inference_name(cfg.test.multi_scale, cfg.test.flip))
+    return predict_variants(nets, images, cfg, [(cfg.test.multi_scale, cfg.test.flip)])[key]
 
 
 # ----------------------------------------------------------------------------- saved maps
@@ -206,8 +242,9 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     from utils.crf import REST_FLOOR
     from utils.score_maps import SUFFIX, bytes_bound, save_score_map, to_dense
 
-    if cfg.test.multi_scale and not cfg.test.scales:
-        raise ConfigError("config key 'test.scales': multi-scale testing needs at least one scale")
+    if (cfg.test.multi_scale or any("msc" in s for s in cfg.test.card_inference)) and not cfg.test.scales:
+        raise ConfigError("config key 'test.scales': multi-scale testing (test.multi_scale or a multi-scale "
+                          "test.card_inference entry) needs at least one scale")
     info = init_distributed(getattr(args, "gpu_id", None))
     run_dir = test_run_dir(cfg, args.ckpt)
     ckpt_path = resolve_checkpoint(cfg, args.ckpt, run_dir)
@@ -259,21 +296,39 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=info.device)
     conf_full = torch.zeros_like(conf)
     counts = torch.zeros(2, dtype=torch.long, device=info.device)  # written, read back
+    # The results card's other rows (engine/results_card.py): each net alone and the other
+    # inference setting, from the same forward passes (scored on the unrounded maps).
+    settings_run = [(cfg.test.multi_scale, cfg.test.flip)]
+    configured = (card.saved_net_name(len(nets)), card.inference_name(cfg.test.multi_scale, cfg.test.flip))
+    if with_labels:
+        settings_run += [s for s in map(card.inference_setting, cfg.test.card_inference) if s not in settings_run]
+    # Every key on every rank from the start: a rank whose shard is empty still joins each all-reduce.
+    conf_variants = {(net, card.inference_name(*setting)): torch.zeros_like(conf)
+                     for net in card.net_names(len(nets)) for setting in settings_run} if with_labels else {}
+    conf_variants.pop(configured, None)  # scored from the saved (rounded) map below
     t0 = time.time()
     for batch in tqdm(loader, desc="test", disable=not info.is_main, dynamic_ncols=True, leave=False):
         batch_ids = list(batch["id"])
         paths = [out_dir / f"{i}{suffix}" for i in batch_ids]
         images = batch["image"].to(info.device, non_blocking=True)
-        if save and not overwrite and all(p.is_file() for p in paths):
+        reuse = save and not overwrite and all(p.is_file() for p in paths)
+        variants = {}
+        if not reuse or conf_variants:  # reused maps spare the nets only when the card needs no other row
+            with autocast:
+                variants = predict_variants(nets, images, cfg, settings_run, per_net=with_labels)
+            classes = variants[configured][0].shape[1]
+            if classes != num_classes:
+                raise CheckpointError(f"the nets output {classes} classes, data.num_classes is {num_classes}")
+        for key in conf_variants:
+            conf_variants[key] += _full_resolution_confusion(variants[key][0].float(), batch["full_label"],
+                                                             num_classes, align)
+        if reuse:
             stored = torch.from_numpy(np.stack([load_saved_map(p, i, cfg) for p, i in zip(paths, batch_ids)]))
             stored = stored.to(info.device)
             full = F.interpolate(stored, size=images.shape[-2:], mode="bilinear", align_corners=align)
             counts[1] += len(batch_ids)
         else:
-            with autocast:
-                pre, full = predict_maps(nets, images, cfg)
-            if pre.shape[1] != num_classes:
-                raise CheckpointError(f"the nets output {pre.shape[1]} classes, data.num_classes is {num_classes}")
+            pre, full = variants[configured]
             stored = pre.float()
             if save:
                 # The original-resolution metric uses what test.py will read: the rounded map.
@@ -290,12 +345,15 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     all_reduce_sum(conf)
     all_reduce_sum(conf_full)
     all_reduce_sum(counts)
+    for key in sorted(conf_variants):  # the same order on every rank
+        all_reduce_sum(conf_variants[key])
+    seconds = time.time() - t0
     written, reused = (int(v) for v in counts.tolist())
     summary = {"run_dir": str(run_dir), "logits_dir": str(out_dir) if save else None, "checkpoint": str(ckpt_path),
                "split": cfg.test.split, "num_images": len(dataset), "written": written, "reused": reused,
                "scores": None, "scores_original": None}
     if info.is_main:
-        log.info(f"{written} maps written, {reused} already there (kept) | {time.time() - t0:.1f} s")
+        log.info(f"{written} maps written, {reused} already there (kept) | {seconds:.1f} s")
         if with_labels:
             names = entry.class_names(num_classes)
             scores = segmentation_scores(conf)
@@ -312,6 +370,19 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
             present = sum(v is not None for v in original["iou"])
             log.info(f"original-resolution metrics on '{cfg.test.split}' (no CRF): mIoU {original['miou']:.4f} "
                      f"over {present} classes present | pixel acc {original['pixel_acc']:.4f}")
+            common = {"split": cfg.test.split, "num_images": len(dataset), "source": "main.py --test"}
+            rows = [card.make_row(original, *configured, False, "original", **common),
+                    card.make_row(scores, *configured, False, f"{cfg.data.val_size}px", **common)]
+            rows += [card.make_row(segmentation_scores(c), *key, False, "original", **common,
+                                   note="scored in the test pass, map not saved")
+                     for key, c in sorted(conf_variants.items())]
+            for row in rows[2:]:
+                log.info(f"  {row['net']}, {row['inference']}: mIoU {row['miou']:.4f} (original resolution, no CRF)")
+            path = card.update_card(run_dir, card.checkpoint_entry(ckpt_path, run_dir), rows, class_names=names,
+                                    config=to_dict(cfg), tool="main.py --test", seconds=seconds,
+                                    scales=cfg.test.scales if any(m for m, _ in settings_run) else None,
+                                    pseudo_labels=card.pseudo_label_quality(cfg, run_dir))
+            log.info(f"results card: {path.with_suffix('.md')}")
         if save:
             log.info(f"next: python test.py --logits_dir {out_dir} --mode {'val' if with_labels else 'test'} [--crf]")
     barrier()

@@ -102,3 +102,18 @@ def write_tiny_coco(root: Path, train_ids: list[int], val_ids: list[int], size=(
 def tiny_coco_config(root: Path, *overrides: str) -> Config:
     base = [f"data.root={root}", "data.crop_size=32", "data.val_size=32", "data.num_workers=0"]
     return load_config(REPO / "configs/beco_coco.yaml", base + list(overrides))
+
+
+def eval_nets(cfg: Config, seed: int) -> list:
+    """The config's test nets (engine.inference.build_test_nets) from ``seed``, with non-trivial
+    BatchNorm statistics so that eval-mode outputs differ between the nets and from zero."""
+    import torch
+    from engine.inference import build_test_nets
+    torch.manual_seed(seed)
+    nets = build_test_nets(cfg, torch.device("cpu"))
+    for net in nets:
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return nets

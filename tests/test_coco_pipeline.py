@@ -92,6 +92,12 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
             assert np.array_equal(ref, np.asarray(Image.open(compact / pred / i))), i
     offline = json.loads((compact / "val_pred_scores.json").read_text())
     assert offline["miou"] == pytest.approx(in_pass["miou"], abs=1e-12)  # test.py without CRF = the test pass
+    # The results card of a COCO run: 81 named classes, both nets and their mean, the CRF row.
+    card = json.loads((compact / "results.json").read_text())
+    assert card["class_names"][80] == "toothbrush" and len(card["rows"]["net2|single|no_crf|original"]["iou"]) == 81
+    assert card["rows"]["mean|single|crf|original"]["miou"] == json.loads(
+        (compact / "val_pred_crf_scores.json").read_text())["miou"]
+    assert card["pseudo_labels"]["split"] == "train" and card["pseudo_labels"]["miou"] is not None
 
     # A rerun of test.py keeps what it made; ground truth is read by integer id.
     r = _run("test.py", "--logits_dir", compact / "logits_compact", "--mode", "val", "--n-jobs", "1")

@@ -17,24 +17,13 @@ import torch
 
 from datasets.synthetic_voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
-from engine.inference import build_test_nets
-from tests.conftest import REPO
+from tests.conftest import REPO, eval_nets
 from utils.config import load_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 NUM_CLASSES = 4
 OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}",
              "data.crop_size=64", "data.val_size=64", "data.num_workers=0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for the in-process runs, as the subprocess tests get OMP_NUM_THREADS=1: on a
-    busy 2-core machine two threads synchronising per layer run far slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +36,7 @@ def syn_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def nets(syn_root):
     """Two differently initialised nets with non-trivial BN statistics, in eval mode."""
-    torch.manual_seed(0)
-    cfg = load_config(REPO / "configs/demo.yaml", [f"data.root={syn_root}", *OVERRIDES])
-    out = build_test_nets(cfg, torch.device("cpu"))
-    for net in out:
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return out
+    return eval_nets(load_config(REPO / "configs/demo.yaml", [f"data.root={syn_root}", *OVERRIDES]), 0)
 
 
 def _args(root: Path, logs: Path, tag: str, ckpt: Path, *extra: str) -> list[str]:

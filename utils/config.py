@@ -193,6 +193,7 @@ class TestCfg:
     compact_threshold: float
     compact_max_classes: int
     chunk_size: int
+    card_inference: list[Literal["single", "flip", "msc", "msc+flip"]]  # results card rows (engine/results_card.py)
     crf: CrfCfg
 
 
