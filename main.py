@@ -34,7 +34,7 @@ from utils.config import Config, ConfigError, apply_overrides, build_config, loa
 from utils.errors import BecoError, RunError, one_line
 
 from utils.logs import log, log_error_to_file, setup_logging
-from utils.runtime import keep_host_memory, make_autocast, net_layout, uses_grad_scaler
+from utils.runtime import keep_host_memory, make_autocast, net_layout, set_deterministic, uses_grad_scaler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,10 +92,7 @@ def set_seed(seed: int) -> None:
 def configure_backends(cfg: Config) -> None:
     keep_host_memory(cfg.train.keep_host_memory)
     if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+        set_deterministic(True)
     else:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32

@@ -57,20 +57,13 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware() -> dict[str, Any]:
     """What the numbers were computed on: float results depend on it (README, Reproducibility)."""
     import torch
-    info: dict[str, Any] = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+    from utils.runtime import cpu_info
+    cpu = cpu_info()
+    info: dict[str, Any] = {"host": platform.node(), "cpu": cpu["cpu_model"] or platform.machine(),
+                            "cpu_flags": cpu["cpu_flags"], "cores": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(),
                             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                             "python": sys.version.split()[0], "torch": torch.__version__}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from functools import partial
 from typing import Any, Callable
@@ -59,3 +60,45 @@ def net_layout(net: nn.Module, cfg: Any) -> nn.Module:
 def net_input(images: torch.Tensor, cfg: Any) -> torch.Tensor:
     """The batch in the layout the nets were put in (``net_layout``)."""
     return images.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else images
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``--determ`` in both stages: deterministic algorithms wherever PyTorch has them.
+
+    On the CPU a run is already bit-reproducible for a fixed machine, thread count and loader
+    worker count (measured, README "Reproducibility"); these switches matter on GPUs, where
+    cuDNN's autotuner may pick another convolution algorithm per run and some kernels
+    (index_add_, interpolation backward, cuBLAS split-K) accumulate in a run-dependent order.
+    warn_only: an op without a deterministic implementation warns instead of stopping the run.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    if hasattr(torch.backends, "mkldnn") and hasattr(torch.backends.mkldnn, "deterministic"):
+        torch.backends.mkldnn.deterministic = True  # oneDNN ops that offer a deterministic mode
+
+
+# CPU flags that select other oneDNN / ATen / OpenCV kernels (the widest vector unit, AMX).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the vector-unit flags present (Linux /proc/cpuinfo; None elsewhere):
+    oneDNN picks its convolution kernels by them, and with them the last bits of every result."""
+    model, flags = None, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if model is None and line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif flags is None and line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    flags = [f for f in ISA_FLAGS if f in present]
+                if model is not None and flags is not None:
+                    break
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": flags}

@@ -15,7 +15,8 @@ Everything is written under --work_dir:
     result/sem_seg        <id>.png  pseudo-labels 0..C
     result/score          <id>.pt   {pred, score, keys}
     result/mask_irn       <id>.png  confidence masks (RGB 0/255)
-    logs/, log.txt (appended), summary.json (each step's time and metric, merged across runs)
+    logs/, log.txt (appended), summary.json (each step's time and metric, merged across runs;
+                          "runtime": --determ, threads, CPU kernels, library versions of the last run)
 Option defaults are the reference's (spec §3.1); quirks kept by default sit behind named options.
 
 --dataset voc (default, C = 20): <voc12_root>/JPEGImages, SegmentationClass, ImageSets/Segmentation.
@@ -204,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_images", type=optional_int, default=None,
       help="use only the first N ids of every list (smoke runs); eval keeps eval ids among them")
     a("--torch_threads", type=optional_int, default=None,
-      help="torch intra-op CPU threads (default: torch's choice; 1 avoids OpenMP slowdowns on busy machines)")
+      help="torch intra-op CPU threads (default: torch's choice; 1 avoids OpenMP slowdowns on busy machines). "
+           "Part of the result: 1 and 2 threads give different weights")
+    a("--determ", action="store_true",
+      help="deterministic algorithms (torch.use_deterministic_algorithms, warn only), cuDNN deterministic and "
+           "benchmark off, also in make_cam / make_sem_seg shard processes: a machine then repeats its own "
+           "numbers bit for bit on GPUs too (the CPU path already does). Other machines (CPU kernels, threads, "
+           "library versions; summary.json \"runtime\") may still differ")
     a("--cpu_shards", type=int, default=1,
       help="make_cam / make_sem_seg on the CPU: spread the ids round-robin over this many processes "
            "(GPUs: one process per visible GPU regardless)")
@@ -449,6 +456,17 @@ def record_preflight(summary_path: Path, report: dict[str, Any]) -> None:
     save_json(summary_path, summary)
 
 
+def record_runtime(summary_path: Path, facts: dict[str, Any]) -> None:
+    """summary.json's "runtime": --determ, threads, CPU kernels and library versions of the last run.
+
+    The same seed gives the same numbers only where these agree (and never across CPUs whose
+    oneDNN / ATen kernels differ), so two runs' summaries show why their numbers may differ.
+    """
+    summary = read_summary(summary_path)
+    summary["runtime"] = {"recorded": _dt.datetime.now().isoformat(timespec="seconds"), **_json_safe(facts)}
+    save_json(summary_path, summary)
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -531,10 +549,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     from misc.preflight import preflight
     log = setup_logging(args)
+    from misc.runtime import configure_runtime
     from misc.torchutils import seed_everything
-    if args.torch_threads:
-        import torch
-        torch.set_num_threads(args.torch_threads)
+    runtime = configure_runtime(getattr(args, "determ", False), args.torch_threads)  # before any CUDA work (cuBLAS reads its env)
     seed_everything(args.seed)
     root = args.coco_root if args.dataset == "coco" else args.voc12_root
     log.info(f"run_sample: steps {','.join(args.steps)}; dataset {args.dataset} {root}; work_dir {args.work_dir}")
@@ -542,6 +559,8 @@ def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     if args.backbone_weights is None and any(s in args.steps for s in ("train_cam", "train_irn")):
         log.warning("run_sample: NO --backbone_weights: the backbone trains FROM SCRATCH "
                     "(expect far lower mIoU than the reference; fine for the synthetic demo)")
+    log.info("run_sample: runtime " + ", ".join(f"{k} {v}" for k, v in runtime.items() if v not in (None, {}, [])))
+    record_runtime(args.summary_path, runtime)
     runners = {name: step_runner(name) for name in args.steps}  # a missing step module fails before any work
     record_preflight(args.summary_path, preflight(args, args.steps, log))
     results: dict[str, Any] = {}

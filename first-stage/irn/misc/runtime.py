@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from utils.metrics import confusion_matrix
+from utils.runtime import cpu_info, set_deterministic
 
 LOGGER_NAME = "first_stage"
 T = TypeVar("T")
@@ -90,9 +91,89 @@ def run_on_devices(work: Any, args: Any, ids: list) -> None:
     """Call ``work(part, n_parts, args, ids)`` once per GPU / CPU shard (spawned), or once in-process."""
     n_parts = min(inference_parts(args), max(1, len(ids)))
     if n_parts > 1:
-        torch.multiprocessing.spawn(work, nprocs=n_parts, args=(n_parts, args, ids), join=True)
+        torch.multiprocessing.spawn(_spawned_work, nprocs=n_parts, args=(work, n_parts, args, ids), join=True)
     else:
         work(0, 1, args, ids)
+
+
+def _spawned_work(part: int, work: Any, n_parts: int, args: Any, ids: list) -> None:
+    """A spawned shard starts a fresh interpreter: torch's deterministic-algorithm and cuDNN
+    switches are per process, so ``--determ`` is applied again before the shard's work."""
+    if getattr(args, "determ", False):
+        set_deterministic(True)
+    work(part, n_parts, args, ids)
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+# Environment variables that change which CPU/GPU kernels run, hence the last bits of every
+# float result (measured: oneDNN's ISA, ATen's capability and the thread count each change the
+# CAM weights within a few steps). Recorded so two runs' summaries can be compared.
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+              "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "CUBLAS_WORKSPACE_CONFIG",
+              "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
+
+
+def configure_runtime(determ: bool, torch_threads: int | None) -> dict[str, Any]:
+    """Apply ``--torch_threads`` and ``--determ``; return what decides the run's float results.
+
+    The thread count is part of the result: torch splits convolutions and reductions into
+    per-thread partial sums, so 1 and 2 threads give different last bits (and, after training
+    amplifies them, different weights). Without ``--torch_threads`` torch's default (the
+    machine's core count) is kept and recorded, so a rerun elsewhere can pin the same count.
+    """
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    set_deterministic(determ)
+    return runtime_facts(determ)
+
+
+def runtime_facts(determ: bool) -> dict[str, Any]:
+    """Library versions, CPU kernel choice, threads and switches: what two machines must share
+    for their first-stage numbers to agree bit for bit (JSON-ready)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    facts: dict[str, Any] = {
+        "determ": bool(determ),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pillow": version("pillow"),
+        "opencv": version("opencv-python-headless") or version("opencv-python"),
+        **cpu_info(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+    }
+    if torch.cuda.is_available():
+        facts["cuda"] = torch.version.cuda
+        facts["cudnn"] = torch.backends.cudnn.version()
+        facts["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return facts
+
+
+def save_torch(obj: Any, path: Any) -> Any:
+    """``torch.save`` to ``path`` atomically, with bytes that depend on ``obj`` only.
+
+    Through a file object torch names the zip's records ``archive/...``; given the temp file's
+    name it would embed that random name, so two bit-identical runs wrote files that differed.
+    """
+    from utils.io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, write)
 
 
 def first_item(batch: list) -> Any:
@@ -175,4 +256,5 @@ def eval_ids(args: Any) -> list[str]:
 
 __all__ = ["get_logger", "progress", "resolve_device", "round_robin", "confusion", "iou_scores", "read_ids",
            "eval_ids", "LOGGER_NAME", "StreamingConfusion", "fg_on_gt_background", "inference_parts",
-           "worker_share", "run_on_devices"]
+           "worker_share", "run_on_devices", "set_deterministic", "configure_runtime", "runtime_facts",
+           "save_torch", "KERNEL_ENV"]

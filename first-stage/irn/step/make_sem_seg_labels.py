@@ -27,9 +27,9 @@ import torch
 
 from misc.cam_io import CamFileError, load_cam
 from misc.random_walk import random_walk, rw_to_scores
-from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
+from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, save_torch, worker_share
 from step.train_irn import irn_module, irn_weights_path, work_path
-from utils.io import atomic_write, save_png
+from utils.io import save_png
 from voc12.dataloader import TorchvisionNormalize, msf_inputs
 from voc12.source import DataSource, as_source, data_source
 
@@ -55,7 +55,7 @@ def save_score(path: str | Path, pred: torch.Tensor, score: torch.Tensor, keys: 
             "score": score.detach().cpu().to(torch.float16 if fp16 else torch.float32),
             "keys": torch.as_tensor(keys).detach().cpu().long()}
 
-    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return save_torch(data, path)
 
 
 def build_inference_net(args: Any, device: torch.device) -> torch.nn.Module:

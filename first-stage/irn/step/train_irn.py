@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader
 
 from misc.errors import MissingInputError, OptionError, WeightsError
 from misc.indexing import PathIndex
-from misc.runtime import get_logger, progress, read_ids, resolve_device
+from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
-from utils.io import atomic_write
 from voc12.affinity import VOC12AffinityDataset, reduced_size
 from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
 from voc12.source import data_source
@@ -176,7 +175,7 @@ def run(args: Any) -> dict[str, Any]:
     mean_shift = _calibrate_mean_shift(model, args, device, show)
     log.info(f"train_irn: mean shift (dy, dx) = ({mean_shift[0]:.4f}, {mean_shift[1]:.4f})")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out_path, lambda tmp: torch.save(state, tmp))
+    save_torch(state, out_path)  # same weights, same bytes
     seconds = time.perf_counter() - start
     log.info(f"train_irn: saved {out_path} ({seconds:.1f} s)")
     last = history[-1]
