@@ -25,7 +25,8 @@ test-fast: $(STAMP)
 
 # The whole method on the embedded synthetic data: first stage, BECO and the CE baseline,
 # testing with and without CRF; writes data/logging/demo/results.md, curves.png, samples.png.
-# DEMO_ARGS passes options to tools/demo.py, e.g. make demo DEMO_ARGS="--seed 1 --out data/logging/demo_seed1".
+# DEMO_ARGS passes options to tools/demo.py, e.g. make demo DEMO_ARGS="--seed 1 --out data/logging/demo_seed1";
+# DEMO_ARGS="--seeds 0,1,2 --out data/logging/demo_seeds": every seed, mean ± std and the paired difference.
 demo: $(STAMP)
 	$(PY) tools/demo.py $(DEMO_ARGS)
 

@@ -133,3 +133,51 @@ def test_demo_dataset_coco_picks_the_coco_configs_and_folder():
     for name in ("beco", "baseline"):  # both demo configs load and train on COCO's 81 classes
         cfg = demo.load_config(getattr(args, f"{name}_config"))
         assert cfg.data.dataset == "coco" and cfg.data.num_classes == 81
+
+
+def _fake_seed(beco: float, base: float, pl: float, epochs=(1, 2)) -> dict:
+    """A seed's results.json with only what --seeds aggregates."""
+    log = [{"epoch": e, "miou": beco - 0.01 * (len(epochs) - e)} for e in epochs]
+    return {"data": {"train": 8, "val": 3, "size": [48, 64], "classes": 3},
+            "first_stage": {"cam_miou": 0.3, "pseudo_label_miou": pl, "mask_kept_fraction": 0.5},
+            "beco": {"no_crf": beco, "crf": beco + 0.02, "best_during_training": beco, "card": {"net1": beco - 0.01},
+                     "val_log": log},
+            "baseline": {"no_crf": base, "crf": base + 0.01, "best_during_training": base,
+                         "val_log": [{**r, "miou": r["miou"] - 0.05} for r in log]},
+            "timings": {"first_stage": 10.0, "train_beco": 20.0, "report": 1.0}}
+
+
+def test_seeds_aggregate_mean_std_and_paired_difference(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import demo
+    from utils.seed_stats import T95
+    per_seed = {0: _fake_seed(0.70, 0.66, 0.55), 1: _fake_seed(0.64, 0.65, 0.60), 2: _fake_seed(0.73, 0.67, 0.50)}
+    agg = demo.aggregate(per_seed)
+    pl = agg["numbers"]["pseudo-label mIoU, train list"]
+    assert pl["mean"] == pytest.approx(0.55) and pl["std"] == pytest.approx(0.05)  # sample std (n - 1)
+    assert "CAM mIoU at the sweep's best threshold" not in agg["numbers"]  # absent in every seed: no row
+    d = agg["beco_minus_baseline"]["no CRF"]
+    diffs = [0.04, -0.01, 0.06]
+    assert d["values"] == pytest.approx(diffs) and d["mean"] == pytest.approx(0.03)
+    sd = float(np.std(diffs, ddof=1))
+    assert d["std"] == pytest.approx(sd) and d["wins"] == 2 and d["n"] == 3
+    half = T95[1] * sd / np.sqrt(3)  # Student's t, 2 degrees of freedom
+    assert d["ci95"] == pytest.approx([0.03 - half, 0.03 + half])
+    assert agg["beco_minus_baseline"]["CRF"]["mean"] == pytest.approx(0.03 + 0.01)
+    assert agg["seconds"] == {0: 31.0, 1: 31.0, 2: 31.0}
+
+    md = demo.write_seeds_report(tmp_path, agg, per_seed).read_text()
+    assert "| pseudo-label mIoU, train list | 55.0 ± 5.0 | 55.0 | 60.0 | 50.0 |" in md
+    assert f"| no CRF | +3.0 ± {100 * sd:.1f} | [{100 * (0.03 - half):+.1f}, {100 * (0.03 + half):+.1f}] | 2 of 3 |" in md
+    logs = {tag: [{r["epoch"]: r["miou"] for r in res[tag]["val_log"]} for res in per_seed.values()]
+            for tag in ("beco", "baseline")}
+    assert Image.open(demo.plot_curves(tmp_path, logs)).size[0] > 300
+
+
+def test_seeds_option_is_checked():
+    sys.path.insert(0, str(REPO / "tools"))
+    import demo
+    assert demo.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
+    for bad in (["--seeds", "1"], ["--seeds", "1,1"], ["--seeds", "a,b"], ["--seeds", "0,1", "--seed", "3"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(bad)

@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "coco: data/logging/demo_coco)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of both stages' training (default: the configs' train.seed and seed)")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                   help="run the whole pipeline once per seed, in <out>/seed<S>/, and report the mean ± std "
+                        "of every number and the paired BECO - baseline difference in <out>/results.md "
+                        "(curves.png: mean ± std band); each seed resumes like a single run")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--beco-config", type=Path, default=None, help="default: configs/demo[_coco].yaml")
     p.add_argument("--baseline-config", type=Path, default=None, help="default: configs/demo[_coco]_baseline.yaml")
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run_sample.py options as a YAML mapping (option: value)")
     p.add_argument("--samples", type=int, default=6, help="rows of samples.png")
     args = p.parse_args(argv)
+    if args.seeds is not None and args.seed is not None:
+        p.error("--seed and --seeds exclude each other")
     beco, baseline, first_stage, out = DEMOS[args.dataset]
     args.beco_config = args.beco_config or REPO / "configs" / beco
     args.baseline_config = args.baseline_config or REPO / "configs" / baseline
@@ -74,6 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: comma-separated integers expected, got {text!r}") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: two or more distinct seeds expected, got {text!r}")
+    return seeds
 
 
 def say(msg: str) -> None:
@@ -253,25 +269,42 @@ def _tested(run_dir: Path) -> bool:
 # ----------------------------------------------------------------------------- report
 
 
-def plot_curves(out: Path) -> Path:
+CURVES = (("beco", "o-", "BECO"), ("baseline", "s--", "CE baseline"))
+
+
+def plot_curves(out: Path, logs: dict[str, list[dict[int, float]]] | None = None) -> Path:
+    """<out>/curves.png: val mIoU per epoch of BECO and the baseline. ``logs[tag]``: one
+    {epoch: mIoU} per seed (default: the runs under <out>); with several, the mean and a
+    ± 1 std band over the epochs every seed has."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    if logs is None:
+        logs = {tag: [{r["epoch"]: r["miou"] for r in read_jsonl(out / tag / "val_log.jsonl")}] for tag, *_ in CURVES}
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for tag, style in (("beco", "o-"), ("baseline", "s--")):
-        log = read_jsonl(out / tag / "val_log.jsonl")
-        if log:
-            ax.plot([r["epoch"] for r in log], [100 * r["miou"] for r in log], style, label=tag.upper()
-                    if tag == "beco" else "CE baseline")
+    for tag, style, label in CURVES:
+        runs = [log for log in logs.get(tag, []) if log]
+        if not runs:
+            continue
+        epochs = sorted(set.intersection(*(set(log) for log in runs)))
+        vals = 100 * np.array([[log[e] for e in epochs] for log in runs])
+        line, = ax.plot(epochs, vals.mean(0), style, label=label if len(runs) == 1 else f"{label} (mean of {len(runs)} seeds)")
+        if len(runs) > 1:
+            std = vals.std(0, ddof=1)
+            ax.fill_between(epochs, vals.mean(0) - std, vals.mean(0) + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mIoU (%)")
-    ax.set_title("Synthetic demo: validation mIoU per epoch")
+    several = max(len(v) for v in logs.values()) > 1
+    ax.set_title("Synthetic demo: validation mIoU per epoch" + (" (band: ± 1 std over seeds)" if several else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path)
+    tmp = path.with_name(".curves.tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -405,10 +438,14 @@ def write_report(out: Path, results: dict, timings: dict) -> Path:
         f"| CE baseline, val mIoU (no CRF / CRF) | {pct(results['baseline']['no_crf'])} / "
         f"{pct(results['baseline']['crf'])} |",
         f"| BECO, val mIoU (no CRF / CRF) | {pct(results['beco']['no_crf'])} / {pct(results['beco']['crf'])} |",
+        *([f"| BECO, each net alone (no CRF, from beco/results.md) | {pct(results['beco']['card'].get('net1'))} / "
+           f"{pct(results['beco']['card'].get('net2'))} |"] if results["beco"].get("card") else []),
         f"| best val mIoU during training (labels resized to the val size): baseline / BECO | "
         f"{pct(results['baseline']['best_during_training'])} / {pct(results['beco']['best_during_training'])} |",
         "",
-        "val mIoU is measured at the original resolution by test.py, from the best checkpoint of each run.",
+        "val mIoU is measured at the original resolution by test.py, from the best checkpoint of each run "
+        "(picked on val, as the reference does); each run's results card (`beco/results.md`, "
+        "`baseline/results.md`) has the per-class table.",
         "",
         "| stage | wall time (s) |",
         "|---|---|",
@@ -420,26 +457,138 @@ def write_report(out: Path, results: dict, timings: dict) -> Path:
     return save_text(out / "results.md", "\n".join(lines))
 
 
+# ----------------------------------------------------------------------------- several seeds
+
+# The numbers --seeds aggregates: (row label, path into a seed's results.json).
+AGGREGATED = (
+    ("CAM mIoU, train list", ("first_stage", "cam_miou")),
+    ("CAM mIoU at the sweep's best threshold", ("first_stage", "cam_best_miou")),
+    ("pseudo-label mIoU, train list", ("first_stage", "pseudo_label_miou")),
+    ("confidence mask: share of pixels kept", ("first_stage", "mask_kept_fraction")),
+    ("confidence mask: label precision on kept pixels", ("first_stage", "mask_kept_precision")),
+    ("confidence mask: label precision on dropped pixels", ("first_stage", "mask_unkept_precision")),
+    ("CE baseline, val mIoU, no CRF", ("baseline", "no_crf")),
+    ("CE baseline, val mIoU, CRF", ("baseline", "crf")),
+    ("BECO, val mIoU, no CRF", ("beco", "no_crf")),
+    ("BECO, val mIoU, CRF", ("beco", "crf")),
+    ("BECO net 1 alone, no CRF", ("beco", "card", "net1")),
+    ("BECO net 2 alone, no CRF", ("beco", "card", "net2")),
+    ("best val mIoU during training, baseline", ("baseline", "best_during_training")),
+    ("best val mIoU during training, BECO", ("beco", "best_during_training")),
+)
+PAIRED = (("no CRF", "no_crf"), ("CRF", "crf"), ("best val mIoU during training", "best_during_training"))
+
+
+def _at(d: dict, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Mean ± std over seeds of every AGGREGATED number, and BECO - baseline paired by seed."""
+    from utils.seed_stats import paired, summary
+    rows = {}
+    for label, path in AGGREGATED:
+        values = {s: v for s, r in per_seed.items() if (v := _at(r, path)) is not None}
+        if values:
+            rows[label] = summary(list(values.values()))
+    diffs = {label: paired({s: r["beco"][key] for s, r in per_seed.items()},
+                           {s: r["baseline"][key] for s, r in per_seed.items()}) for label, key in PAIRED}
+    total = {s: sum(r["timings"].get(k, 0.0) for k in STAGES) for s, r in per_seed.items()}
+    return {"seeds": list(per_seed), "numbers": rows, "beco_minus_baseline": diffs, "seconds": total}
+
+
+def write_seeds_report(out: Path, agg: dict, per_seed: dict[int, dict]) -> Path:
+    seeds = agg["seeds"]
+    data = next(iter(per_seed.values()))["data"]
+    lines = ["# BECO demo on the synthetic data, several seeds", "",
+             f"Seeds {seeds} (each seeds both stages: first-stage training, second-stage initialisation and data "
+             f"order); data: {data['train']} train / {data['val']} val images. Each seed's own report: "
+             + ", ".join(f"[seed{s}/results.md](seed{s}/results.md)" for s in seeds) + ".", "",
+             "| quantity | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for label, row in agg["numbers"].items():
+        lines.append(f"| {label} | {pct(row['mean'])} ± {pct(row['std'])} | "
+                     + " | ".join(pct(v) for v in row["values"]) + " |")
+    lines += ["", "BECO − CE baseline, paired by seed (points of val mIoU):", "",
+              "| val mIoU | mean ± std | 95 % interval of the mean | BECO ahead in | " +
+              " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|---|---|" + "---|" * len(seeds)]
+    for label, d in agg["beco_minus_baseline"].items():
+        if d is None:
+            continue
+        ci = "—" if d["ci95"] is None else f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+        lines.append(f"| {label} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {ci} | {d['wins']} of {d['n']} | "
+                     + " | ".join(f"{100 * v:+.1f}" for v in d["values"]) + " |")
+    lines += ["", "An interval that contains 0 means these seeds cannot tell the two methods apart.", "",
+              "Wall time per seed: " + ", ".join(f"seed {s} {agg['seconds'][s]:.0f} s" for s in seeds) + ".", "",
+              "![val mIoU per epoch, mean ± std over seeds](curves.png)", ""]
+    return save_text(out / "results.md", "\n".join(lines))
+
+
+def run_seeds(args: argparse.Namespace) -> int:
+    out = prepare_out(args, {"seeds": args.seeds})
+    per_seed = {}
+    for k, seed in enumerate(args.seeds):
+        say(f"seed {seed} ({k + 1} of {len(args.seeds)}) -> {out / f'seed{seed}'}")
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None, "fresh": False,
+                                    "out": out / f"seed{seed}"})
+        per_seed[seed] = run_one(one)
+    agg = aggregate(per_seed)
+    save_json(out / "results.json", {**agg, "per_seed": {str(s): r for s, r in per_seed.items()}})
+    plot_curves(out, {tag: [{r['epoch']: r['miou'] for r in res[tag]['val_log']} for res in per_seed.values()]
+                      for tag, *_ in CURVES})
+    write_seeds_report(out, agg, per_seed)
+    print((out / "results.md").read_text())
+    say(f"done: {out / 'results.md'}, {out / 'curves.png'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.chdir(REPO)
+def prepare_out(args: argparse.Namespace, settings: dict) -> Path:
+    """<out>, emptied with --fresh; a folder holding a demo with other settings (another seed,
+    other configs) is refused, since the results would mix two runs."""
     out = args.out
     if args.fresh and out.exists():
         say(f"--fresh: removing {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    # Same folder, other seed: results would mix runs; refuse instead.
     settings_path = out / "demo_settings.json"
-    settings = {"seed": args.seed, **({"dataset": args.dataset} if args.dataset != "voc" else {}),
+    settings = {**settings, **({"dataset": args.dataset} if args.dataset != "voc" else {}),
                 "beco_config": str(args.beco_config), "baseline_config": str(args.baseline_config),
                 "first_stage_config": str(args.first_stage_config)}
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise SystemExit(f"demo: {out} holds a demo run with other settings ({settings_path}); "
                          f"use --fresh or another --out")
     save_json(settings_path, settings)
+    return out
+
+
+def card_nets(run_dir: Path) -> dict[str, float]:
+    """Each net alone and averaged, single scale without CRF, from the run's results card."""
+    from engine import results_card as card
+    rows = card.read_card(run_dir).get("rows", {})
+    return {net: rows[key]["miou"] for net in ("net1", "net2", card.MEAN)
+            if (key := card.row_key(net, "single", False, "original")) in rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.chdir(REPO)
+    if args.seeds is not None:
+        return run_seeds(args)
+    run_one(args)
+    out = args.out
+    print((out / "results.md").read_text())
+    say(f"done: {out / 'results.md'}, {out / 'curves.png'}, {out / 'samples.png'}")
+    return 0
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """The whole pipeline into args.out with args.seed; returns what results.json holds."""
+    out = prepare_out(args, {"seed": args.seed})
 
     cfg_beco = load_config(args.beco_config)
     cfg_base = load_config(args.baseline_config)
@@ -499,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for tag in ("beco", "baseline"):
         log = read_jsonl(out / tag / "val_log.jsonl")
-        results[tag] = {**tests[tag], "best_during_training": max(r["miou"] for r in log),
+        results[tag] = {**tests[tag], "best_during_training": max(r["miou"] for r in log), "card": card_nets(out / tag),
                         "val_log": [{"epoch": r["epoch"], "miou": r["miou"]} for r in log]}
 
     def pictures() -> dict:
@@ -509,9 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("report", pictures)
     save_json(out / "results.json", {**results, "timings": timings.data})
     write_report(out, results, timings.data)
-    print((out / "results.md").read_text())
-    say(f"done: {out / 'results.md'}, {out / 'curves.png'}, {out / 'samples.png'}")
-    return 0
+    return {**results, "timings": timings.data}
 
 
 if __name__ == "__main__":

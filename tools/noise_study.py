@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from datasets.label_noise import boundary_errors, error_rate, region_errors  # n
 from datasets.synthetic_voc import confidence_mask, near_boundary  # noqa: E402
 from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
 from utils.io import save_json, save_png, save_text  # noqa: E402
+from utils.seed_stats import mean_std  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -99,11 +99,21 @@ def describe(labels: list[np.ndarray], gts: list[np.ndarray], band: float) -> di
     return {"error_rate": wrong / max(valid, 1), "share_within_band": near / max(wrong, 1)}
 
 
+# What the label sets depend on (a change needs new sets and new runs).
+LABEL_KEYS = ("train_images", "target_rate", "band", "boundary_cell", "region_blob_radius", "mask_keep",
+              "mask_score_noise", "noise_seed")
+
+
 def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> dict[str, dict]:
     """Each error type's labels and masks under <out>/labels/<type>; returns their statistics."""
     stats_path = out / "labels" / "stats.json"
+    settings = {k: study[k] for k in LABEL_KEYS}
     if stats_path.is_file():
         stats = json.loads(stats_path.read_text())
+        if stats.pop("_settings", None) != settings:
+            # The runs under <out>/runs trained on those labels: never mixed with new ones.
+            raise SystemExit(f"noise_study: {out / 'labels'} was made with other label settings "
+                             f"({', '.join(LABEL_KEYS)}); delete {out / 'labels'} and {out / 'runs'}, or use --out")
         if set(stats) >= set(study["error_types"]):
             return stats
     ids, gts = train_ground_truth(cfg)
@@ -130,7 +140,7 @@ def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> di
             stats[kind]["errors"] = counts
         say(f"{kind}: error rate {stats[kind]['error_rate']:.4f}, "
             f"{100 * stats[kind]['share_within_band']:.1f} % of errors within {study['band']} px of a boundary")
-    save_json(stats_path, stats)
+    save_json(stats_path, {"_settings": settings, **stats})
     return stats
 
 
@@ -162,11 +172,6 @@ def train(study: dict, method: str, kind: str, seed: int, out: Path) -> float:
 
 # ----------------------------------------------------------------------------- report
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(results: dict[str, dict[str, dict[int, float]]], baseline: str = "baseline") -> dict:
     """results[kind][method][seed] = mIoU -> per cell mean/std, and per method its gain over the
     baseline paired by seed (mean/std of the per-seed differences)."""
@@ -191,7 +196,7 @@ def report(study: dict, stats: dict, results: dict, out: Path) -> Path:
     methods = list(study["methods"])
     lines = ["# Label-noise study", "",
              f"val mIoU (%) at the last epoch, mean ± std over seeds {study['seeds']}; in brackets the gain over "
-             "the CE baseline, paired by seed. Every label set has the same pixel error rate.", "",
+             "the CE baseline, paired by seed. " + rate_note(stats, study), "",
              "| error type | error rate | errors within band | " + " | ".join(methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
     for kind in study["error_types"]:
@@ -215,6 +220,17 @@ def report(study: dict, stats: dict, results: dict, out: Path) -> Path:
     save_json(out / "noise_study.json", {"study": study, "label_stats": stats, "results": results, "table": table})
     plot_gains(table, study, out / "gains.png")
     return save_text(out / "noise_study.md", "\n".join(lines) + "\n")
+
+
+def rate_note(stats: dict, study: dict) -> str:
+    rates = {k: stats[k]["error_rate"] for k in study["error_types"] if k in stats}
+    if max(rates.values()) - min(rates.values()) < 0.005:
+        return "Every label set has the same pixel error rate."
+    target = study["target_rate"]
+    return (f"The generated sets are at the target error rate ({target if target == 'first_stage' else f'{100 * target:.1f} %'})"
+            f"{' where the generator reaches it' if 'boundary' in rates else ''}; "
+            + ("the first stage's labels are at their own rate. " if "first_stage" in rates else "")
+            + "Compare gains, not mIoU, across rows.")
 
 
 def plot_gains(table: dict, study: dict, path: Path) -> None:
