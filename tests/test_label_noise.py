@@ -3,6 +3,7 @@ arithmetic is right (issue 15)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 
@@ -86,4 +87,17 @@ def test_seed_aggregation_pairs_by_seed():
     assert cell["beco"]["gain_mean"] == pytest.approx(0.07 / 3)
     assert cell["beco"]["gain_std"] == pytest.approx(math.sqrt(((0.02 - 0.07 / 3) ** 2 + (0.01 - 0.07 / 3) ** 2
                                                                 + (0.04 - 0.07 / 3) ** 2) / 2))
+    half = 4.303 * cell["beco"]["gain_std"] / math.sqrt(3)  # Student's t, 2 degrees of freedom
+    assert cell["beco"]["gain_wins"] == 3 and cell["beco"]["gain_ci95"] == pytest.approx([0.07 / 3 - half, 0.07 / 3 + half])
     assert study.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_label_sets_made_with_other_settings_are_refused(tmp_path):
+    """Runs trained on one label set must never be reported beside labels made differently."""
+    study = _study()
+    settings = {k: 1 for k in study.LABEL_KEYS}
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "stats.json").write_text(json.dumps({"_settings": settings, "boundary": {}}))
+    assert study.make_label_sets({**settings, "error_types": ["boundary"]}, None, tmp_path, tmp_path) == {"boundary": {}}
+    with pytest.raises(SystemExit, match="other label settings"):
+        study.make_label_sets({**settings, "band": 6.0, "error_types": ["boundary"]}, None, tmp_path, tmp_path)

@@ -40,7 +40,7 @@ from datasets.label_noise import boundary_errors, error_rate, region_errors  # n
 from datasets.synthetic_voc import confidence_mask, near_boundary  # noqa: E402
 from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
 from utils.io import save_json, save_png, save_text  # noqa: E402
-from utils.seed_stats import mean_std  # noqa: E402
+from utils.seed_stats import mean_std, paired  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -182,10 +182,10 @@ def summarise(results: dict[str, dict[str, dict[int, float]]], baseline: str = "
             m, s = mean_std(list(by_seed.values()))
             cell = {"mean": m, "std": s, "n": len(by_seed)}
             if method != baseline and baseline in by_method:
-                diffs = [by_seed[k] - by_method[baseline][k] for k in by_seed if k in by_method[baseline]]
-                if diffs:
-                    gm, gs = mean_std(diffs)
-                    cell.update(gain_mean=gm, gain_std=gs)
+                gain = paired(by_seed, by_method[baseline])
+                if gain:
+                    cell.update(gain_mean=gain["mean"], gain_std=gain["std"], gain_ci95=gain["ci95"],
+                                gain_wins=gain["wins"])
             row[method] = cell
         table[kind] = row
     return table
