@@ -228,7 +228,7 @@ def test_every_segmenter_trains_tests_and_scores_end_to_end(name, syn_root, tmp_
     r = subprocess.run([sys.executable, "test.py", "--logits_dir", str(run / "logits_msc_flip"), "--mode", "val",
                         "--crf", "--n-jobs", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    scores = json.loads((run / "val_pred_crf_scores.json").read_text())
+    scores = json.loads((run / "val_pred_msc_flip_crf_scores.json").read_text())
     assert 0 <= scores["miou"] <= 1 and len(scores["iou"]) == 4
 
     r = _run(_args(syn_root, tmp_path, "baseline", "train.epochs=1", "method.name=baseline", "method.mixing=false",

@@ -296,7 +296,7 @@ def plot_curves(out: Path, logs: dict[str, list[dict[int, float]]] | None = None
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mIoU (%)")
     several = max(len(v) for v in logs.values()) > 1
-    ax.set_title("Synthetic demo: validation mIoU per epoch" + (" (band: ± 1 std over seeds)" if several else ""))
+    ax.set_title("Synthetic demo: val mIoU per epoch" + (" (band: ± 1 std, seeds)" if several else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
