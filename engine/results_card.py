@@ -81,12 +81,8 @@ def checkpoint_choice(path: Path) -> str:
 
 def best_epoch(run_dir: Path) -> dict[str, Any] | None:
     """The epoch best_ckpt.pth was saved at, from the run's val_log.jsonl (first maximum, as saved)."""
-    import json
-    path = run_dir / "val_log.jsonl"
-    if not path.is_file():
-        return None
-    log = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    log = [r for r in log if r.get("miou") is not None]
+    from utils.io import read_jsonl
+    log = [r for r in read_jsonl(run_dir / "val_log.jsonl") if r.get("miou") is not None]
     if not log:
         return None
     best = max(log, key=lambda r: r["miou"])  # max keeps the first of equal values

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils.config import Config, load_config, load_yaml  # noqa: E402
-from utils.io import save_json, save_text  # noqa: E402
+from utils.io import read_jsonl, save_json, save_text  # noqa: E402
 
 # --dataset -> (BECO config, baseline config, first-stage options, default --out)
 DEMOS = {
@@ -130,12 +130,6 @@ def first_stage_argv(options: dict[str, Any]) -> list[str]:
             value = ",".join(str(v) for v in value)
         argv += [f"--{key}", str(value)]
     return argv
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def train_files(cfg: Config):

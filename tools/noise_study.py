@@ -39,7 +39,7 @@ import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are t
 from datasets.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
 from datasets.synthetic_voc import confidence_mask, near_boundary  # noqa: E402
 from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
-from utils.io import save_json, save_png, save_text  # noqa: E402
+from utils.io import read_jsonl, save_json, save_png, save_text  # noqa: E402
 from utils.seed_stats import mean_std, paired  # noqa: E402
 
 
@@ -147,7 +147,7 @@ def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> di
 # ----------------------------------------------------------------------------- training
 
 def final_miou(run_dir: Path) -> float | None:
-    log = demo.read_jsonl(run_dir / "val_log.jsonl")
+    log = read_jsonl(run_dir / "val_log.jsonl")
     return float(log[-1]["miou"]) if log else None
 
 

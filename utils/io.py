@@ -65,3 +65,11 @@ def save_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w") as f:
             f.write(text)
     return atomic_write(path, write)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log (train_log.jsonl, val_log.jsonl); [] when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
