@@ -1,6 +1,7 @@
 """Runtime plumbing shared by the steps: logger, progress bars, device, work splitting, metrics."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -42,18 +43,51 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, enabled
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → the first CUDA device when there is one, else the CPU."""
+    return _checked_device(name, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def _checked_device(name: str | torch.device, gpu_count: int) -> torch.device:
+    """``--device`` on a machine with ``gpu_count`` CUDA devices; DeviceError for one it lacks."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if gpu_count else "cpu")
     from misc.errors import DeviceError
     try:
         dev = torch.device(name)
     except RuntimeError as e:
         raise DeviceError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N): {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and gpu_count == 0:
         raise DeviceError(f"--device {name} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= gpu_count:
+        raise DeviceError(f"--device {name}: this machine has {gpu_count} CUDA device(s)")
     return dev
+
+
+def training_gpus(device: str | torch.device, gpu_count: int) -> list[int]:
+    """The GPU ids a training step runs on: every visible one for ``cuda``/``auto`` (the
+    reference's DataParallel), only N for ``cuda:N``, none on the CPU."""
+    dev = _checked_device(device, gpu_count)
+    if dev.type != "cuda":
+        return []
+    return list(range(gpu_count)) if dev.index is None else [dev.index]
+
+
+def wrap_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` (already on ``device``) as the training steps call it: DataParallel over
+    :func:`training_gpus` when there are several, else the model itself."""
+    gpus = training_gpus(device, torch.cuda.device_count() if device.type == "cuda" else 0)
+    if device.type == "cuda" and device.index is not None:
+        # The loader's pin-memory thread and cuDNN work on the current device: without this,
+        # --device cuda:N would also open a context on GPU 0.
+        torch.cuda.set_device(device)
+    return torch.nn.DataParallel(model, device_ids=gpus) if len(gpus) > 1 else model
+
+
+def shard_workers(num_workers: int, n_parts: int) -> int:
+    """DataLoader workers of one of ``n_parts`` inference shards: its share of ``--num_workers``,
+    at least one so a GPU shard does not decode its own images; 0 when the user asked for 0."""
+    if num_workers <= 0:
+        return 0
+    return max(1, num_workers // max(1, n_parts))
 
 
 def round_robin(items: Sequence[T], n_parts: int, part: int) -> list[T]:
@@ -91,7 +125,14 @@ def run_on_devices(work: Any, args: Any, ids: list) -> None:
     """Call ``work(part, n_parts, args, ids)`` once per GPU / CPU shard (spawned), or once in-process."""
     n_parts = min(inference_parts(args), max(1, len(ids)))
     if n_parts > 1:
-        torch.multiprocessing.spawn(_spawned_work, nprocs=n_parts, args=(work, n_parts, args, ids), join=True)
+        # A training step earlier in this process leaves its memory in the caching allocator,
+        # on the GPU that shard 0 then uses.
+        if torch.cuda.is_initialized():
+            gc.collect()
+            torch.cuda.empty_cache()
+        # Non-daemonic, so that a shard's DataLoader may start its worker processes.
+        torch.multiprocessing.spawn(_spawned_work, nprocs=n_parts, args=(work, n_parts, args, ids), join=True,
+                                    daemon=False)
     else:
         work(0, 1, args, ids)
 
@@ -256,5 +297,5 @@ def eval_ids(args: Any) -> list[str]:
 
 __all__ = ["get_logger", "progress", "resolve_device", "round_robin", "confusion", "iou_scores", "read_ids",
            "eval_ids", "LOGGER_NAME", "StreamingConfusion", "fg_on_gt_background", "inference_parts",
-           "worker_share", "run_on_devices", "set_deterministic", "configure_runtime", "runtime_facts",
-           "save_torch", "KERNEL_ENV"]
+           "worker_share", "run_on_devices", "training_gpus", "wrap_for_training", "shard_workers",
+           "set_deterministic", "configure_runtime", "runtime_facts", "save_torch", "KERNEL_ENV"]

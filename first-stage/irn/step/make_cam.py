@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from misc.cam_io import save_cam
-from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, worker_share
+from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, shard_workers, worker_share
 from net.resnet50_cam import load_cam_weights
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDatasetMSF
 from voc12.source import data_source
@@ -75,7 +75,7 @@ def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
     dataset = VOC12ClassificationDatasetMSF(mine, data_source(args), img_normal=TorchvisionNormalize(),
                                             scales=args.cam_scales, cls_labels_file=args.cls_labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
-                                         num_workers=args.num_workers if n_parts == 1 else 0)
+                                         num_workers=shard_workers(args.num_workers, n_parts))
     out_dir = Path(args.cam_out_dir)
     with torch.no_grad():
         for item in progress(loader, f"make_cam[{part}]" if n_parts > 1 else "make_cam", total=len(mine),

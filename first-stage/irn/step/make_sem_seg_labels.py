@@ -27,7 +27,8 @@ import torch
 
 from misc.cam_io import CamFileError, load_cam
 from misc.random_walk import random_walk, rw_to_scores
-from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, save_torch, worker_share
+from misc.runtime import (first_item, get_logger, progress, read_ids, run_on_devices, save_torch, shard_workers,
+                          worker_share)
 from step.train_irn import irn_module, irn_weights_path, work_path
 from utils.io import save_png
 from voc12.dataloader import TorchvisionNormalize, msf_inputs
@@ -122,7 +123,7 @@ def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
     model = build_inference_net(args, device)
     dataset = PairDataset(mine, data_source(args))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
-                                         num_workers=args.num_workers if n_parts == 1 else 0)
+                                         num_workers=shard_workers(args.num_workers, n_parts))
     sem_dir, sc_dir, c_dir = sem_seg_dir(args), score_dir(args), cam_dir(args)
     fp16 = getattr(args, "score_fp16", False)
     for item in progress(loader, f"make_sem_seg[{part}]" if n_parts > 1 else "make_sem_seg", total=len(mine),

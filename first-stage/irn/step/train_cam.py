@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from misc.errors import OptionError
-from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch
+from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps
 from utils.io import save_json
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDataset
@@ -79,7 +79,7 @@ def run(args: Any) -> dict[str, Any]:
         lr=args.cam_learning_rate, weight_decay=args.cam_weight_decay, max_step=max_step,
         momentum=args.sgd_momentum, power=args.poly_power)
     model = model.to(device)
-    net: nn.Module = nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
+    net = wrap_for_training(model, device)
     model.train()
 
     val_loader = None

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from misc.errors import MissingInputError, OptionError, WeightsError
 from misc.indexing import PathIndex
-from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch
+from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
 from voc12.affinity import VOC12AffinityDataset, reduced_size
 from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
@@ -140,7 +140,7 @@ def run(args: Any) -> dict[str, Any]:
         lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay, max_step=max_step,
         momentum=args.sgd_momentum, power=args.poly_power)
     model = model.to(device)
-    net: nn.Module = nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
+    net = wrap_for_training(model, device)
     model.train()
 
     log.info(f"train_irn: {len(dataset)} images, crop {args.irn_crop_size} (map {reduced_size(args.irn_crop_size)}), "
