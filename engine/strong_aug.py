@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,18 +44,28 @@ _SECTOR_G = (3, 0, 0, 2, 1, 1)
 _SECTOR_B = (1, 1, 3, 0, 0, 2)
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(values: Sequence[float], like: Tensor, shape: tuple[int, ...] = (1, -1, 1, 1),
+              dtype: torch.dtype | None = None) -> Tensor:
+    """``values`` as a tensor on ``like``'s device (in its dtype unless ``dtype``), made once per
+    (values, device, dtype, shape) and reused: building it anew is a blocking host-to-device
+    copy on a GPU, which waits for all queued work, several times per training step."""
+    key = (tuple(float(v) for v in values), like.device, dtype or like.dtype, shape)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(key[0], dtype=key[2], device=key[1]).view(shape)
+    return _CONSTANTS[key]
+
+
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Normalised RGB images (B,3,H,W) back to 0..255."""
-    m = images.new_tensor(mean).view(1, -1, 1, 1)
-    s = images.new_tensor(std).view(1, -1, 1, 1)
-    return (images * s).add_(m).mul_(255.0)  # (x·s + m)·255, one temporary
+    return (images * _constant(std, images)).add_(_constant(mean, images)).mul_(255.0)  # (x·s + m)·255
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """0..255 RGB images (B,3,H,W) to the network's normalised input."""
-    m = images.new_tensor(mean).view(1, -1, 1, 1)
-    s = images.new_tensor(std).view(1, -1, 1, 1)
-    return (images / 255.0).sub_(m).div_(s)  # (x/255 − m)/s, one temporary
+    return (images / 255.0).sub_(_constant(mean, images)).div_(_constant(std, images))  # (x/255 − m)/s
 
 
 def rgb_to_hsv_u8(rgb: Tensor) -> Tensor:
@@ -180,8 +191,7 @@ def shift_hsv(images: Tensor, hue: Tensor, sat: Tensor, val: Tensor) -> Tensor:
 
 def to_gray(images: Tensor) -> Tensor:
     """RGB -> grey with OpenCV's weights, replicated to 3 channels."""
-    w = images.new_tensor(_GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (images * w).sum(1, keepdim=True).expand_as(images)
+    return (images * _constant(_GRAY_WEIGHTS, images)).sum(1, keepdim=True).expand_as(images)
 
 
 def gaussian_kernel1d(ksize: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -225,15 +235,29 @@ def gaussian_blur(images: Tensor, ksize: int) -> Tensor:
     return blur_batch(images, k.expand(images.shape[0], ksize))
 
 
+_TAP_TABLES: dict[tuple, Tensor] = {}
+
+
+def _tap_table(kernels: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One row per kernel, centred in the largest one's width, then the identity; built once
+    per (kernels, device, dtype): its taps are host constants (see ``_constant``)."""
+    key = (kernels, device, dtype)
+    if key not in _TAP_TABLES:
+        width = max(kernels)
+        rows = []
+        for k in kernels:
+            off = (width - k) // 2
+            taps = [0.0] * off + list(gaussian_kernel1d(k, dtype=torch.float64).tolist()) + [0.0] * (width - k - off)
+            rows.append(taps)
+        rows.append([1.0 if j == width // 2 else 0.0 for j in range(width)])  # identity
+        _TAP_TABLES[key] = torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=dtype)
+    return _TAP_TABLES[key]
+
+
 def blur_taps(kernels: Sequence[int], pick: Tensor, do_blur: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, K) taps: image i gets kernel ``kernels[pick[i]]`` if ``do_blur[i]``, else the identity,
     every kernel centred in the largest one's width, so one pass blurs the whole batch."""
-    width = max(int(k) for k in kernels)
-    table = torch.zeros(len(kernels) + 1, width, dtype=dtype, device=pick.device)
-    for j, k in enumerate(kernels):
-        off = (width - int(k)) // 2
-        table[j, off:off + int(k)] = gaussian_kernel1d(int(k), pick.device, dtype)
-    table[len(kernels), width // 2] = 1.0  # identity
+    table = _tap_table(tuple(int(k) for k in kernels), pick.device, dtype)
     row = torch.where(do_blur, pick, torch.full_like(pick, len(kernels)))
     return table[row]
 
@@ -279,7 +303,7 @@ def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.
     do_gray = u[:, 6] < cfg.gray_prob
     do_blur = u[:, 7] < cfg.blur_prob
     # Kernel index: the first kernel whose cumulative probability exceeds the draw.
-    cum = torch.tensor(cfg.blur_kernel_probs, dtype=torch.float64, device=images.device).cumsum(0)
+    cum = _constant(np.cumsum(cfg.blur_kernel_probs), u, (-1,), torch.float64)
     kidx = torch.searchsorted(cum, u[:, 8].double().contiguous(), right=True).clamp(max=len(cfg.blur_kernels) - 1)
     taps = blur_taps(cfg.blur_kernels, kidx, do_blur, images.dtype)
 
@@ -299,7 +323,7 @@ def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.
                 x = blur_batch(x, taps[i:i + 1])
             o = torch.clamp(x, 0, 255, out=out[i:i + 1])
             if normalised:  # normalize's arithmetic, in place in the output
-                o.div_(255.0).sub_(o.new_tensor(mean).view(1, -1, 1, 1)).div_(o.new_tensor(std).view(1, -1, 1, 1))
+                o.div_(255.0).sub_(_constant(mean, o)).div_(_constant(std, o))
         return out
 
     def keep(new: Tensor, old: Tensor, chosen: Tensor) -> Tensor:
