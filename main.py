@@ -12,11 +12,11 @@ The training loop below reads top to bottom: one iteration is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -34,7 +34,8 @@ from utils.config import Config, ConfigError, apply_overrides, build_config, loa
 from utils.errors import BecoError, RunError, one_line
 
 from utils.logs import log, log_error_to_file, setup_logging
-from utils.runtime import keep_host_memory, make_autocast, net_layout, set_deterministic, uses_grad_scaler
+from utils.runtime import (configure_backends, make_autocast, net_input, net_layout, set_seed,  # noqa: F401
+                           uses_grad_scaler)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,28 +84,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 # ----------------------------------------------------------------------------- set-up
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def configure_backends(cfg: Config) -> None:
-    keep_host_memory(cfg.train.keep_host_memory)
-    if cfg.train.deterministic:
-        set_deterministic(True)
-    else:
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
-    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-
-
 def run_dir_for(cfg: Config, ckpt: str | None) -> Path:
-    """``<path_base>/<tag><run_id>``, a time stamp if both are empty; a resumed run keeps its folder."""
+    """``<path_base>/<tag><run_id>``, a time stamp if both are empty; a resumed run keeps its folder.
+
+    In a process group the time stamp is rank 0's, on every rank: each rank reading its own
+    clock split a run in two folders when the ranks straddled a second."""
+    from utils.distributed import broadcast_object
     if ckpt:
         return Path(ckpt).resolve().parent
     name = cfg.logging.tag + (cfg.logging.run_id or "")
-    return Path(cfg.logging.path_base) / (name or time.strftime("%Y%m%d-%H%M%S"))
+    return Path(cfg.logging.path_base) / (name or broadcast_object(time.strftime("%Y%m%d-%H%M%S")))
 
 
 def ensure_data(cfg: Config, is_main: bool) -> None:
@@ -128,7 +117,7 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
 
 
 def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, "EpochSampler"]:
-    from datasets.segmentation import EvalSet, TrainSet, seed_worker_fn, val_subset_ids
+    from datasets.segmentation import EvalSet, TrainSet, loader_worker_init, seed_worker_fn, val_subset_ids
     from engine.evaluate import val_sampler
     train_set = TrainSet(cfg.data)
     val_set = EvalSet(cfg.data, cfg.data.val_split)
@@ -141,9 +130,11 @@ def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, "EpochSamp
     # run sees the same batches as an uninterrupted one.
     sampler = EpochSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                            seed=cfg.train.seed, drop_last=True)
-    if len(train_set) < cfg.data.batch_size * info.world_size:
+    per_step = cfg.data.batch_size * info.world_size * cfg.train.grad_accum
+    if len(train_set) < per_step:
         raise ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} per process x {info.world_size} "
-                          f"processes exceeds the {len(train_set)} training images")
+                          f"process(es) x {cfg.train.grad_accum} accumulation step(s) = {per_step} images per "
+                          f"optimiser step exceeds the {len(train_set)} training images")
     workers = cfg.data.num_workers
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
                               num_workers=workers, pin_memory=info.device.type == "cuda",
@@ -151,7 +142,8 @@ def build_loaders(cfg: Config, info) -> tuple[DataLoader, DataLoader, "EpochSamp
                               persistent_workers=False)
     val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size,
                             sampler=val_sampler(len(val_set), info.rank, info.world_size, cfg.train.val_pad_like_ddp),
-                            num_workers=workers, pin_memory=info.device.type == "cuda")
+                            num_workers=workers, pin_memory=info.device.type == "cuda",
+                            worker_init_fn=loader_worker_init)
     return train_loader, val_loader, sampler
 
 
@@ -205,7 +197,8 @@ class EpochSampler(DistributedSampler):
 
 
 class Stop:
-    """Set by SIGTERM; every rank stops at the same iteration (an all-reduce when distributed)."""
+    """Set by SIGTERM; every rank stops at the same iteration (``agree_on_step`` within an
+    epoch, ``now`` at its end)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -217,24 +210,84 @@ class Stop:
     def now(self, info) -> bool:
         if not info.distributed:
             return self.requested
-        flag = torch.tensor([int(self.requested)], device=info.device)
+        flag = torch.full((1,), int(self.requested), device=info.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def agree_on_step(terms: torch.Tensor, stop: Stop, info) -> tuple[list[float], bool, dict[int, list[float]]]:
+    """What every rank must decide alike after an iteration, in one collective: this rank's
+    loss terms, whether any rank was asked to stop (SIGTERM), and the ranks whose loss terms
+    are not finite, with those terms. (A rank that raised alone on its own NaN left the others
+    waiting in the next collective.) The ``tolist`` is the iteration's one device-to-host
+    transfer, which logging needs anyway."""
+    row = torch.cat([terms.detach().float(), torch.full((1,), float(stop.requested), device=terms.device)])
+    if info.distributed:
+        parts = [torch.empty_like(row) for _ in range(info.world_size)]
+        torch.distributed.all_gather(parts, row)
+        table = torch.stack(parts)
+    else:
+        table = row[None]
+    rows = table.tolist()
+    non_finite = {rank: r[:-1] for rank, r in enumerate(rows) if not all(math.isfinite(v) for v in r[:-1])}
+    return rows[info.rank][:-1], any(r[-1] for r in rows), non_finite
+
+
+def accumulate_step(nets: list[nn.Module], batches: list[dict], epoch: int, cfg: Config, autocast,
+                    device: torch.device, scaler) -> dict[str, torch.Tensor]:
+    """Forward and backward of ``train.grad_accum`` micro-batches for one optimiser step.
+
+    Each micro-batch's loss is divided by their number, so the summed gradients are the mean
+    of the micro-batches' gradients: what the same micro-batches on as many GPUs give under
+    DDP (the reference's 16 = 4 GPUs x 4), and one big batch's for a loss that is a mean over
+    images of equal size and nets without batch statistics. Under DDP only the last backward
+    all-reduces. Returns the loss terms averaged over the micro-batches."""
+    from engine.beco import training_step
+    n = len(batches)
+    total: dict[str, torch.Tensor] = {}
+    for k, batch in enumerate(batches):
+        last = k == n - 1
+        syncs = [n_.no_sync() for n_ in nets if not last and hasattr(n_, "no_sync")]
+        with contextlib.ExitStack() as stack:
+            for ctx in syncs:
+                stack.enter_context(ctx)
+            losses = training_step(nets, batch, epoch, cfg, autocast, device)
+            scaler.scale(losses["total"] / n).backward()
+        for key, value in losses.items():
+            total[key] = value.detach() / n if key not in total else total[key] + value.detach() / n
+    return total
 
 
 # ----------------------------------------------------------------------------- training
 
 def train_one_epoch(nets, loader, optimizer, scheduler, scaler, epoch: int, it0: int, cfg: Config,
                     info, autocast, writer, metrics_file, save_resumable, stop: Stop,
-                    rng_after_iter: dict | None = None) -> int:
-    """One epoch from iteration ``it0`` (mid-epoch when resumed); returns the next iteration.
+                    rng_after_iter: dict | None = None, skip_steps: int = 0) -> int:
+    """One epoch from iteration ``it0`` (mid-epoch when resumed, ``skip_steps`` of the epoch's
+    optimiser steps done); returns the next iteration.
 
     Every ``train.ckpt_interval`` iterations, and on SIGTERM, ``save_resumable(epoch, it)``
     writes latest_ckpt.pth. ``rng_after_iter``: the RNG state of a mid-epoch checkpoint,
     restored once the loader's iterator exists (creating it draws from torch's RNG, which
     the interrupted run did before the checkpoint).
     """
-    from engine.beco import training_step
+    accum = cfg.train.grad_accum
+    skipped = skip_steps * accum  # loader batches the interrupted run consumed
+    # Without loader workers the augmentation draws come from this process's RNG, which the
+    # checkpoint restores: the sampler just starts later. Workers' draws come from their own
+    # RNG, seeded afresh at each epoch start; they load the skipped batches again (nothing is
+    # trained on them) so that their streams reach where the interrupted run left them.
+    replay = skipped if loader.num_workers > 0 else 0
+    loader.sampler.skip = (skipped - replay) * cfg.data.batch_size
+    try:
+        return _epoch_steps(nets, loader, optimizer, scheduler, scaler, epoch, it0, cfg, info, autocast, writer,
+                            metrics_file, save_resumable, stop, rng_after_iter, replay)
+    finally:
+        loader.sampler.skip = 0
+
+
+def _epoch_steps(nets, loader, optimizer, scheduler, scaler, epoch: int, it0: int, cfg: Config, info, autocast,
+                 writer, metrics_file, save_resumable, stop: Stop, rng_after_iter: dict | None, replay: int) -> int:
     for n in nets:
         n.train()
     it = it0
@@ -242,40 +295,49 @@ def train_one_epoch(nets, loader, optimizer, scheduler, scaler, epoch: int, it0:
     if rng_after_iter is not None:
         from engine.checkpoint import set_rng_state
         set_rng_state(rng_after_iter)
-    iters_per_epoch = loader.sampler.num_samples // cfg.data.batch_size
-    bar = tqdm(iterator, total=len(loader), initial=0, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-               disable=not info.is_main, dynamic_ncols=True, leave=False)
+    for _ in tqdm(range(replay), desc="replaying the loader to the checkpoint", disable=not info.is_main or not replay,
+                  dynamic_ncols=True, leave=False):
+        next(iterator)
+    accum = cfg.train.grad_accum
+    iters_per_epoch = loader.sampler.num_samples // (cfg.data.batch_size * accum)
+    steps = (len(loader) - replay) // accum  # optimiser steps left in this (maybe resumed) epoch
+    images_per_step = cfg.data.batch_size * info.world_size * accum
     t0 = time.time()
-    for step, batch in enumerate(bar):
-        losses = training_step(nets, batch, epoch, cfg, autocast, info.device)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        # One device-to-host transfer for all the terms (logging and the finiteness check).
-        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-        if not math.isfinite(values["total"]):
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it} "
-                                f"({', '.join(f'{k}={v}' for k, v in values.items())}); "
-                                f"the last good checkpoint is left as it was")
-        if info.is_main:
-            images_per_s = (step + 1) * cfg.data.batch_size * info.world_size / (time.time() - t0)
-            bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            metrics_file.write(json.dumps({"epoch": epoch, "iter": it, "lr": lr, **values}) + "\n")
-            if it % cfg.train.log_interval == 0:
-                for k, v in values.items():
-                    writer.add_scalar(f"train/loss_{k}", v, it)
-                writer.add_scalar("train/lr", lr, it)
-        it += 1
-        if it % iters_per_epoch == 0:
-            break  # the epoch end validates and writes its checkpoint (then stops on SIGTERM)
-        stopping = stop.now(info)
-        if stopping or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0):
-            path = save_resumable(epoch, it)
-        if stopping:
-            raise Preempted(f"stopped by SIGTERM at iteration {it}; resume with --ckpt {path}")
+    # A context, so an error leaves a clean console line rather than one glued to the bar.
+    with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not info.is_main,
+              dynamic_ncols=True, leave=False) as bar:
+        for step in range(steps):
+            batches = [next(iterator) for _ in range(accum)]
+            optimizer.zero_grad(set_to_none=True)
+            losses = accumulate_step(nets, batches, epoch, cfg, autocast, info.device, scaler)
+            scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            mine, stopping, non_finite = agree_on_step(torch.stack(list(losses.values())), stop, info)
+            values = dict(zip(losses, mine))
+            if non_finite:
+                first = min(non_finite)
+                where = f" on rank(s) {sorted(non_finite)}" if info.distributed else ""
+                terms = ", ".join(f"{k}={v}" for k, v in zip(losses, non_finite[first]))
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it}{where} ({terms}); "
+                                    f"the last good checkpoint is left as it was")
+            bar.update(1)
+            if info.is_main:
+                images_per_s = (step + 1) * images_per_step / (time.time() - t0)
+                bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+                metrics_file.write(json.dumps({"epoch": epoch, "iter": it, "lr": lr, **values}) + "\n")
+                if it % cfg.train.log_interval == 0:
+                    for k, v in values.items():
+                        writer.add_scalar(f"train/loss_{k}", v, it)
+                    writer.add_scalar("train/lr", lr, it)
+            it += 1
+            if it % iters_per_epoch == 0:
+                break  # the epoch end validates and writes its checkpoint (then stops on SIGTERM)
+            if stopping or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0):
+                path = save_resumable(epoch, it)
+            if stopping:
+                raise Preempted(f"stopped by SIGTERM at iteration {it}; resume with --ckpt {path}")
     if info.is_main:
         metrics_file.flush()
     return it
@@ -332,12 +394,12 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     from engine import checkpoint as ckpt_io
     from engine.evaluate import evaluate
     from models import build_optimizer
-    from utils.distributed import barrier, init_distributed
+    from utils.distributed import barrier, broadcast_buffers, init_distributed
     from utils.io import save_text
     from utils.logs import setup_console_logging
 
-    info = init_distributed(args.gpu_id)
-    configure_backends(cfg)
+    configure_backends(cfg)  # before CUDA and NCCL start: --determ's cuBLAS setting is read then
+    info = init_distributed(args.gpu_id, cfg.dist.timeout_min)
     set_seed(cfg.train.seed + info.rank)
     run_dir = run_dir_for(cfg, args.ckpt)
     if info.is_main:
@@ -351,7 +413,8 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     train_loader, val_loader, sampler = build_loaders(cfg, info)
     nets = build_nets(cfg, info)
     optimizer = build_optimizer(nets, cfg.optim)
-    iters_per_epoch = len(train_loader)
+    accum = cfg.train.grad_accum
+    iters_per_epoch = len(train_loader) // accum  # optimiser steps
     max_it = cfg.train.epochs * iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         poly_factor, max_it=max_it, power=cfg.optim.poly_power, floor=cfg.optim.min_lr / cfg.optim.lr))
@@ -387,11 +450,12 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
             ckpt_io.truncate_jsonl(run_dir / "val_log.jsonl", lambda r: r.get("epoch", 0) <= start_epoch)
             if state["_changes"] and (run_dir / "config.yaml").is_file():
                 save_text(run_dir / f"config.before-iteration-{start_it}.yaml", (run_dir / "config.yaml").read_text())
-        save_text(run_dir / "config.yaml", to_yaml(cfg))
+        save_text(run_dir / "config.yaml", f"# {batch_line(cfg, info.world_size)}\n" + to_yaml(cfg))
     barrier()
     setup_logging(run_dir / "train.log" if info.is_main else None)
     log.info(f"run folder {run_dir} | {info.world_size} process(es) on {info.device} | "
              f"method {cfg.method.name} | model {cfg.model.name} | amp {cfg.train.amp}")
+    log.info(batch_line(cfg, info.world_size))
     if info.is_main and stale:
         log.info(f"removed {len(stale)} temporary file(s) a killed write left behind")
     if state is not None:
@@ -418,6 +482,9 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
                 "iters_per_epoch": iters_per_epoch, "best_miou": best_miou,
                 "method": {"name": cfg.method.name, "epoch": epoch}, "config": to_yaml(cfg)})
             metrics_file.flush()
+        # No rank goes on (or exits, after SIGTERM) before rank 0's checkpoint is on disk: srun
+        # --kill-on-bad-exit and torchrun stop every rank once one has exited.
+        barrier()
         return path
 
     stop = Stop()
@@ -434,21 +501,25 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             sampler.set_epoch(epoch)
-            sampler.skip = skip * cfg.data.batch_size if epoch == start_epoch else 0
             t_epoch = time.time()
             it = train_one_epoch(nets, train_loader, optimizer, scheduler, scaler, epoch, it, cfg, info,
                                  autocast, writer, metrics_file, save_resumable, stop,
-                                 rng_after_iter if epoch == start_epoch else None)
-            sampler.skip = 0
+                                 rng_after_iter if epoch == start_epoch else None,
+                                 skip if epoch == start_epoch else 0)
             scores = None
             validated = (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.train.epochs
             if validated:
                 dump = cfg.train.val_mode == "dump_logits_only" or cfg.train.save_val_logits
-                scores, vis = evaluate(nets, val_loader, cfg.data.num_classes, info.device, autocast,
+                # The bare nets, with rank 0's BatchNorm statistics as DDP's next forward would
+                # have given them: through the DDP wrapper that forward is a collective, which a
+                # rank with an empty validation shard never joins.
+                bare = [ckpt_io.unwrap(n) for n in nets]
+                broadcast_buffers(bare)
+                scores, vis = evaluate(bare, val_loader, cfg.data.num_classes, info.device, autocast,
                                        cfg.train.num_vis if info.is_main else 0, info.is_main,
                                        with_metrics=cfg.train.val_mode == "metrics",
                                        dump_dir=run_dir / VAL_LOGITS if dump else None,
-                                       dump_dtype=cfg.test.logits_dtype)
+                                       dump_dtype=cfg.test.logits_dtype, layout=partial(net_input, cfg=cfg))
             rng = gathered_rng()
             improved = scores is not None and scores["miou"] > best_miou
             if improved:
@@ -490,6 +561,15 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     return {"run_dir": str(run_dir), "best_miou": best_miou, "history": history}
 
 
+def batch_line(cfg: Config, world_size: int) -> str:
+    """The batch every optimiser step sees and the learning rate, as logged at start and
+    written at the top of the run's config.yaml (users who change the GPU count without
+    changing the per-GPU batch train with another total than they think)."""
+    total = cfg.data.batch_size * world_size * cfg.train.grad_accum
+    return (f"total batch {total} = {cfg.data.batch_size} per process x {world_size} process(es) x "
+            f"{cfg.train.grad_accum} accumulation step(s) (train.grad_accum); lr {cfg.optim.lr:g} (optim.lr)")
+
+
 def check_ranks_agree(nets: list[nn.Module], info) -> bool:
     """Every rank holds the same parameters (DDP keeps them so; a rank that silently diverged
     would make rank 0's checkpoint the wrong one to trust). BatchNorm statistics are per rank
@@ -507,7 +587,33 @@ def check_ranks_agree(nets: list[nn.Module], info) -> bool:
 def _spawned(rank: int, world_size: int, port: int, argv: list[str]) -> None:
     from utils.distributed import spawn_env
     spawn_env(rank, world_size, port)
-    main(argv, spawned=True)
+    code = main(argv, spawned=True)
+    if code:
+        sys.exit(code)  # the parent returns it (a return value would be lost)
+
+
+def spawn_per_gpu(argv: list[str]) -> int:
+    """``-dist``: one process per visible GPU, each running this command. A SIGTERM to the
+    parent alone is passed on to the ranks (they save a checkpoint and stop); the parent exits
+    with the first failing rank's code (143 after SIGTERM), as srun does."""
+    from utils.distributed import free_port
+    n = torch.cuda.device_count()
+    context = mp.start_processes(_spawned, args=(n, free_port(), argv), nprocs=n, join=False,
+                                 start_method="spawn")
+
+    def forward(signum, frame) -> None:
+        for proc in context.processes:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code > 0 else 128 - e.exit_code  # killed by a signal: 128 + its number
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
 
 
 def resolve_ckpt(cfg: Config, ckpt: str | None) -> str | None:
@@ -524,12 +630,13 @@ def resolve_ckpt(cfg: Config, ckpt: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None, spawned: bool = False) -> int:
-    from utils.distributed import apply_local_rank_flag, slurm_env
+    from utils.config import resolve_batch
+    from utils.distributed import apply_local_rank_flag, launched_by_torchrun, launched_world_size, slurm_env
     args = parse_args(argv)
     apply_local_rank_flag(args.local_rank)
     slurm_env()
     try:
-        cfg = resolve_config(args)
+        cfg = resolve_batch(resolve_config(args), launched_world_size())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -537,15 +644,18 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    if args.distributed and not spawned and "RANK" not in os.environ:
-        from utils.distributed import free_port
-        n = torch.cuda.device_count()
-        if n == 0:
+    if args.distributed and not spawned:
+        if launched_by_torchrun():
+            n = launched_world_size()
+            print(f"error: -dist spawns one process per GPU, but a launcher already started {n} "
+                  f"process{'es' if n != 1 else ''} (torchrun, torch.distributed.launch or an srun step): "
+                  f"leave -dist out", file=sys.stderr)
+            return 2
+        if torch.cuda.device_count() == 0:
             print("error: -dist spawns one process per GPU and there is none; on the CPU use "
                   "torchrun --nproc_per_node=N main.py ...", file=sys.stderr)
             return 2
-        mp.spawn(_spawned, args=(n, free_port(), sys.argv[1:] if argv is None else argv), nprocs=n)
-        return 0
+        return spawn_per_gpu(sys.argv[1:] if argv is None else argv)
     from utils.distributed import cleanup
     try:
         if args.test:  # every rank tests its own shard of the ids

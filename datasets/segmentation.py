@@ -9,6 +9,7 @@ checked when the image is read.
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +153,25 @@ def val_subset_ids(ids: list[str], size: int | None, seed: int) -> list[str]:
     return [ids[k] for k in sorted(picked.tolist())]
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """worker_init_fn of every loader: SIGTERM is the main process's to handle. torchrun,
+    ``kill -TERM -<pgid>`` and SLURM's ``--signal`` reach every process of the job, and a
+    worker that died of it made the main process fail with "DataLoader worker ... killed by
+    signal" instead of saving its checkpoint and exiting with 143. The main process shuts its
+    workers down itself when it stops."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def seed_worker_fn(seed: int, rank: int, num_workers: int):
-    """worker_init_fn seeding numpy and ``random`` with num_workers*rank + worker_id + seed (spec §2)."""
+    """worker_init_fn seeding numpy and ``random`` with num_workers*rank + worker_id + seed (spec §2),
+    SIGTERM left to the main process (``loader_worker_init``)."""
     def init(worker_id: int) -> None:
+        loader_worker_init(worker_id)
         s = num_workers * rank + worker_id + seed
         np.random.seed(s)
         random.seed(s)
     return init
 
 
-__all__ = ["TrainSet", "EvalSet", "collate_eval", "val_subset_ids", "seed_worker_fn", "DataError"]
+__all__ = ["TrainSet", "EvalSet", "collate_eval", "val_subset_ids", "seed_worker_fn", "loader_worker_init",
+           "DataError"]

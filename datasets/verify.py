@@ -257,7 +257,7 @@ def _noun(dataset: Dataset, split: str) -> str:
 
 
 def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
-           split: str | None = None) -> dict[str, Any]:
+           split: str | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Read every file of ``dataset`` (a built ``TrainSet`` or ``EvalSet``) and raise one
     ``DataError`` for all that training or evaluation would fail on.
 
@@ -265,6 +265,11 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
     the samples to read. ``split`` only names the set in the bar and messages (default
     ``train`` for a TrainSet, ``val`` for an EvalSet). With ``data.verify: exists`` it returns
     at once: building the set has checked existence already.
+
+    ``rank`` / ``world_size``: every rank of a process group calls it and reads samples
+    rank, rank + world_size, ...; rank 0 gathers the outcomes, writes the cache and decides
+    (the other ranks return a summary of their share and never raise). One rank reading
+    COCO's 330,000 files alone could outlast the collective timeout of the ranks waiting.
 
     Returns a summary: ``mode``, ``split``, ``ids`` (samples checked), ``files``,
     ``files_read``, ``files_cached``, ``jobs``, ``seconds``, ``kept_fraction`` (reliable
@@ -287,6 +292,8 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
 
     tasks, done = [], []
     for index, (item_id, files) in enumerate(zip(ids, plan)):
+        if index % world_size != rank:
+            continue
         entries = []
         for f in files:
             stat = _stat(f.path)
@@ -305,11 +312,17 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
             for r in parallel_map(_verify_sample, tasks, n_jobs, CHUNK, _init_worker, (settings,)):
                 results.append(r)
                 bar.update(1)
+    summary["jobs"] = n_jobs if tasks else 0
+    if world_size > 1:
+        results = _gather_on_main(results, rank, world_size)
+        if rank != 0:
+            mine = plan[rank::world_size]
+            summary.update(ids=len(mine), files=sum(len(files) for files in mine), seconds=time.perf_counter() - start)
+            return summary
     results.sort(key=lambda r: r.index)
 
     _update_cache(cache_path, cache, results)
-    summary.update(files=sum(len(files) for files in plan), files_read=sum(r.files_read for r in results),
-                   jobs=n_jobs if tasks else 0)
+    summary.update(files=sum(len(files) for files in plan), files_read=sum(r.files_read for r in results))
     summary["files_cached"] = summary["files"] - summary["files_read"]
 
     bad = [r for r in results if r.problems]
@@ -331,6 +344,14 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
     summary["labelled_fraction"] = labelled / label_pixels if label_pixels else None
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def _gather_on_main(results: list[SampleResult], rank: int, world_size: int) -> list[SampleResult]:
+    """Every rank's results on rank 0 (an empty list elsewhere)."""
+    import torch.distributed as dist
+    everyone: list[list[SampleResult] | None] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(results, everyone, dst=0)
+    return [r for part in everyone for r in part] if rank == 0 else []
 
 
 def _update_cache(path: Path, cache: dict[str, dict[str, str]], results: Iterable[SampleResult]) -> None:
@@ -369,26 +390,27 @@ def _report(path: Path, bad: list[SampleResult], ids: list[str], noun: str, spli
 
 def preflight(sets: list[tuple[Dataset, str]], info) -> None:
     """Read every file of the sets before any work (``data.verify: full``, cached by size and
-    mtime, datasets/verify.py): a bad val image is found now, not after an epoch. Rank 0 reads;
-    every rank stops with its message."""
-    import torch
+    mtime, datasets/verify.py): a bad val image is found now, not after an epoch. Every rank
+    reads its share of the samples, each with its share of the node's cores; rank 0 decides,
+    and every rank stops with its message."""
+    from utils.distributed import broadcast_object
     from utils.logs import log
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)) if info.distributed else 1
+    jobs = max(1, available_cores() // max(local, 1))
     error = None
-    if info.is_main:
+    for dataset, split in sets:
         try:
-            for dataset, split in sets:
-                summary = verify(dataset, split=split)
-                if summary["mode"] == "full":
-                    log.info(f"verified {summary['ids']} {split} samples: {summary['files_read']} files read, "
-                             f"{summary['files_cached']} unchanged since their last check ({summary['seconds']:.1f} s)")
-        except DataError as e:
+            summary = verify(dataset, split=split, jobs=jobs, progress=info.is_main, rank=info.rank,
+                             world_size=info.world_size)
+        except DataError as e:  # rank 0 only
             error = str(e)
-    if info.distributed:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise DataError(error)
+        error = broadcast_object(error)
+        if error is not None:
+            raise DataError(error)
+        if info.is_main and summary["mode"] == "full":
+            log.info(f"verified {summary['ids']} {split} samples: {summary['files_read']} files read, "
+                     f"{summary['files_cached']} unchanged since their last check ({summary['seconds']:.1f} s"
+                     f"{f', {info.world_size} ranks' if info.distributed else ''})")
 
 
 __all__ = ["verify", "preflight", "load_cache", "CACHE_NAME", "REPORT_NAME", "CACHE_VERSION"]

@@ -57,12 +57,17 @@ def average_outputs(nets: list[nn.Module], images: torch.Tensor, keys: tuple[str
 def evaluate(nets: list[nn.Module], loader, num_classes: int, device: torch.device,
              autocast: Callable[[], AbstractContextManager], num_vis: int = 0,
              show_progress: bool = True, with_metrics: bool = True, dump_dir: Path | None = None,
-             dump_dtype: str = "float32") -> tuple[dict | None, list]:
+             dump_dtype: str = "float32",
+             layout: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> tuple[dict | None, list]:
     """Scores from the confusion matrix summed over all ranks (None without ``with_metrics``),
     plus up to ``num_vis`` (image, prediction, label) triples from this rank for pictures.
 
     ``dump_dir``: every image's averaged ``pre_logits`` saved as ``<id>.npy`` (the reference's
-    COCO validation, QUIRK-S5), rewritten at each validation."""
+    COCO validation, QUIRK-S5), rewritten at each validation. ``layout``: the images in the nets'
+    memory format (``utils.runtime.net_input``), as in training.
+
+    Every rank calls the one all-reduce, also with an empty shard; the nets should be the bare
+    modules, not DDP wrappers, whose forward can itself be a collective."""
     was_training = [n.training for n in nets]
     for n in nets:
         n.eval()
@@ -73,7 +78,7 @@ def evaluate(nets: list[nn.Module], loader, num_classes: int, device: torch.devi
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast():
-            out = average_outputs(nets, images, keys)
+            out = average_outputs(nets, layout(images), keys)
         pred = out["logits"].argmax(1)
         if with_metrics:
             conf += confusion_matrix(pred, labels, num_classes)

@@ -34,7 +34,7 @@ from utils.config import Config, ConfigError, to_dict, to_yaml
 from utils.errors import CheckpointError, OutputExistsError, RunError
 from utils.io import save_json, save_text
 from utils.logs import log, setup_logging
-from utils.runtime import keep_host_memory, make_autocast
+from utils.runtime import configure_backends, make_autocast, net_input, net_layout
 
 
 CONFIG_NAME = "config.yaml"  # test.py finds the data set through this file beside the logits folder
@@ -68,10 +68,11 @@ def resolve_checkpoint(cfg: Config, ckpt: str | None, run_dir: Path) -> Path:
 
 
 def build_test_nets(cfg: Config, device: torch.device) -> list[nn.Module]:
-    """The run's nets in eval mode, ImageNet initialisation skipped (the checkpoint holds every weight)."""
+    """The run's nets in eval mode, in the training's memory layout (``train.channels_last``),
+    ImageNet initialisation skipped (the checkpoint holds every weight)."""
     from engine.beco import num_nets
     from models import build_model
-    return [build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device).eval()
+    return [net_layout(build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device), cfg).eval()
             for _ in range(num_nets(cfg))]
 
 
@@ -119,7 +120,8 @@ def predict_variants(nets: list[nn.Module], images: torch.Tensor, cfg: Config, s
         x = images if scale is None else F.interpolate(images, size=(round(h * scale), round(w * scale)),
                                                        mode="bilinear", align_corners=align)
         for flipped in (False, True) if need_flip else (False,):
-            outs = [net(x.flip(-1) if flipped else x) for net in nets]
+            view_input = net_input(x.flip(-1) if flipped else x, cfg)  # the nets' memory layout
+            outs = [net(view_input) for net in nets]
             # Scaled inputs' full-size logits are never used: not kept (they are the largest tensors).
             views[(scale, flipped)] = [tuple(None if (k == "logits" and scale is not None)
                                              else o[k].flip(-1) if flipped else o[k] for k in ("pre_logits", "logits"))
@@ -234,9 +236,9 @@ def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], n
 def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     """Save every id's averaged map (unless ``test.save_logits`` is off) and report the metrics
     at 512x512 and at the original resolution; returns a summary."""
-    keep_host_memory(cfg.train.keep_host_memory)
+    configure_backends(cfg)  # cuDNN autotuning, TF32, --determ: before CUDA starts, as in training
     from datasets.build import dataset_entry
-    from datasets.segmentation import EvalSet, collate_eval
+    from datasets.segmentation import EvalSet, collate_eval, loader_worker_init
     from utils.distributed import all_reduce_sum, barrier, init_distributed
     from utils.metrics import confusion_matrix, iou_table, segmentation_scores
     from utils.crf import REST_FLOOR
@@ -245,7 +247,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     if (cfg.test.multi_scale or any("msc" in s for s in cfg.test.card_inference)) and not cfg.test.scales:
         raise ConfigError("config key 'test.scales': multi-scale testing (test.multi_scale or a multi-scale "
                           "test.card_inference entry) needs at least one scale")
-    info = init_distributed(getattr(args, "gpu_id", None))
+    info = init_distributed(getattr(args, "gpu_id", None), cfg.dist.timeout_min)
     run_dir = test_run_dir(cfg, args.ckpt)
     ckpt_path = resolve_checkpoint(cfg, args.ckpt, run_dir)
     save = cfg.test.save_logits
@@ -278,7 +280,8 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     preflight([(dataset, cfg.test.split)], info)
     loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, collate_fn=collate_eval,
                         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                        worker_init_fn=loader_worker_init)
     nets = load_test_nets(cfg, ckpt_path, info.device)
     fmt, dtype = cfg.test.logits_format, cfg.test.logits_dtype
     maps_note = "nothing saved (test.save_logits false)"
@@ -349,6 +352,9 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
         all_reduce_sum(conf_variants[key])
     seconds = time.time() - t0
     written, reused = (int(v) for v in counts.tolist())
+    # Every rank reads its share of the training labels; rank 0 alone took long enough on COCO
+    # to outlast the others' wait at the closing barrier.
+    quality = card.pseudo_label_quality(cfg, run_dir, info.rank, info.world_size) if with_labels else None
     summary = {"run_dir": str(run_dir), "logits_dir": str(out_dir) if save else None, "checkpoint": str(ckpt_path),
                "split": cfg.test.split, "num_images": len(dataset), "written": written, "reused": reused,
                "scores": None, "scores_original": None}
@@ -381,7 +387,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
             path = card.update_card(run_dir, card.checkpoint_entry(ckpt_path, run_dir), rows, class_names=names,
                                     config=to_dict(cfg), tool="main.py --test", seconds=seconds,
                                     scales=cfg.test.scales if any(m for m, _ in settings_run) else None,
-                                    pseudo_labels=card.pseudo_label_quality(cfg, run_dir))
+                                    pseudo_labels=quality)
             log.info(f"results card: {path.with_suffix('.md')}")
         if save:
             log.info(f"next: python test.py --logits_dir {out_dir} --mode {'val' if with_labels else 'test'} [--crf]")
@@ -393,4 +399,4 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
 def _head_size(nets: list[nn.Module], cfg: Config, device: torch.device) -> int:
     """Side of the nets' pre_logits for a val_size input (for the disk bound printed at start)."""
     size = cfg.data.val_size
-    return int(nets[0](torch.zeros(1, 3, size, size, device=device))["pre_logits"].shape[-1])
+    return int(nets[0](net_input(torch.zeros(1, 3, size, size, device=device), cfg))["pre_logits"].shape[-1])

@@ -153,17 +153,16 @@ def update_card(run_dir: Path, checkpoint: dict[str, Any], rows: list[dict[str, 
     return run_dir / CARD_JSON
 
 
-def pseudo_label_quality(cfg: Any, run_dir: Path) -> dict[str, Any]:
+def pseudo_label_quality(cfg: Any, run_dir: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """The training labels (data.pseudo_label_dir) and masks against the training split's ground
     truth, when it has one (the synthetic sets, VOC's train_aug): mIoU, pixel accuracy, the mask's
     kept share and the labels' precision on kept and dropped pixels. Pseudo-label void (255) is
-    left out and counted apart. Reused from the card when the folders and ids are unchanged."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
+    left out and counted apart. Reused from the card when the folders and ids are unchanged.
+
+    In a process group every rank calls it and reads ids rank, rank + world_size, ...; the
+    counts are summed, so every rank returns the same result (COCO's 83,000 labels read by
+    rank 0 alone outlasted the others' wait at the next collective)."""
     from datasets.build import dataset_entry
-    from datasets.readers import read_label, read_mask
-    from utils.metrics import confusion_matrix, segmentation_scores
     d = cfg.data
     entry = dataset_entry(d.dataset)
     split = entry.train_split(d)
@@ -176,36 +175,73 @@ def pseudo_label_quality(cfg: Any, run_dir: Path) -> dict[str, Any]:
         return cached
     if not label_dir.is_dir():
         return {**where, "miou": None, "reason": f"pseudo-label folder {label_dir} not found"}
-    if files.gt_dir is None or not all(files.gt(i).is_file() for i in files.ids):
+    if files.gt_dir is None:
         return {**where, "miou": None, "reason": f"the '{split}' split has no ground truth for every id"}
-    n = d.num_classes
+    mine = _quality_counts(entry, files, split, files.ids[rank::world_size], label_dir, mask_dir,
+                           d.num_classes, show=rank == 0)
+    parts = [mine]
+    if world_size > 1:
+        import torch.distributed as dist
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    reasons = [part["reason"] for part in parts if part["reason"]]
+    if reasons:
+        return {**where, "miou": None, "reason": reasons[0]}
+    return _quality_result(where, parts, mask_dir.is_dir())
+
+
+def _quality_counts(entry: Any, files: Any, split: str, ids: list[str], label_dir: Path, mask_dir: Path, n: int,
+                    show: bool) -> dict[str, Any]:
+    """``pseudo_label_quality``'s sums over ``ids``: the confusion matrix (as nested lists, to
+    travel between ranks) and the pixel counts; ``reason`` says why nothing can be scored."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+    from datasets.readers import read_label, read_mask
+    from utils.metrics import confusion_matrix
+    out: dict[str, Any] = {"reason": None}
+    if not all(files.gt(i).is_file() for i in ids):
+        out["reason"] = f"the '{split}' split has no ground truth for every id"
+        return out
     conf = torch.zeros(n, n, dtype=torch.long)
-    kept = dropped = kept_ok = dropped_ok = void = valid = 0
+    counts = dict(kept=0, dropped=0, kept_ok=0, dropped_ok=0, void=0, valid=0)
     masks = mask_dir.is_dir()
-    for i in tqdm(files.ids, desc="pseudo-label quality", leave=False, dynamic_ncols=True):
+    for i in tqdm(ids, desc="pseudo-label quality", leave=False, dynamic_ncols=True, disable=not show):
         gt = np.asarray(read_label(files.gt(i), i, n, "ground truth", entry.gt_ignore_index))
         pl = np.asarray(read_label(label_dir / f"{i}.png", i, n, "pseudo-label"))
         if gt.shape != pl.shape:
-            return {**where, "miou": None, "reason": f"id '{i}': pseudo-label {pl.shape} and ground truth "
-                                                     f"{gt.shape} differ in size"}
+            out["reason"] = f"id '{i}': pseudo-label {pl.shape} and ground truth {gt.shape} differ in size"
+            return out
         ok = gt != (entry.gt_ignore_index if entry.gt_ignore_index is not None else -1)
         labelled = ok & (pl != 255)
-        void += int((ok & (pl == 255)).sum())
-        valid += int(ok.sum())
+        counts["void"] += int((ok & (pl == 255)).sum())
+        counts["valid"] += int(ok.sum())
         target = np.where(labelled, gt, 255).astype(np.int64)
         conf += confusion_matrix(torch.from_numpy(np.where(labelled, pl, 0).astype(np.int64)),
                                  torch.from_numpy(target), n)
         if masks:
             m = np.asarray(read_mask(mask_dir / f"{i}.png", i)) > 0
             right = labelled & (pl == gt)
-            kept, dropped = kept + int((labelled & m).sum()), dropped + int((labelled & ~m).sum())
-            kept_ok, dropped_ok = kept_ok + int((right & m).sum()), dropped_ok + int((right & ~m).sum())
+            counts["kept"] += int((labelled & m).sum())
+            counts["dropped"] += int((labelled & ~m).sum())
+            counts["kept_ok"] += int((right & m).sum())
+            counts["dropped_ok"] += int((right & ~m).sum())
+    return {**out, "conf": conf.tolist(), **counts}
+
+
+def _quality_result(where: dict[str, Any], parts: list[dict[str, Any]], masks: bool) -> dict[str, Any]:
+    """The card's pseudo-label entry from the summed ``_quality_counts`` of every shard."""
+    import torch
+    from utils.metrics import segmentation_scores
+    conf = sum(torch.tensor(part["conf"], dtype=torch.long) for part in parts)
+    c = {k: sum(part[k] for part in parts) for k in ("kept", "dropped", "kept_ok", "dropped_ok", "void", "valid")}
     scores = segmentation_scores(conf)
     out = {**where, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "iou": scores["iou"],
-           "void_fraction": void / max(valid, 1)}
+           "void_fraction": c["void"] / max(c["valid"], 1)}
     if masks:
-        out.update(mask_kept_fraction=kept / max(kept + dropped, 1), kept_precision=kept_ok / max(kept, 1),
-                   dropped_precision=dropped_ok / max(dropped, 1))
+        out.update(mask_kept_fraction=c["kept"] / max(c["kept"] + c["dropped"], 1),
+                   kept_precision=c["kept_ok"] / max(c["kept"], 1),
+                   dropped_precision=c["dropped_ok"] / max(c["dropped"], 1))
     return out
 
 

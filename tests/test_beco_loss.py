@@ -73,3 +73,49 @@ def test_co_training_off_leaves_reliable_terms_only():
 def test_baseline_is_mean_over_labelled_pixels():
     out = baseline_loss(_tensor(L1), torch.tensor([TARGET]).reshape(1, 1, 3))
     assert out["total"].item() == pytest.approx((_ce(L1[0], 0) + _ce(L1[1], 1)) / 2, rel=1e-6)
+
+
+def test_accumulated_micro_batches_give_one_big_batchs_gradients():
+    """train.grad_accum: 4 images as two micro-batches of 2 give the gradients of one batch of
+    4, for nets without batch statistics (BatchNorm's differ by construction) and a loss that
+    is a mean over pixels of equal-size images; mixing and strong augmentation off, since
+    they pair and draw within a batch."""
+    import torch
+    from torch import nn
+    from main import accumulate_step
+    from tests.conftest import REPO
+    from utils.config import load_config
+
+    class TinySeg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            logits = self.conv(x)
+            return {"logits": logits, "pre_logits": logits}
+
+    cfg = load_config(REPO / "configs/demo.yaml", ["method.mixing=false", "method.strong_aug.enabled=false",
+                                                   "data.synthetic=null", "data.num_classes=4"])
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 8, 8, generator=g), "label": torch.randint(0, 4, (4, 8, 8), generator=g),
+             "mask": torch.randint(0, 2, (4, 8, 8), generator=g)}
+    torch.manual_seed(0)
+    nets = [TinySeg(), TinySeg()]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+    def grads(batches):
+        for n in nets:
+            n.zero_grad(set_to_none=True)
+        losses = accumulate_step(nets, batches, 1, cfg, autocast, torch.device("cpu"), scaler)
+        return losses, [p.grad.clone() for n in nets for p in n.parameters()]
+
+    big_losses, big = grads([batch])
+    halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]
+    acc_losses, acc = grads(halves)
+    for a, b in zip(acc, big):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for k in big_losses:
+        torch.testing.assert_close(acc_losses[k], big_losses[k], rtol=1e-6, atol=1e-7)
+    assert big[0].abs().sum() > 0  # the co-training and CE terms both reach the first net

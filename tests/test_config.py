@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -194,3 +195,49 @@ def test_main_rejects_bad_key_with_exit_code_2():
     r = subprocess.run([sys.executable, "main.py", "--print-config", "optim.lrr=1"], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown config key 'optim.lrr'" in r.stderr
+
+
+@pytest.mark.parametrize("total, world, accum, per_process", [
+    (16, 4, 1, 4), (16, 8, 1, 2), (16, 1, 4, 4), (16, 2, 2, 4), (16, 1, 1, 16),
+])
+def test_total_batch_gives_the_per_process_batch(total, world, accum, per_process):
+    from utils.config import resolve_batch
+    cfg = load_config(REPO / "configs/beco_voc.yaml", [f"data.total_batch_size={total}", f"train.grad_accum={accum}"])
+    assert resolve_batch(cfg, world).data.batch_size == per_process
+    unset = load_config(REPO / "configs/beco_voc.yaml")
+    assert resolve_batch(unset, world).data.batch_size == 4  # data.batch_size as configured
+
+
+@pytest.mark.parametrize("total, world, accum, message", [
+    (16, 3, 1, "16 images do not split evenly over 3 process(es) x 1 accumulation step(s) (train.grad_accum); "
+               "use a total of 15 or 18, or run 1, 2, 4, 8, 16 process(es), or another train.grad_accum"),
+    (16, 6, 2, "16 images do not split evenly over 6 process(es) x 2 accumulation step(s) (train.grad_accum); "
+               "use a total of 12 or 24, or run 1, 2, 4, 8 process(es), or another train.grad_accum"),
+    (12, 4, 1, "12 images over 4 process(es) x 1 accumulation step(s) gives 3 per process, and BECO mixes "
+               "batch halves, so it must be even"),
+])
+def test_a_total_batch_that_does_not_split_is_refused_with_sizes_that_would(total, world, accum, message):
+    from utils.config import resolve_batch
+    cfg = load_config(REPO / "configs/beco_voc.yaml", [f"data.total_batch_size={total}", f"train.grad_accum={accum}"])
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(cfg, world)
+    assert str(e.value) == f"config key 'data.total_batch_size': {message}"
+
+
+def test_main_refuses_a_total_batch_that_does_not_split_before_any_work(tmp_path):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    r = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--logging_path_base", str(tmp_path),
+                        "data.total_batch_size=16"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "16 images do not split evenly over 3 process(es)" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_saved_before_the_batch_and_process_group_keys_loads_with_their_values():
+    """A run's config.yaml from before data.total_batch_size, train.grad_accum and dist."""
+    raw = load_yaml(REPO / "configs/beco_voc.yaml")
+    del raw["data"]["total_batch_size"], raw["train"]["grad_accum"], raw["dist"]
+    cfg = build_config(raw)
+    assert (cfg.data.total_batch_size, cfg.train.grad_accum, cfg.dist.timeout_min) == (None, 1, 30.0)
+    without_data = {k: v for k, v in load_yaml(REPO / "configs/beco_voc.yaml").items() if k != "data"}
+    with pytest.raises(ConfigError, match="config key 'data' is missing"):
+        build_config(without_data)

@@ -107,10 +107,11 @@ def syn_root(tmp_path_factory) -> Path:
 
 
 def _args(root: Path, logs: Path, tag: str, *extra: str) -> list[str]:
+    # Two loader workers, as on a GPU node: a SIGTERM to the process group reaches them too.
     return ["--config", str(REPO / "configs/demo.yaml"), "--logging_path_base", str(logs), "--logging_tag", tag,
             f"data.root={root}", "data.synthetic=null", "data.num_classes=4", "data.crop_size=48",
-            "data.val_size=48", "data.batch_size=4", "data.num_workers=0", "train.epochs=2", "train.num_vis=0",
-            "method.warmup_epochs=1", "method.co_training_start_epoch=1", "train.ckpt_interval=1", "--determ",
+            "data.val_size=48", "data.batch_size=4", "data.num_workers=2", "train.epochs=2", "train.num_vis=0",
+            "method.warmup_epochs=1", "method.co_training_start_epoch=1", "train.ckpt_interval=null", "--determ",
             *extra]
 
 
@@ -127,8 +128,10 @@ def _weights(path: Path) -> dict:
 
 
 def _interrupt(args: list[str], run: Path, at: int, sig: int) -> int:
-    """Start a run, stop it with ``sig`` once iteration ``at`` is logged; returns its exit code."""
-    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=ENV,
+    """Start a run in its own session, send ``sig`` to its whole process group (the main process
+    and its loader workers, as torchrun and SLURM do) once iteration ``at`` is logged; returns
+    the main process's exit code."""
+    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -137,7 +140,7 @@ def _interrupt(args: list[str], run: Path, at: int, sig: int) -> int:
                                  if line.strip().endswith("}")):
             break
         time.sleep(0.02)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     return proc.wait(timeout=120)
 
 
@@ -152,9 +155,12 @@ def full_run(syn_root, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kills_and_sigterm_mid_epoch_then_resume_give_the_uninterrupted_weights(syn_root, full_run, tmp_path):
-    """8 iterations (2 epochs of 4), a checkpoint every iteration: SIGTERM at a random point of
-    epoch 1, SIGKILL at a random point of epoch 2, each resumed; the final weights and every
-    logged loss equal the uninterrupted run's, bit for bit (CPU, --determ, no loader workers)."""
+    """8 iterations (2 epochs of 4), checkpoints at epoch ends and on SIGTERM, 2 loader workers:
+    SIGTERM to the process group at a random point of epoch 1 (exit 143, a mid-epoch checkpoint:
+    the resume loads the epoch's first batches again for the workers' random streams), SIGKILL
+    to it at a random point of epoch 2 (the resume starts from epoch 1's checkpoint, the
+    workers reseeded as at every epoch start); the final weights and every logged loss equal
+    the uninterrupted run's, bit for bit (CPU, --determ)."""
     rng = random.Random(0)
     run = tmp_path / "run"
     args = _args(syn_root, tmp_path, "run")
@@ -167,6 +173,7 @@ def test_kills_and_sigterm_mid_epoch_then_resume_give_the_uninterrupted_weights(
     (run / ".latest_ckpt.pth.killed.tmp").write_bytes(b"partial")
     code = _interrupt(resume, run, rng.randint(5, 6), signal.SIGKILL)
     assert code == -signal.SIGKILL
+    assert torch.load(run / "latest_ckpt.pth", weights_only=False)["iteration"] == 4  # epoch 1's end
     assert not (run / ".latest_ckpt.pth.killed.tmp").exists()
     r = _main(resume)
     assert r.returncode == 0, r.stderr[-3000:]

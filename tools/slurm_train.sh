@@ -2,13 +2,14 @@
 # BECO training on a SLURM cluster, one task per GPU across nodes (mmsegmentation's convention):
 #
 #   tools/slurm_train.sh PARTITION JOB_NAME CONFIG [key=value ...]
-#   GPUS=8 GPUS_PER_NODE=4 tools/slurm_train.sh gpu beco_coco configs/beco_coco.yaml data.batch_size=2
+#   GPUS=8 GPUS_PER_NODE=4 tools/slurm_train.sh gpu beco_coco configs/beco_coco.yaml data.total_batch_size=16
 #
-# Keep data.batch_size x GPUS = 16 (the paper's batch): 4 GPUs x 4 (default), 8 x 2, 16 x 1.
-# Every task runs main.py; utils/distributed.slurm_env() turns SLURM_PROCID / SLURM_NTASKS /
-# SLURM_LOCALID into RANK / WORLD_SIZE / LOCAL_RANK, and MASTER_ADDR is the first node of the
-# allocation. SLURM sends SIGTERM on preemption and SIGTERM_GRACE seconds before the time limit
-# (--signal): main.py then writes latest_ckpt.pth at the end of the current iteration and exits
+# data.total_batch_size=16 keeps the paper's batch on any GPU count (4 per GPU on 4, 2 on 8);
+# without it, data.batch_size is per GPU. Every task runs main.py; inside this srun step
+# utils/distributed.slurm_env() turns SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID into
+# RANK / WORLD_SIZE / LOCAL_RANK, and MASTER_ADDR is the step's first node. SLURM sends SIGTERM
+# on preemption and SIGTERM_GRACE seconds before the time limit (--signal): every rank stops
+# at the same iteration, rank 0 writes latest_ckpt.pth, all wait for the write, and each exits
 # with 143; resubmit with --ckpt <run>/latest_ckpt.pth after the overrides to continue
 # (arguments after CONFIG go to main.py).
 #
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 if [ "$#" -lt 3 ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 PARTITION=$1

@@ -95,7 +95,10 @@ class DataCfg:
     mean: list[float]
     std: list[float]
     val_size: int
-    batch_size: int
+    batch_size: int               # per process (and per accumulation step)
+    # Images per optimiser step over all processes; when set, batch_size follows from it and the
+    # number of processes (resolve_batch), so a run keeps its total on 1, 4 or 8 GPUs.
+    total_batch_size: Optional[int]
     val_batch_size: int
     num_workers: int
 
@@ -147,6 +150,7 @@ class TrainCfg:
     allow_tf32: bool
     log_interval: int
     val_interval: int
+    grad_accum: int  # micro-batches per optimiser step (gradients summed, each loss / grad_accum)
     ckpt_interval: Optional[int]  # iterations between resumable checkpoints (null: epoch ends only)
     # Validation on a fixed, seeded subset of the val split (null: all of it).
     val_subset: Optional[int]
@@ -157,6 +161,11 @@ class TrainCfg:
     save_val_logits: bool
     val_pad_like_ddp: bool  # QUIRK-S13: true counts the reference's padded duplicates (DDP val sampler)
     num_vis: int
+
+
+@dataclass
+class DistCfg:
+    timeout_min: float  # how long a collective waits for the slowest rank before the run stops
 
 
 @dataclass
@@ -204,6 +213,7 @@ class Config:
     method: MethodCfg
     optim: Annotated[Any, Tagged("name", _optim_table)]
     train: TrainCfg
+    dist: DistCfg
     logging: LoggingCfg
     test: TestCfg
 
@@ -427,18 +437,23 @@ def upgrade_legacy(raw: dict) -> dict:
     # from its file; the data section's from its data set's file (configs/data/<name>.yaml).
     reference = None
     for section, keys in ADDED_KEYS.items():
-        if isinstance(raw.get(section), dict) and any(k not in raw[section] for k in keys):
+        # A whole section only when it came later itself; a config without `data` is an error.
+        missing = section not in raw and section in ADDED_SECTIONS
+        if missing or isinstance(raw.get(section), dict) and any(k not in raw[section] for k in keys):
             reference = reference or load_yaml(REFERENCE_CONFIG)
-            raw[section] = {**{k: reference[section][k] for k in keys}, **raw[section]}
+            raw[section] = {**{k: reference[section][k] for k in keys}, **(raw.get(section) or {})}
     return _with_section_defaults(raw)
 
 
 # Keys a run's saved config.yaml may lack because they came later (upgrade_legacy fills them).
 ADDED_KEYS = {
     "train": ("val_subset", "val_subset_seed", "val_mode", "save_val_logits", "ckpt_interval",
-              "val_pad_like_ddp", "amp_dtype", "channels_last", "compile", "keep_host_memory"),
+              "val_pad_like_ddp", "amp_dtype", "channels_last", "compile", "keep_host_memory", "grad_accum"),
     "test": ("save_logits", "logits_format", "compact_threshold", "compact_max_classes"),
+    "data": ("total_batch_size",),
+    "dist": ("timeout_min",),
 }
+ADDED_SECTIONS = ("dist",)
 REFERENCE_CONFIG = SECTION_DEFAULTS_DIR / "beco_voc.yaml"
 
 
@@ -475,12 +490,14 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "method.strong_aug.gray_prob", "method.strong_aug.blur_prob")),
     *((k, _positive, "> 0") for k in (
         "optim.lr", "optim.poly_power", "data.crop_size", "data.val_size", "data.batch_size",
-        "data.val_batch_size", "data.crop_attempts", "train.epochs", "train.val_interval", "train.log_interval")),
+        "data.val_batch_size", "data.crop_attempts", "train.epochs", "train.val_interval", "train.log_interval",
+        "train.grad_accum", "dist.timeout_min")),
     *((k, _non_negative, ">= 0") for k in (
         "optim.min_lr", "optim.weight_decay", "data.num_workers", "method.warmup_epochs",
         "method.co_training_start_epoch", "method.boundary_size", "method.w_hb", "method.w_hi", "method.w_lb",
         "method.w_li", "train.num_vis")),
     ("train.ckpt_interval", lambda v: v is None or v >= 1, ">= 1 or null (only at epoch ends)"),
+    ("data.total_batch_size", lambda v: v is None or v >= 1, ">= 1 or null (data.batch_size per process)"),
     ("data.scale", lambda v: all(x > 0 for x in v), "all > 0"),
     ("data.ratio", lambda v: all(x > 0 for x in v), "all > 0"),
     ("data.std", lambda v: all(x > 0 for x in v), "all > 0"),
@@ -538,6 +555,32 @@ def check_consistency(cfg: Config) -> None:
     if t.val_mode == "dump_logits_only" and cfg.data.val_batch_size != 1:
         raise ConfigError("config key 'train.val_mode': dump_logits_only saves one map per image and needs "
                           "data.val_batch_size 1")
+
+
+def resolve_batch(cfg: Config, world_size: int) -> Config:
+    """``data.batch_size`` from ``data.total_batch_size`` when that is set: total / (processes x
+    ``train.grad_accum``). A total that does not split evenly is refused with the totals and
+    process counts that would. Returns ``cfg`` (changed in place)."""
+    total, accum = cfg.data.total_batch_size, cfg.train.grad_accum
+    if total is None:
+        return cfg
+    share = world_size * accum
+    if total % share:
+        lower, upper = total // share * share, (total // share + 1) * share
+        counts = [n for n in range(1, total + 1) if total % (n * accum) == 0] if total % accum == 0 else []
+        raise ConfigError(
+            f"config key 'data.total_batch_size': {total} images do not split evenly over {world_size} "
+            f"process(es) x {accum} accumulation step(s) (train.grad_accum); use a total of "
+            f"{' or '.join(str(t) for t in (lower, upper) if t > 0)}"
+            + (f", or run {', '.join(map(str, counts))} process(es)" if counts else "")
+            + ", or another train.grad_accum")
+    per_process = total // share
+    if cfg.method.name == "beco" and per_process % 2:
+        raise ConfigError(f"config key 'data.total_batch_size': {total} images over {world_size} process(es) x "
+                          f"{accum} accumulation step(s) gives {per_process} per process, and BECO mixes batch "
+                          f"halves, so it must be even")
+    cfg.data.batch_size = per_process
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import random
 import sys
 from functools import partial
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,3 +104,23 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu_model": model, "cpu_flags": flags}
+
+
+def set_seed(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators from one seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_backends(cfg: Any) -> None:
+    """Every process-wide backend setting of a run, training and testing alike: the host
+    allocator, determinism or cuDNN autotuning, TF32. Call it before any CUDA work:
+    ``--determ``'s cuBLAS workspace setting is read when cuBLAS starts."""
+    keep_host_memory(cfg.train.keep_host_memory)
+    if cfg.train.deterministic:
+        set_deterministic(True)
+    else:
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
