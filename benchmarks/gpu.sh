@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU benchmark (benchmarks/gpu_bench.py; its docstring says what each section measures).
+# The GPU run: benchmarks/gpu_smoke.py's checks (pass / fail: what only a GPU can show), then
+# benchmarks/gpu_bench.py's measurements; their docstrings say what each check and section does.
 #
 #   bash benchmarks/gpu.sh                                     # one H100/H200, under 8 minutes
-#   bash benchmarks/gpu.sh --device cpu --smoke --out /tmp/x   # tiny sizes on the CPU, under a minute
+#   bash benchmarks/gpu.sh --device cpu --smoke --out /tmp/x   # tiny sizes on the CPU, about 30 s
 #
-# Writes gpu_bench.json and gpu_bench.md to $OUT when it is set, else to --out DIR (default
-# benchmarks/results/). Python: $PYTHON if set, else the first of the repo's .venv, python and
-# python3 that has torch (a GPU machine's image may hold torch under python3 only).
+# Writes gpu_smoke.{json,md}, gpu_smoke_logs/ and gpu_bench.{json,md} to $OUT when it is set,
+# else to --out DIR (default benchmarks/results/). Both scripts get these arguments (the bench's
+# options; gpu_smoke.py uses --device, --smoke, --out and --commit of them). Exit code: the
+# checks' if they failed, else the bench's. Python: $PYTHON if set, else the first of the repo's
+# .venv, python and python3 that has torch (a GPU machine's image may hold torch under python3 only).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -29,5 +32,37 @@ if [[ -z "$py" ]]; then
     exit 2
 fi
 
-# The script finds the repo from its own path, so relative --out paths stay the caller's.
-exec "$py" "$repo/benchmarks/gpu_bench.py" "$@"
+# Both scripts find the repo from their own path, so relative --out paths stay the caller's.
+smoke=("$py" "$repo/benchmarks/gpu_smoke.py")
+bench=("$py" "$repo/benchmarks/gpu_bench.py")
+# Seconds for the whole run: the checks take at most 180 (their --checks-budget-s), and the
+# bench starts no row after what they left of this; its last row and start-up add ~30 s, so
+# the run ends within 8 minutes.
+total_s=440
+
+side_by_side=0
+for arg in "$@"; do
+    if [[ "$arg" == "--smoke" ]]; then
+        side_by_side=1
+    fi
+done
+smoke_rc=0
+bench_rc=0
+if (( side_by_side )); then
+    # Smoke sizes measure nothing, and the bench's single thread leaves the host's other
+    # cores to the checks: side by side, the test suite's run stays short.
+    "${bench[@]}" "$@" &
+    bench_pid=$!
+    "${smoke[@]}" "$@" || smoke_rc=$?
+    wait "$bench_pid" || bench_rc=$?
+else
+    # One after the other, so no check's process shares the GPU with a timed row.
+    SECONDS=0
+    "${smoke[@]}" "$@" || smoke_rc=$?
+    budget=$(( total_s - SECONDS ))
+    (( budget > 0 )) || budget=0
+    # A --budget-s given to gpu.sh comes later and wins.
+    "${bench[@]}" --budget-s "$budget" "$@" || bench_rc=$?
+fi
+(( smoke_rc == 0 )) || exit "$smoke_rc"
+exit "$bench_rc"

@@ -1,7 +1,8 @@
 """GPU benchmark of the BECO training step, its settings and the test pass, in one run.
 
-    bash benchmarks/gpu.sh                                     # one H100/H200: under 8 min
-    bash benchmarks/gpu.sh --device cpu --smoke --out /tmp/x   # tiny sizes on the CPU (~30 s): checks the script
+    bash benchmarks/gpu.sh                                     # gpu_smoke.py's checks, then this: under 8 min
+    bash benchmarks/gpu.sh --device cpu --smoke --out /tmp/x   # tiny sizes on the CPU (~30 s): checks the scripts
+    python benchmarks/gpu_bench.py                             # this alone (one H100/H200: about 5 min)
     python benchmarks/gpu_bench.py --only train_step,host_syncs --iters 20   # some sections, more iterations
     python benchmarks/gpu_bench.py --peak-tflops 312           # MFU against another chip's dense bf16 peak (A100)
 
@@ -12,7 +13,9 @@ its error and the rest still run):
 
 1. train_step: the BECO iteration with 2 x DeepLabV3+ R101 (configs/beco_voc.yaml) at
    512 x 512, B = 4 and 8, fp32 / AMP fp16 (GradScaler) / AMP bf16, NCHW and channels_last:
-   it/s, img/s, peak memory, MFU and the share of the step outside the networks.
+   it/s, img/s, peak memory, MFU and the share of the step outside the networks. fp16 rows
+   warm up until the loss scale stops dropping (``warm_up``) and report the optimiser steps
+   the scaler skipped while timed; a failing FLOP count leaves the row its speed (``flops_error``).
 2. host_syncs: ``torch.cuda.set_sync_debug_mode("warn")`` over one iteration; the warnings
    counted inside ``training_step`` and over the whole iteration, with their source lines.
 3. ddp: the same step in a 1-process DistributedDataParallel group (NCCL; gloo on the CPU),
@@ -25,7 +28,7 @@ its error and the rest still run):
 Nets are built as main.py builds them (``models.build_model`` without ImageNet weights,
 ``utils.runtime.net_layout``), the iteration is main.train_one_epoch's (``training_step``,
 zero_grad, scaled backward, ``scaler.step``, ``scaler.update``, the loss terms fetched in one transfer),
-and the backends are set by main.configure_backends (cuDNN benchmark on, TF32 on). The batch
+and the backends are set by utils.runtime.configure_backends (cuDNN benchmark on, TF32 on). The batch
 is random, pinned on the host as the loader hands it over: no data loading is measured.
 ``--smoke`` keeps every code path but shrinks the work: ResNet-18 / MiT-B0 nets, 64 x 64,
 B = 2, fp32 and bf16 only, 1 warm-up + 2 timed iterations.
@@ -62,11 +65,11 @@ sys.path.insert(0, str(REPO))
 import engine.beco as beco  # noqa: E402  (its globals are wrapped to time the non-network parts)
 from engine.beco import num_nets, training_step  # noqa: E402
 from engine.inference import build_test_nets, predict_maps  # noqa: E402
-from main import configure_backends, set_seed  # noqa: E402
 from models import build_model, build_optimizer  # noqa: E402
 from utils.config import Config, load_config, to_dict  # noqa: E402
 from utils.distributed import free_port  # noqa: E402
-from utils.runtime import make_autocast, net_layout, uses_grad_scaler  # noqa: E402
+from utils.runtime import (configure_backends, make_autocast, net_layout, set_seed,  # noqa: E402
+                           uses_grad_scaler)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 SECTIONS = ("train_step", "host_syncs", "ddp", "test_pass", "segmenters", "optimizers")
@@ -206,6 +209,41 @@ def instrumented(timer: PartTimer) -> Iterator[list[str]]:
             setattr(beco, n, fn)
 
 
+# Extra warm-up iterations a GradScaler row may take to find a loss scale that does not
+# overflow; from the initial 2^16 each overflow halves it, so 50 cover any scale in fp16's range.
+SCALE_SETTLE_CAP = 50
+
+
+def scale_dropped(iteration: Callable[[], Any], scaler: Any) -> bool:
+    """Run one iteration; True if it lowered the loss scale. GradScaler.update lowers the
+    scale exactly when it found inf/NaN gradients, i.e. when ``scaler.step`` skipped the
+    optimiser step; otherwise the scale stays, or doubles after a run of good steps."""
+    before = scaler.get_scale()
+    iteration()
+    return scaler.get_scale() < before
+
+
+def warm_up(iteration: Callable[[], Any], scaler: Any, iters: int,
+            cap: int = SCALE_SETTLE_CAP) -> tuple[int, bool]:
+    """``iters`` warm-up iterations; with an enabled (fp16) GradScaler, then as many more, at
+    most ``cap``, as it takes for one to pass without the scale dropping. Without this the
+    first timed iterations of a random net overflow at the initial 2^16 scale and skip the
+    optimiser step, which makes them look fast. Returns (extra iterations, whether the scale
+    settled)."""
+    if not scaler.is_enabled():
+        for _ in range(iters):
+            iteration()
+        return 0, True
+    dropped = True  # no iteration seen yet: at least one must pass the check
+    for _ in range(iters):
+        dropped = scale_dropped(iteration, scaler)
+    extra = 0
+    while dropped and extra < cap:
+        dropped = scale_dropped(iteration, scaler)
+        extra += 1
+    return extra, not dropped
+
+
 def random_batch(cfg: Config, batch: int, size: int, device: torch.device, seed: int = 0) -> dict:
     """A normalised random image batch with int64 labels and masks, as the train loader gives
     them; pinned when a GPU will copy it, since the loader pins too (pin_memory on CUDA)."""
@@ -314,6 +352,7 @@ class Bench:
         self.t0 = time.perf_counter()
         self.section_s: dict[str, float] = {}
         self.flops: dict[tuple, int] = {}
+        self.flop_errors: dict[tuple, str] = {}  # a key whose count failed is not tried again
         self.data: dict[str, Any] = {"meta": meta(self.device, argv, commit), "plan": asdict(plan),
                                      "sections": {}, "budget": {}}
 
@@ -363,26 +402,48 @@ class Bench:
         plan, device = self.plan, self.device
         rig = Rig(cfg, device, ddp=ddp)
         try:
-            for _ in range(plan.warmup):
-                rig.iteration()
+            scaled = rig.scaler.is_enabled()
+            extra, settled = warm_up(rig.iteration, rig.scaler, plan.warmup)
             sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timer = PartTimer(device)
+            skipped = 0
             with instrumented(timer) as missing:
+                # Reading the scale is a host sync, but each iteration already ends with one (the
+                # loss terms' transfer), so it costs a few microseconds here, and only fp16 rows.
+                scale = rig.scaler.get_scale() if scaled else None
                 t0 = time.perf_counter()
                 for _ in range(plan.iters):
                     loss = rig.iteration(timer)
+                    if scaled:
+                        now = rig.scaler.get_scale()
+                        if now < scale:
+                            skipped += 1
+                        scale = now
                 sync(device)
                 step_s = (time.perf_counter() - t0) / plan.iters
             parts = timer.totals_s()
             metrics: dict[str, Any] = {"it_s": 1 / step_s, "img_s": cfg.data.batch_size / step_s,
                                        "step_ms": step_s * 1e3, "loss": loss}
+            if scaled:
+                metrics.update(skipped_steps=skipped, warmup_extra_iters=extra, scale_settled=settled,
+                               loss_scale=scale)
+                if not settled:
+                    metrics["scale_warning"] = (f"the loss scale still dropped after {extra} extra warm-up "
+                                                f"iterations: skipped steps make this row look fast")
             metrics["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
                                        if device.type == "cuda" else "n/a (cpu)")
             key = (repr(to_dict(cfg.model)), cfg.data.num_classes, cfg.data.batch_size, cfg.data.crop_size)
-            if count_flops and not ddp and key not in self.flops:
-                self.flops[key] = rig.step_flops()
+            if count_flops and not ddp and key not in self.flops and key not in self.flop_errors:
+                # A failing counter costs the row its MFU only, never its measured speed.
+                try:
+                    self.flops[key] = rig.step_flops()
+                except Exception as e:  # noqa: BLE001
+                    self.flop_errors[key] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    traceback.print_exc(file=sys.stderr)
+            if key in self.flop_errors:
+                metrics["flops_error"] = self.flop_errors[key]
             if key in self.flops:
                 flops = self.flops[key]
                 metrics["tflop_per_step"] = flops / 1e12
@@ -429,8 +490,9 @@ class Bench:
     def syncs(self, cfg: Config, precision: str) -> tuple[dict, dict]:
         rig = Rig(cfg, self.device)
         try:
-            for _ in range(max(self.plan.warmup, 1)):  # cuDNN's autotuning syncs; count after it
-                rig.iteration()
+            # After cuDNN's autotuning syncs, and (fp16) at a settled scale, so the counted
+            # iteration takes the optimiser step instead of skipping it.
+            extra, settled = warm_up(rig.iteration, rig.scaler, max(self.plan.warmup, 1))
             sync(self.device)
             with warnings.catch_warnings(record=True) as log:
                 warnings.simplefilter("always")
@@ -442,6 +504,8 @@ class Bench:
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             metrics = summarise_syncs(log, in_step)
+            if rig.scaler.is_enabled():
+                metrics.update(warmup_extra_iters=extra, scale_settled=settled)
             settings = settings_of(cfg, self.plan, self.plan.deeplabv3plus[0], precision, iters=1)
             return settings, metrics
         finally:
@@ -611,7 +675,7 @@ def source_of(filename: str) -> str:
 
 def brief(m: dict) -> str:
     keys = ("it_s", "img_s", "step_ms", "peak_mem_gib", "mfu", "outside_nets_share", "ms_per_image",
-            "training_step_syncs", "iteration_syncs", "ddp_overhead")
+            "training_step_syncs", "iteration_syncs", "ddp_overhead", "skipped_steps", "flops_error")
     return " ".join(f"{k} {fmt(m[k])}" for k in keys if k in m)
 
 
@@ -642,9 +706,18 @@ def meta(device: torch.device, argv: list[str], commit: Optional[str]) -> dict:
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda or "none",
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none",
-            "python": platform.python_version(), "device": str(device), **dev,
+            "nccl": nccl_version(), "python": platform.python_version(), "device": str(device), **dev,
             "cpu_count": os.cpu_count(), "git_commit": commit or git_commit(),
             "command": " ".join(["benchmarks/gpu_bench.py", *argv])}
+
+
+def nccl_version() -> str:
+    """The NCCL torch was built with, as "2.21.5"; "none" on builds without it (CPU wheels)."""
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - a CPU build raises from inside torch, of no fixed type
+        return "none"
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def git_commit() -> str:
@@ -672,23 +745,39 @@ def _train_rows(rows: list[dict], extra: Callable[[dict], list[str]] = lambda m:
                 "channels_last" if s.get("channels_last") else "NCHW", str(s.get("batch", "")), str(s.get("size", "")),
                 s.get("optimizer", "")]
         if r["error"]:
-            out.append(base + [f"**{r['error']}**"] + [""] * 9 + [""] * len(extra({})))
+            out.append(base + [f"**{r['error']}**"] + [""] * (len(TRAIN_HEADER) - len(base) - 1)
+                       + [""] * len(extra({})))
             continue
         parts = m.get("parts_ms", {})
+        tflop = f"**count failed:** {m['flops_error']}" if "flops_error" in m else fmt(m.get("tflop_per_step", "-"))
         out.append(base + [fmt(m["it_s"]), fmt(m["img_s"]), fmt(m["step_ms"]), fmt(m["peak_mem_gib"]),
-                           fmt(m.get("tflop_per_step", "-")), pct(m.get("mfu")), pct(m["outside_nets_share"]),
-                           pct(m["outside_nets_share_with_loss"]), fmt(parts.get(OPT_PART, "-"))] + extra(m))
+                           tflop, pct(m.get("mfu")), pct(m["outside_nets_share"]),
+                           pct(m["outside_nets_share_with_loss"]), fmt(parts.get(OPT_PART, "-")),
+                           skipped_cell(m)] + extra(m))
     return out
 
 
+def skipped_cell(m: dict) -> str:
+    """Skipped optimiser steps in the timed iterations (GradScaler rows only), flagged when
+    the warm-up never found a scale that stopped overflowing."""
+    if "skipped_steps" not in m:
+        return "-"
+    cell = str(m["skipped_steps"])
+    if not m.get("scale_settled", True):
+        cell += f" (scale unsettled after {m['warmup_extra_iters']} extra warm-up its)"
+    return f"**{cell}**" if m["skipped_steps"] or not m.get("scale_settled", True) else cell
+
+
 TRAIN_HEADER = ["measured", "segmenter", "precision", "layout", "B", "size", "optimizer", "it/s", "img/s",
-                "step ms", "peak GiB", "TFLOP/step", "MFU", "outside nets", "outside + loss fwd", "opt.step ms"]
+                "step ms", "peak GiB", "TFLOP/step", "MFU", "outside nets", "outside + loss fwd", "opt.step ms",
+                "skipped steps"]
 
 
 def markdown(data: dict) -> str:
     m, plan, secs = data["meta"], data["plan"], data["sections"]
     lines = ["# BECO GPU benchmark", "",
              f"{m['date']} · {m['device_name']} · torch {m['torch']} · CUDA {m['cuda']} · cuDNN {m['cudnn']} · "
+             f"NCCL {m.get('nccl', '?')} · "
              f"commit {m['git_commit']}", "",
              f"`{m['command']}`{' (smoke sizes)' if plan['smoke'] else ''}: {plan['warmup']} warm-up + "
              f"{plan['iters']} timed iterations per row; MFU against {plan['peak_tflops']:g} TFLOP/s.", ""]
@@ -786,6 +875,14 @@ METHOD_NOTES = [
     "device and the optimiser are in neither share.",
     "- **opt.step ms**: `scaler.step(optimizer)` timed the same way (with fp16 it includes the gradient unscale "
     "and its inf check, one host sync).",
+    "- **skipped steps** (fp16 + GradScaler rows): a random net's gradients overflow fp16 at the initial loss "
+    f"scale of 2^16, and `scaler.step` then skips the optimiser step, which makes an iteration fast. After the "
+    f"warm-up iterations such a row runs more (at most {SCALE_SETTLE_CAP}, `warmup_extra_iters`) until one passes "
+    "without the scale dropping (`scaler.update` lowers it exactly when it skipped the step), and counts the timed "
+    "iterations whose step was skipped; a bold count, or a scale that never settled, marks a row that times "
+    "skipped steps. The host syncs row warms up the same way. `-`: no GradScaler.",
+    "- **TFLOP/step count failed**: the FLOP counter raised; the row keeps its measured speed and records "
+    "`flops_error` instead of TFLOP/step and MFU.",
     "- **host syncs**: one iteration after the warm-up with `torch.cuda.set_sync_debug_mode('warn')` inside "
     "`warnings.catch_warnings(record=True)` (filter 'always'): warnings counted while `training_step` runs, "
     "and for the whole iteration; the one allowed inside the step is the class-presence `.cpu()` in "
@@ -802,8 +899,10 @@ METHOD_NOTES = [
 
 # ----------------------------------------------------------------------------- entry point
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The options; gpu_smoke.py takes them too, since gpu.sh passes the same arguments to both."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=add_help)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks every code path, measures nothing useful")
     p.add_argument("--out", default=str(DEFAULT_OUT),
@@ -815,12 +914,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="square crop / test size (default 512; smoke 64)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no row after this many seconds (default 400, so the run ends within 8 "
-                        "minutes; smoke 120)")
+                        "minutes; smoke 120; gpu.sh gives what the checks left of 440)")
     p.add_argument("--only", default="", help=f"comma-separated sections out of {','.join(SECTIONS)}")
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; smoke 1, which a busy 2-core host "
                         "cannot slow down by descheduling one of the threads every parallel op waits for)")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 120.0 if args.smoke else 400.0
@@ -828,6 +932,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; expected some of {list(SECTIONS)}")
     return args
+
+
+def results_dir(out: str) -> Path:
+    """$OUT when it is set (a lent device's machine returns what is written there), else ``out``."""
+    env_out = os.environ.get("OUT")
+    if env_out and Path(out) not in (DEFAULT_OUT, Path(env_out)):
+        print(f"$OUT is set: writing to {env_out}, not to --out {out}", flush=True)
+    return Path(env_out or out)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -840,10 +952,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     plan = make_plan(args)
-    env_out = os.environ.get("OUT")
-    out_dir = Path(env_out or args.out)
-    if env_out and Path(args.out) not in (DEFAULT_OUT, Path(env_out)):
-        print(f"$OUT is set: writing to {env_out}, not to --out {args.out}", flush=True)
+    out_dir = results_dir(args.out)
     bench = Bench(plan, out_dir, argv, args.commit)
     m = bench.data["meta"]
     bench.log(f"{m['device_name']} | torch {m['torch']} CUDA {m['cuda']} | commit {m['git_commit']} | "
