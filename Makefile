@@ -16,12 +16,18 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $(STAMP)
 
+# Two pytest workers (TEST_WORKERS) share the cores, one torch thread each: most end-to-end
+# tests wait on processes they start, so two at a time keep both cores busy, and one thread
+# per worker keeps OpenMP from spinning on a core the other worker holds. 2 cores: ~6 minutes.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The inner loop: everything but the end-to-end runs marked `slow` (training, demo, torchrun).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The whole method on the embedded synthetic data: first stage, BECO and the CE baseline,
 # testing with and without CRF; writes data/logging/demo/results.md, curves.png, samples.png.
