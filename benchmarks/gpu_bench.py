@@ -31,7 +31,8 @@ zero_grad, scaled backward, ``scaler.step``, ``scaler.update``, the loss terms f
 and the backends are set by utils.runtime.configure_backends (cuDNN benchmark on, TF32 on). The batch
 is random, pinned on the host as the loader hands it over: no data loading is measured.
 ``--smoke`` keeps every code path but shrinks the work: ResNet-18 / MiT-B0 nets, 64 x 64,
-B = 2, fp32 and bf16 only, 1 warm-up + 2 timed iterations.
+B = 2, fp32 and bf16 only (fp32 only on a CPU without bfloat16 instructions, which emulates bf16
+autocast some ten times slower), 1 warm-up + 2 timed iterations.
 """
 from __future__ import annotations
 
@@ -113,12 +114,19 @@ class Plan:
     deeplabv2: tuple[str, list[str]] = ("configs/beco_voc_deeplabv2.yaml", [])
     segformer: tuple[str, list[str]] = ("configs/beco_voc_segformer_b2.yaml", [])
     reference_batch: int = 4   # the batch of the host-sync, DDP, segmenter and optimiser rows
+    amp: str = "bf16"          # the precision of the DDP, segmenter and optimiser rows
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     smoke = args.smoke
     on_gpu = args.device.startswith("cuda")
     precisions = ["fp32", "fp16", "bf16"] if on_gpu else ["fp32", "bf16"]  # no GradScaler on the CPU
+    amp = "bf16"
+    if smoke and not on_gpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # A CPU without bfloat16 instructions (AVX-512 BF16, AMX) emulates bf16 autocast, some
+        # ten times slower: the smoke, which only checks the script's paths, would outrun its
+        # budget on AVX2 machines. Its fp32 rows take the same paths.
+        precisions, amp = ["fp32"], "fp32"
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     plan = Plan(device=args.device, smoke=smoke, size=args.size or (64 if smoke else 512),
                 batches=[2] if smoke else [4, 8], precisions=precisions,
@@ -126,7 +134,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 warmup=warmup, test_warmup=warmup,
                 peak_tflops=args.peak_tflops, budget_s=args.budget_s,
                 sections=[s for s in SECTIONS if not args.only or s in args.only.split(",")],
-                reference_batch=2 if smoke else 4)
+                reference_batch=2 if smoke else 4, amp=amp)
     if smoke:
         # The same config files as the full run, with CPU-sized nets (as demo*.yaml shrink them).
         plan.deeplabv3plus = ("configs/beco_voc.yaml", ["model.backbone.depth=18"])
@@ -513,8 +521,8 @@ class Bench:
 
     def ddp(self) -> None:
         plan = self.plan
-        self.row("ddp", f"BECO step under 1-process DDP, bf16, B={plan.reference_batch}",
-                 lambda: self.ddp_row(row_config(plan, plan.deeplabv3plus, "bf16", plan.reference_batch)))
+        self.row("ddp", f"BECO step under 1-process DDP, {plan.amp}, B={plan.reference_batch}",
+                 lambda: self.ddp_row(row_config(plan, plan.deeplabv3plus, plan.amp, plan.reference_batch)))
 
     def ddp_row(self, cfg: Config) -> tuple[dict, dict]:
         cuda = self.device.type == "cuda"
@@ -524,7 +532,7 @@ class Bench:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                 timeout=dt.timedelta(seconds=120))
         try:
-            settings, metrics = self.training(self.plan.deeplabv3plus[0], cfg, "bf16", ddp=True,
+            settings, metrics = self.training(self.plan.deeplabv3plus[0], cfg, self.plan.amp, ddp=True,
                                               backend=backend, sync_bn=cuda, world_size=1)
         finally:
             dist.destroy_process_group()
@@ -546,7 +554,7 @@ class Bench:
 
     def test_pass(self) -> None:
         plan = self.plan
-        for precision in ("fp32", "bf16"):
+        for precision in [p for p in ("fp32", "bf16") if p in plan.precisions]:
             for ms_flip in (False, True):
                 mode = "multi-scale + flip" if ms_flip else "single scale"
                 flags = [f"test.multi_scale={str(ms_flip).lower()}", f"test.flip={str(ms_flip).lower()}"]
@@ -595,17 +603,19 @@ class Bench:
     def segmenters(self) -> None:
         plan = self.plan
         for name, seg in (("DeepLabV2", plan.deeplabv2), ("SegFormer", plan.segformer)):
-            self.row("segmenters", f"BECO step, {name}, bf16, B={plan.reference_batch}",
-                     lambda seg=seg: self.training(seg[0], row_config(plan, seg, "bf16", plan.reference_batch), "bf16"))
+            self.row("segmenters", f"BECO step, {name}, {plan.amp}, B={plan.reference_batch}",
+                     lambda seg=seg: self.training(seg[0], row_config(plan, seg, plan.amp, plan.reference_batch),
+                                                   plan.amp))
 
     def optimizers(self) -> None:
         plan = self.plan
         for impl in ("default", "foreach", "fused"):
             flags = [f"optim.implementation={impl}"]
-            self.row("optimizers", f"BECO step, optim.implementation={impl}, bf16, B={plan.reference_batch}",
+            self.row("optimizers", f"BECO step, optim.implementation={impl}, {plan.amp}, B={plan.reference_batch}",
                      lambda f=flags: self.training(plan.deeplabv3plus[0],
-                                                   row_config(plan, plan.deeplabv3plus, "bf16", plan.reference_batch, f),
-                                                   "bf16", count_flops=False))
+                                                   row_config(plan, plan.deeplabv3plus, plan.amp, plan.reference_batch,
+                                                              f),
+                                                   plan.amp, count_flops=False))
 
     # -- output
 
