@@ -15,6 +15,7 @@ true RGB image.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional, Sequence
 
@@ -235,29 +236,23 @@ def gaussian_blur(images: Tensor, ksize: int) -> Tensor:
     return blur_batch(images, k.expand(images.shape[0], ksize))
 
 
-_TAP_TABLES: dict[tuple, Tensor] = {}
-
-
-def _tap_table(kernels: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """One row per kernel, centred in the largest one's width, then the identity; built once
-    per (kernels, device, dtype): its taps are host constants (see ``_constant``)."""
-    key = (kernels, device, dtype)
-    if key not in _TAP_TABLES:
-        width = max(kernels)
-        rows = []
-        for k in kernels:
-            off = (width - k) // 2
-            taps = [0.0] * off + list(gaussian_kernel1d(k, dtype=torch.float64).tolist()) + [0.0] * (width - k - off)
-            rows.append(taps)
-        rows.append([1.0 if j == width // 2 else 0.0 for j in range(width)])  # identity
-        _TAP_TABLES[key] = torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=dtype)
-    return _TAP_TABLES[key]
+@functools.lru_cache(maxsize=None)
+def _tap_rows(kernels: tuple[int, ...]) -> tuple[float, ...]:
+    """``blur_taps``' table, flattened: one row per kernel, centred in the largest one's width,
+    then the identity row."""
+    width = max(kernels)
+    rows: list[float] = []
+    for k in kernels:
+        off = (width - k) // 2
+        rows += [0.0] * off + gaussian_kernel1d(k, dtype=torch.float64).tolist() + [0.0] * (width - k - off)
+    return tuple(rows + [1.0 if j == width // 2 else 0.0 for j in range(width)])
 
 
 def blur_taps(kernels: Sequence[int], pick: Tensor, do_blur: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, K) taps: image i gets kernel ``kernels[pick[i]]`` if ``do_blur[i]``, else the identity,
     every kernel centred in the largest one's width, so one pass blurs the whole batch."""
-    table = _tap_table(tuple(int(k) for k in kernels), pick.device, dtype)
+    kernels = tuple(int(k) for k in kernels)
+    table = _constant(_tap_rows(kernels), pick, (len(kernels) + 1, max(kernels)), dtype)
     row = torch.where(do_blur, pick, torch.full_like(pick, len(kernels)))
     return table[row]
 
