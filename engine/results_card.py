@@ -9,7 +9,6 @@ same folder moves the old card to ``results.previous.*`` instead of mixing the t
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
@@ -17,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils import provenance
 from utils.io import save_json, save_text
 
 CARD_JSON = "results.json"
 CARD_MD = "results.md"
-PREVIOUS = "results.previous"
 MEAN = "mean"  # the key of both nets averaged; a one-net run has only "net1"
 INFERENCE_ORDER = ("single", "flip", "msc", "msc+flip")
 RUNS_KEPT = 20  # the card lists the latest test commands that wrote to it
@@ -47,14 +46,6 @@ def saved_net_name(num_nets: int) -> str:
 
 def row_key(net: str, inference: str, crf: bool, resolution: str) -> str:
     return f"{net}|{inference}|{'crf' if crf else 'no_crf'}|{resolution}"
-
-
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hardware() -> dict[str, Any]:
@@ -98,7 +89,7 @@ def checkpoint_entry(path: Path, run_dir: Path) -> dict[str, Any]:
              "choice": checkpoint_choice(path)}
     old = read_card(run_dir).get("checkpoint", {})
     same = all(old.get(k) == entry[k] for k in ("path", "bytes", "mtime_ns")) and old.get("sha256")
-    entry["sha256"] = old["sha256"] if same else sha256(path)
+    entry["sha256"] = old["sha256"] if same else provenance.sha256(path)
     from engine.checkpoint import BEST
     if path.name == BEST and (epoch := best_epoch(path.parent)):
         entry.update(epoch)
@@ -113,7 +104,7 @@ def read_card(run_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except ValueError:  # a hand-edited or foreign file: kept aside, never overwritten
-        os.replace(path, path.with_name(f"{PREVIOUS}.unreadable.json"))
+        provenance.set_aside(path)  # results.N.json
         return {}
 
 
@@ -132,9 +123,7 @@ def update_card(run_dir: Path, checkpoint: dict[str, Any], rows: list[dict[str, 
     run_dir = Path(run_dir)
     card = read_card(run_dir)
     if card and card.get("checkpoint", {}).get("sha256") != checkpoint["sha256"]:
-        for name, suffix in ((CARD_JSON, ".json"), (CARD_MD, ".md")):
-            if (run_dir / name).is_file():
-                os.replace(run_dir / name, run_dir / f"{PREVIOUS}{suffix}")
+        provenance.set_aside(run_dir / CARD_JSON, run_dir / CARD_MD)  # results.1.json, results.1.md, ...
         card = {}
     card["checkpoint"] = checkpoint
     card["class_names"] = class_names

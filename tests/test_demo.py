@@ -119,7 +119,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
     # Another seed into the same folder would mix two runs: refused with the file named.
     other = _run(_configs(tmp_path) + ["--out", str(out), "--seed", "8"])
-    assert other.returncode != 0 and "demo_settings.json" in other.stderr
+    assert other.returncode == 1 and "_provenance.json" in other.stderr and "settings.seed: 7 -> 8" in other.stderr
 
 
 def test_demo_dataset_coco_picks_the_coco_configs_and_folder():
@@ -181,3 +181,47 @@ def test_seeds_option_is_checked():
     for bad in (["--seeds", "1"], ["--seeds", "1,1"], ["--seeds", "a,b"], ["--seeds", "0,1", "--seed", "3"]):
         with pytest.raises(SystemExit):
             demo.parse_args(bad)
+
+
+def _demo_module():
+    sys.path.insert(0, str(REPO / "tools"))
+    import demo
+    return demo
+
+
+def test_fresh_never_deletes_a_folder_the_demo_did_not_make(tmp_path, capsys, monkeypatch):
+    """Before: --fresh --out DIR deleted DIR, whatever it held, before anything was checked."""
+    demo = _demo_module()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "results.md").write_text("chapter 3")  # a name the demo also writes, but not the demo's
+    code = demo.main(_configs(tmp_path) + ["--out", str(out), "--fresh"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("demo: error: ") and "no _provenance.json" in err
+    assert (out / "results.md").read_text() == "chapter 3"
+
+
+def test_fresh_deletes_only_the_demos_outputs_and_only_after_the_configs_load(tmp_path):
+    demo = _demo_module()
+    out = tmp_path / "demo"
+    args = demo.parse_args(_configs(tmp_path) + ["--out", str(out), "--seed", "7"])
+    demo.prepare_out(args, {"seed": 7})
+    for name in ("results.md", "notes.txt"):
+        (out / name).write_text(name)
+    (out / "beco").mkdir()
+    # A broken config: refused before anything is deleted.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {epochs: 2\n")
+    bad = demo.parse_args(_configs(tmp_path) + ["--out", str(out), "--seed", "8", "--fresh", "--beco-config",
+                                                str(broken)])
+    with pytest.raises(Exception, match="not valid YAML"):
+        demo.prepare_out(bad, {"seed": 8})
+    assert (out / "results.md").is_file() and (out / "beco").is_dir()
+    # Other settings without --fresh: refused naming the difference; with it, the demo's outputs go.
+    other = demo.parse_args(_configs(tmp_path) + ["--out", str(out), "--seed", "8"])
+    with pytest.raises(Exception, match=r"settings\.seed: 7 -> 8"):
+        demo.prepare_out(other, {"seed": 8})
+    other.fresh = True
+    demo.prepare_out(other, {"seed": 8})
+    assert sorted(p.name for p in out.iterdir()) == ["_provenance.json", "notes.txt"]

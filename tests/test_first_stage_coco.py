@@ -293,7 +293,7 @@ def test_run_sample_coco_end_to_end(tiny_coco, tmp_path):
     for folder, suffix in (("result/cam", ".npy"), ("result/ir_label", ".png"), ("result/sem_seg", ".png"),
                            ("result/score", ".pt"), ("result/mask_irn", ".png"), ("../export/irn_pseudo_label", ".png"),
                            ("../export/irn_mask", ".png")):
-        names = sorted(p.name for p in (work / folder).iterdir() if not p.name.startswith("."))
+        names = sorted(p.name for p in (work / folder).iterdir() if not p.name.startswith((".", "_provenance")))
         assert names == sorted(f"{s}{suffix}" for s in stems), folder
 
     state = torch.load(work / "sess" / "res18_cam.pth", weights_only=True)

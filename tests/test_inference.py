@@ -119,7 +119,7 @@ def test_reference_checkpoint_gives_the_nets_logits_for_every_id_and_resumes(syn
     best = tmp_path / "best_ckpt.pth"
     ckpt_io.save_best(best, nets)
     rc, err = _main(_args(syn_root, tmp_path, "ref", best))
-    assert rc == 1 and "other settings" in err and "checkpoint" in err
+    assert rc == 1 and "other inputs or settings" in err and "checkpoint.sha256" in err
     rc, err = _main(_args(syn_root, tmp_path, "ref", best, "--overwrite"))
     assert rc == 0, err[-3000:]
     assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in (run / "logits").glob("*.npy"))

@@ -99,5 +99,15 @@ def test_label_sets_made_with_other_settings_are_refused(tmp_path):
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "stats.json").write_text(json.dumps({"_settings": settings, "boundary": {}}))
     assert study.make_label_sets({**settings, "error_types": ["boundary"]}, None, tmp_path, tmp_path) == {"boundary": {}}
-    with pytest.raises(SystemExit, match="other label settings"):
+    # The study's folder now holds a record (utils/provenance.py), adopted from the old "_settings".
+    assert json.loads((tmp_path / "labels" / "_provenance.json").read_text())["settings"] == settings
+    from utils.errors import OutputExistsError
+    with pytest.raises(OutputExistsError, match=r"settings\.band: 1 -> 6\.0"):
+        study.make_label_sets({**settings, "band": 6.0, "error_types": ["boundary"]}, None, tmp_path, tmp_path)
+    # Runs trained on the labels are bound to them: labels remade otherwise make the runs refused.
+    record = json.loads((tmp_path / "labels" / "_provenance.json").read_text())
+    record["settings"]["band"] = 6.0
+    (tmp_path / "labels" / "_provenance.json").write_text(json.dumps(record))
+    (tmp_path / "runs" / "boundary-beco-seed0").mkdir()
+    with pytest.raises(OutputExistsError, match=r"inputs\.labels\.record"):
         study.make_label_sets({**settings, "band": 6.0, "error_types": ["boundary"]}, None, tmp_path, tmp_path)

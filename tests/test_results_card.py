@@ -167,7 +167,7 @@ def test_card_numbers_equal_an_independent_computation(root, nets, tmp_path):
     ckpt_io.save_best(other, eval_nets(_cfg(root), 5))
     _main([a if a != str(ckpt) else str(other) for a in base] + ["--overwrite"])
     new = json.loads((run / "results.json").read_text())
-    old = json.loads((run / "results.previous.json").read_text())
+    old = json.loads((run / "results.1.json").read_text())
     assert new["checkpoint"]["name"] == "latest_ckpt.pth" and new["checkpoint"]["choice"].startswith("last")
     assert "mean|single|crf|original" not in new["rows"] and old["rows"]["mean|single|crf|original"]["miou"] == crf
-    assert (run / "results.previous.md").is_file()
+    assert (run / "results.1.md").is_file()

@@ -16,7 +16,8 @@ Stages, a line each (the tools they run show their own progress bars):
 
 Every number of the report is read from what the stages wrote; nothing is typed in. A rerun
 picks up where the last one stopped (finished stages are skipped, a killed training resumes
-from its latest_ckpt.pth); --fresh deletes <out> first. Sizes, epochs and backbones live in
+from its latest_ckpt.pth); --fresh deletes the demo's own outputs in <out> first (a folder the
+demo did not record making is refused, never deleted; utils/provenance.py). Sizes, epochs and backbones live in
 the three config files, not here.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from utils import provenance  # noqa: E402
 from utils.config import Config, load_config, load_yaml  # noqa: E402
+from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_text  # noqa: E402
 
 # --dataset -> (BECO config, baseline config, first-stage options, default --out)
@@ -62,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the whole pipeline once per seed, in <out>/seed<S>/, and report the mean ± std "
                         "of every number and the paired BECO - baseline difference in <out>/results.md "
                         "(curves.png: mean ± std band); each seed resumes like a single run")
-    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the demo's outputs in --out first instead of resuming (only a folder the demo made)")
     p.add_argument("--beco-config", type=Path, default=None, help="default: configs/demo[_coco].yaml")
     p.add_argument("--baseline-config", type=Path, default=None, help="default: configs/demo[_coco]_baseline.yaml")
     p.add_argument("--first-stage-config", type=Path, default=None,
@@ -541,23 +545,31 @@ def run_seeds(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+# Everything the demo writes under --out (what --fresh may delete; nothing else there is touched).
+DEMO_OUTPUTS = ("first_stage", "pseudo_labels", *RUNS, "seed*", "results.json", "results.md", "timings.json",
+                "curves.png", "samples.png", "peak_rss.json", "demo_settings.json")
+
+
 def prepare_out(args: argparse.Namespace, settings: dict) -> Path:
-    """<out>, emptied with --fresh; a folder holding a demo with other settings (another seed,
-    other configs) is refused, since the results would mix two runs."""
-    out = args.out
-    if args.fresh and out.exists():
-        say(f"--fresh: removing {out}")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings_path = out / "demo_settings.json"
+    """<out> for a demo with ``settings`` (utils/provenance.py): reused by the same demo (a rerun
+    resumes), refused when it holds a demo with other settings or files the demo did not record
+    making; --fresh deletes the demo's own outputs, and only after the configs have loaded."""
+    for path in (args.beco_config, args.baseline_config):
+        load_config(path)
+    load_yaml(args.first_stage_config)
     settings = {**settings, **({"dataset": args.dataset} if args.dataset != "voc" else {}),
                 "beco_config": str(args.beco_config), "baseline_config": str(args.baseline_config),
                 "first_stage_config": str(args.first_stage_config)}
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
-        raise SystemExit(f"demo: {out} holds a demo run with other settings ({settings_path}); "
-                         f"use --fresh or another --out")
-    save_json(settings_path, settings)
-    return out
+    record = provenance.make_record("tools/demo.py", {}, settings)
+    legacy = args.out / "demo_settings.json"  # the record of demos made before utils/provenance.py
+    if legacy.is_file() and provenance.read_record(args.out / provenance.RECORD_NAME) is None:
+        save_json(args.out / provenance.RECORD_NAME,
+                  provenance.make_record("tools/demo.py", {}, json.loads(legacy.read_text())))
+    plan = provenance.plan(args.out, record, DEMO_OUTPUTS, overwrite=args.fresh, overwrite_flag="--fresh")
+    if plan.action == "replace":
+        say(f"--fresh: removing the demo's outputs in {args.out}")
+    provenance.commit(plan)
+    return args.out
 
 
 def card_nets(run_dir: Path) -> dict[str, float]:
@@ -571,6 +583,14 @@ def card_nets(run_dir: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(REPO)
+    try:
+        return _main(args)
+    except BecoError as e:  # one line, as main.py reports it
+        print(f"demo: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         return run_seeds(args)
     run_one(args)

@@ -38,7 +38,9 @@ sys.path.insert(0, str(REPO / "tools"))
 import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are the demo's)
 from datasets.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
 from datasets.synthetic_voc import confidence_mask, near_boundary  # noqa: E402
+from utils import provenance  # noqa: E402
 from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
+from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_png, save_text  # noqa: E402
 from utils.seed_stats import mean_std, paired  # noqa: E402
 
@@ -105,17 +107,25 @@ LABEL_KEYS = ("train_images", "target_rate", "band", "boundary_cell", "region_bl
 
 
 def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> dict[str, dict]:
-    """Each error type's labels and masks under <out>/labels/<type>; returns their statistics."""
-    stats_path = out / "labels" / "stats.json"
+    """Each error type's labels and masks under <out>/labels/<type>; returns their statistics.
+    <out>/labels records its settings and the first stage's labels it started from
+    (utils/provenance.py): a study with other label settings is refused, never mixed in."""
+    labels_dir = out / "labels"
+    stats_path = labels_dir / "stats.json"
     settings = {k: study[k] for k in LABEL_KEYS}
-    if stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
-        if stats.pop("_settings", None) != settings:
-            # The runs under <out>/runs trained on those labels: never mixed with new ones.
-            raise SystemExit(f"noise_study: {out / 'labels'} was made with other label settings "
-                             f"({', '.join(LABEL_KEYS)}); delete {out / 'labels'} and {out / 'runs'}, or use --out")
-        if set(stats) >= set(study["error_types"]):
-            return stats
+    own_dir = first_stage_export / "irn_pseudo_label"
+    inputs = {"first_stage_labels": provenance.folder_input(own_dir, ("*.png",))} if own_dir.is_dir() else {}
+    record = provenance.make_record("tools/noise_study.py labels", inputs, settings)
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    legacy = stats.pop("_settings", None)  # the record of studies made before utils/provenance.py
+    if legacy == settings and provenance.read_record(labels_dir / provenance.RECORD_NAME) is None:
+        save_json(labels_dir / provenance.RECORD_NAME, record)
+    provenance.prepare(labels_dir, record, ("*",), overwrite=False)
+    # The runs under <out>/runs trained on these labels: they are reused only with them.
+    provenance.prepare(out / "runs", provenance.make_record("tools/noise_study.py runs", {
+        "labels": provenance.folder_input(labels_dir)}, {}), ("*",), overwrite=False)
+    if stats and set(stats) >= set(study["error_types"]):
+        return stats
     ids, gts = train_ground_truth(cfg)
     own = None
     if "first_stage" in study["error_types"] or study["target_rate"] == "first_stage":
@@ -140,7 +150,7 @@ def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> di
             stats[kind]["errors"] = counts
         say(f"{kind}: error rate {stats[kind]['error_rate']:.4f}, "
             f"{100 * stats[kind]['share_within_band']:.1f} % of errors within {study['band']} px of a boundary")
-    save_json(stats_path, {"_settings": settings, **stats})
+    save_json(stats_path, stats)
     return stats
 
 
@@ -309,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as e:
-        print(f"noise_study: {e}", file=sys.stderr)
-        sys.exit(2)
+    except BecoError as e:
+        print(f"noise_study: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except subprocess.CalledProcessError as e:
         print(f"noise_study: {e}", file=sys.stderr)
         sys.exit(1)
