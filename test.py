@@ -22,7 +22,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
@@ -39,11 +38,10 @@ from datasets.readers import DataError, SplitFiles, read_image, read_label  # no
 from utils.config import Config, ConfigError, CrfCfg, apply_overrides, build_config, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.crf import available_cores, parallel_map, postprocess  # noqa: E402
+from utils import provenance  # noqa: E402
 from utils.io import atomic_write, save_json, save_png  # noqa: E402
 from utils.score_maps import SUFFIX, ScoreMapError, load_score_map  # noqa: E402
 from utils.voc import IGNORE_INDEX, colorize, voc_palette  # noqa: E402
-
-SETTINGS_NAME = "_settings.json"
 
 # Picture layout, in pixels (drawing only, no effect on any result).
 VIS_PAD = 4
@@ -275,19 +273,14 @@ def check_inputs(files: SplitFiles, with_gt: bool, logits_dir: Path, suffix: str
                         f"the split list of '{split}'{more}: maps of another split? pass --split")
 
 
-def check_settings(pred_dir: Path, settings: dict, overwrite: bool, ids: list[str]) -> None:
-    """Predictions made with other settings are never mixed with new ones."""
-    path = pred_dir / SETTINGS_NAME
-    if overwrite:  # start afresh, so a killed --overwrite run cannot leave old predictions to be kept
-        for i in ids:
-            (pred_dir / f"{i}.png").unlink(missing_ok=True)
-    elif path.is_file():
-        stored = json.loads(path.read_text())
-        changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-        if changed:
-            raise ConfigError(f"{pred_dir} holds predictions made with other settings (differs in: "
-                              f"{', '.join(changed)}); rerun with --overwrite to replace them")
-    save_json(path, settings)
+PRED_PATTERNS = ("*.png",)  # what run() writes into its predictions folder (and may delete)
+
+
+def prediction_record(logits_dir: Path, settings: dict) -> dict:
+    """The predictions' record: the maps folder's own record (so maps remade from another
+    checkpoint make these predictions stale) and the settings that change them."""
+    maps = provenance.folder_input(logits_dir, ("*.npy", "*.npz"))
+    return provenance.make_record("test.py", {"score_maps": maps}, settings)
 
 
 def pred_folder_name(logits_name: str, mode: str, crf: bool) -> str:
@@ -302,16 +295,17 @@ def pred_folder_name(logits_name: str, mode: str, crf: bool) -> str:
 def update_card(run_dir: Path, logits_dir: Path, cfg: Config, scores: dict, crf: bool, split: str,
                 seconds: float) -> Path | None:
     """This prediction's row in the run's results card (engine/results_card.py), for the net and
-    inference setting the maps were made with (their ``_settings.json``)."""
+    inference setting the maps were made with (their provenance record)."""
     from engine import results_card as card
     from engine.beco import num_nets
     from utils.config import to_dict
-    settings_path = logits_dir / SETTINGS_NAME
-    if not settings_path.is_file():
-        print(f"note: no {settings_path}, so no results card row (maps not written by main.py --test)")
+    record_path = logits_dir / provenance.RECORD_NAME
+    record = provenance.read_record(record_path)
+    if record is None or "checkpoint" not in record.get("inputs", {}):
+        print(f"note: no {record_path}, so no results card row (maps not written by main.py --test)")
         return None
-    made = json.loads(settings_path.read_text())
-    ckpt = Path(made["checkpoint"])
+    made = record["settings"]
+    ckpt = Path(record["inputs"]["checkpoint"]["path"])
     old = card.read_card(run_dir).get("checkpoint", {})
     if ckpt.is_file():
         entry = card.checkpoint_entry(ckpt, run_dir)
@@ -371,9 +365,9 @@ def run(args: argparse.Namespace) -> dict:
 
     pred_dir = run_dir / pred_folder_name(logits_dir.name, args.mode, args.crf)
     crf_settings = dataclasses.asdict(cfg.test.crf) if args.crf else None
-    check_settings(pred_dir, {"logits_dir": logits_dir.name, "split": split, "num_classes": cfg.data.num_classes,
-                              "align_corners": cfg.model.align_corners, "crf": crf_settings},
-                   args.overwrite, ids)
+    preds_plan = provenance.plan(pred_dir, prediction_record(logits_dir, {
+        "split": split, "mode": args.mode, "num_classes": cfg.data.num_classes,
+        "align_corners": cfg.model.align_corners, "crf": crf_settings}), PRED_PATTERNS, overwrite=args.overwrite)
     names = entry.class_names(cfg.data.num_classes)
     job = Job(files=files, with_gt=with_gt, gt_ignore_index=entry.gt_ignore_index,
               truncated_ok=cfg.data.truncated_images == "load", logits_dir=logits_dir, logits_suffix=suffix,
@@ -382,6 +376,7 @@ def run(args: argparse.Namespace) -> dict:
               align_corners=cfg.model.align_corners, overwrite=args.overwrite)
     if args.n_jobs is not None and args.n_jobs < 1:
         raise ConfigError(f"--n-jobs must be >= 1, got {args.n_jobs}")
+    provenance.commit(preds_plan)  # every check has passed: old predictions may go now
     # More workers than ids (or than cores) only cost start-up time and memory.
     n_jobs = min(args.n_jobs or available_cores(), len(ids))
     if args.n_jobs is not None and n_jobs < args.n_jobs:
@@ -417,6 +412,10 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"pred_dir": str(pred_dir), "num_images": len(ids), "written": counts["done"], "kept": counts["kept"],
                "crf_capped": counts["capped"],
                "seconds": elapsed, "scores": None, "submission": None}
+    if args.mode == "val" and not conf[1:].any():
+        # Over background alone the mIoU is 1.0 for an all-background prediction: no number is recorded.
+        raise DataError(f"none of the {len(ids)} ground-truth maps of '{split}' under {files.gt_dir} has a "
+                        f"foreground pixel: its mIoU would mean nothing; is this the right split and data root?")
     if args.mode == "val":
         scores = segmentation_scores(conf)
         # "iou" is a list in class-id order beside "class_names" (the JSON writer sorts mapping keys).

@@ -26,7 +26,6 @@ without any record, e.g. made by the reference script, are trusted and kept).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import numpy as np
 
 from datasets.coco import (CATEGORIES, SPLITS, cls_labels_name, list_name, split_folder, stem_of)
 from datasets.voc_cls_labels import save_cls_labels
+from utils import provenance
 from utils.errors import DataError
 from utils.io import save_json, save_png, save_text
 
@@ -147,14 +147,6 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- pool workers
 
 _WORKER: dict[str, Any] = {}
@@ -218,6 +210,8 @@ def _validate(coco: Any, root: Path, split: str, path: Path, cat_map: dict[int, 
                             f"expected {want!r}")
         elif not (folder / want).is_file():
             problems.append(f"image file missing for image id {image_id}: {folder / want}")
+        else:
+            problems.extend(_size_problem(path, image_id, info, folder / want))
     if problems:
         raise CocoPrepareError(_first_of(problems))
     for ann in coco.dataset.get("annotations", []):
@@ -226,7 +220,40 @@ def _validate(coco: Any, root: Path, split: str, path: Path, cat_map: dict[int, 
         if int(ann["category_id"]) not in cat_map:
             raise CocoPrepareError(f"{path}: annotation {ann.get('id')} (image {ann['image_id']}) "
                                    f"has unknown category id {ann['category_id']}")
+        _check_polygons(path, ann)
     return sorted(coco.imgs)
+
+
+def _size_problem(path: Path, image_id: int, info: Mapping[str, Any], image_file: Path) -> list[str]:
+    """The JSON's height and width against the image file's header: the mask is drawn at the
+    JSON's size, so a disagreement would give every training sample a misaligned ground truth."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(image_file) as img:  # the header only, not the pixels
+            width, height = img.size
+    except (OSError, UnidentifiedImageError) as e:
+        return [f"image file for image id {image_id} is unreadable: {image_file} ({e})"]
+    if (int(info["width"]), int(info["height"])) != (width, height):
+        return [(f"{path}: image id {image_id} is {info['width']}x{info['height']} (width x height) there, "
+                 f"but its image file is {width}x{height}: {image_file}")]
+    return []
+
+
+def _check_polygons(path: Path, ann: Mapping[str, Any]) -> None:
+    """Every polygon of a rasterised (non-crowd) annotation has x, y pairs of at least 3 points.
+
+    pycocotools takes a 4-number polygon for a box and fails on fewer with a bare exception;
+    neither spec gives a rule for such polygons, so they are refused, not guessed at. Crowd
+    annotations are never rasterised (the mask rule skips them) and are not checked."""
+    segm = ann.get("segmentation")
+    if ann.get("iscrowd", 0) or not isinstance(segm, list):
+        return
+    for part in segm:
+        n = len(part) if isinstance(part, list) else None
+        if n is None or n < 6 or n % 2:
+            what = f"{n} numbers" if n is not None else f"a {type(part).__name__} instead of a list"
+            raise CocoPrepareError(f"{path}: annotation {ann.get('id')} (image id {ann['image_id']}) has a polygon "
+                                   f"of {what}; a polygon is x, y pairs of at least 3 points")
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -263,24 +290,30 @@ def prepare_split(root: str | Path, split: str, *, workers: int | None = None, o
     check_categories(coco.dataset.get("categories", []), path)
     cat_map = category_map(coco.dataset["categories"])
     ids = _validate(coco, root, split, path, cat_map)
-    digest = file_sha256(path)
+    digest = provenance.sha256(path)
 
     previous = _read_summary(root)["splits"].get(split, {})
-    stale = bool(previous.get("annotation_sha256")) and previous["annotation_sha256"] != digest
     mask_dir = root / "mask" / split_folder(split)
-    if (not overwrite and previous.get("complete") and not stale
+    # By hash alone: the tree is the same bytes wherever it is built.
+    record = provenance.make_record("tools/prepare_coco.py", {"annotations": {"sha256": digest}},
+                                    {"split": split, "format": SUMMARY_FORMAT})
+    if previous.get("annotation_sha256") and provenance.read_record(mask_dir / provenance.RECORD_NAME) is None \
+            and mask_dir.is_dir():  # a tree prepared before utils/provenance.py: its summary was the record
+        save_json(mask_dir / provenance.RECORD_NAME, provenance.make_record(
+            "tools/prepare_coco.py", {"annotations": {"sha256": previous["annotation_sha256"]}}, record["settings"]))
+    # The masks are a pure function of the annotation file: another file's masks are redone, not refused.
+    plan = provenance.plan(mask_dir, record, ("*.png",), overwrite=overwrite, redo_stale=True)
+    stale = plan.action == "replace" and not overwrite
+    if (plan.reuse and previous.get("complete")
             and (root / "lists" / list_name(split)).is_file() and (root / cls_labels_name(split)).is_file()
             and all((mask_dir / f"{i}.png").is_file() for i in ids)):
         # Finished before from this very file: everything it would write is there already.
         return {**previous, "masks_written": 0, "masks_kept": len(ids), "up_to_date": True}
-    mask_dir.mkdir(parents=True, exist_ok=True)
+    # Old masks go first, then the record: a rerun after a kill finds only masks of this file
+    # and resumes by writing the missing ones.
+    provenance.commit(plan)
     for tmp in mask_dir.glob(".*.png.*.tmp"):  # left by a run killed mid-write
         tmp.unlink(missing_ok=True)
-    if overwrite or stale:
-        # Delete first, then record: a rerun after a kill then finds only masks of this
-        # file and resumes by writing the missing ones.
-        for i in ids:
-            (mask_dir / f"{i}.png").unlink(missing_ok=True)
     # Recorded before any mask is written: a killed run's masks are known to come from this file.
     _record(root, split, {"annotation_sha256": digest, "complete": False})
     todo = [i for i in ids if not (mask_dir / f"{i}.png").is_file()]

@@ -16,7 +16,6 @@ saved map is read back for the metrics (``--overwrite`` recomputes and rewrites)
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,14 +30,14 @@ from engine import checkpoint as ckpt_io
 from engine import results_card as card
 from engine.evaluate import ShardSampler
 from utils.config import Config, ConfigError, to_dict, to_yaml
-from utils.errors import CheckpointError, OutputExistsError, RunError
-from utils.io import save_json, save_text
+from utils.errors import CheckpointError, RunError
+from utils import provenance
+from utils.io import save_json
 from utils.logs import log, setup_logging
 from utils.runtime import configure_backends, make_autocast, net_input, net_layout
 
 
 CONFIG_NAME = "config.yaml"  # test.py finds the data set through this file beside the logits folder
-PREVIOUS_CONFIG_NAME = "config.previous.yaml"
 
 
 def logits_folder_name(cfg: Config) -> str:
@@ -179,45 +178,29 @@ def load_saved_map(path: Path, item_id: str, cfg: Config) -> np.ndarray:
     return to_dense(score, REST_FLOOR)
 
 
-SETTINGS_NAME = "_settings.json"
+TOOL = "main.py --test"
+MAP_PATTERNS = ("*.npy", "*.npz")  # what run_test writes into its maps folder (and may delete)
 
 
-def map_settings(cfg: Config, ckpt_path: Path) -> dict:
-    """What the saved maps depend on; a folder made with other settings is never silently reused."""
-    stat = ckpt_path.stat()
-    return {"checkpoint": str(ckpt_path.resolve()), "checkpoint_bytes": stat.st_size,
-            "checkpoint_mtime_ns": stat.st_mtime_ns, "split": cfg.test.split, "val_size": cfg.data.val_size,
+def map_settings(cfg: Config) -> dict:
+    """What the saved maps' bytes depend on besides the checkpoint (utils/provenance.py)."""
+    return {"dataset": cfg.data.dataset, "split": cfg.test.split, "val_size": cfg.data.val_size,
+            "num_classes": cfg.data.num_classes, "mean": cfg.data.mean, "std": cfg.data.std,
             "multi_scale": cfg.test.multi_scale, "scales": cfg.test.scales if cfg.test.multi_scale else None,
-            "flip": cfg.test.flip, "logits_dtype": cfg.test.logits_dtype, "model": to_dict(cfg.model),
-            # Only when not the reference's defaults, so folders made before these options still match.
-            **({"logits_format": "compact", "compact_threshold": cfg.test.compact_threshold,
-                "compact_max_classes": cfg.test.compact_max_classes} if cfg.test.logits_format == "compact" else {}),
-            **({"dataset": cfg.data.dataset} if cfg.data.dataset != "voc" else {})}
+            "flip": cfg.test.flip, "logits_format": cfg.test.logits_format, "logits_dtype": cfg.test.logits_dtype,
+            **({"compact_threshold": cfg.test.compact_threshold, "compact_max_classes": cfg.test.compact_max_classes}
+               if cfg.test.logits_format == "compact" else {}),
+            "model": to_dict(cfg.model)}
 
 
-def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to add to ``folder`` when its ``_settings.json`` differs from ``settings`` (unless overwriting)."""
-    path = folder / SETTINGS_NAME
-    if overwrite or not path.is_file():
-        return
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{path} is unreadable ({e}); rerun with --overwrite") from e
-    changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-    if changed:
-        raise OutputExistsError(f"{folder} holds maps made with other settings (differs in: {', '.join(changed)}); "
-                         f"rerun with --overwrite to replace them, or use another --logging_tag")
+def map_record(cfg: Config, ckpt_path: Path) -> dict:
+    return provenance.make_record(TOOL, {"checkpoint": provenance.file_input(ckpt_path)}, map_settings(cfg))
 
 
 def save_run_config(run_dir: Path, cfg: Config) -> Path:
-    """``<run>/config.yaml`` = this test's resolved config; a different one already there
-    (e.g. the training run's) is kept as ``config.previous.yaml`` rather than lost."""
-    path = run_dir / CONFIG_NAME
-    text = to_yaml(cfg)
-    if path.is_file() and path.read_text() != text:
-        save_text(run_dir / PREVIOUS_CONFIG_NAME, path.read_text())
-    return save_text(path, text)
+    """``<run>/config.yaml`` = this test's resolved config; a different one already there (the
+    training run's, an earlier test's) is kept as ``config.1.yaml``, ``config.2.yaml``, ..."""
+    return provenance.keep_numbered(run_dir / CONFIG_NAME, to_yaml(cfg))
 
 
 def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], num_classes: int,
@@ -257,20 +240,9 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     entry = dataset_entry(cfg.data.dataset)
     files = entry.files(cfg.data, cfg.test.split)
     ids = files.ids
-    settings = map_settings(cfg, ckpt_path)
-    if save:
-        check_settings(out_dir, settings, overwrite)  # every rank, before anything is written
-    barrier()
-    if info.is_main:
-        if save:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if overwrite:  # start afresh: a killed --overwrite run must not leave old maps to be reused
-                for i in ids:
-                    (out_dir / f"{i}{suffix}").unlink(missing_ok=True)
-            save_json(out_dir / SETTINGS_NAME, settings)
-        save_run_config(run_dir, cfg)
-    barrier()
-    setup_logging(run_dir / "test.log" if info.is_main else None)
+    # Every rank decides before anything is written; the maps go (with --overwrite) only after
+    # the data and the checkpoint have passed their checks below.
+    maps_plan = provenance.plan(out_dir, map_record(cfg, ckpt_path), MAP_PATTERNS, overwrite=overwrite) if save else None
 
     # Labels are read when the split has any ground truth (VOC's test split has none); then every
     # id must have one, which the data set checks with the missing id named.
@@ -278,11 +250,18 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     dataset = EvalSet(cfg.data, cfg.test.split, with_labels=with_labels, full_labels=True)
     from datasets.verify import preflight
     preflight([(dataset, cfg.test.split)], info)
+    nets = load_test_nets(cfg, ckpt_path, info.device)
+    barrier()
+    if info.is_main:
+        if maps_plan is not None:
+            provenance.commit(maps_plan)
+        save_run_config(run_dir, cfg)
+    barrier()
+    setup_logging(run_dir / "test.log" if info.is_main else None)
     loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, collate_fn=collate_eval,
                         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
                         worker_init_fn=loader_worker_init)
-    nets = load_test_nets(cfg, ckpt_path, info.device)
     fmt, dtype = cfg.test.logits_format, cfg.test.logits_dtype
     maps_note = "nothing saved (test.save_logits false)"
     if save:

@@ -260,6 +260,46 @@ def test_annotation_of_unknown_image(tree):
         prepare_coco(tree, splits=("val",), progress=False)
 
 
+def _edit_train_json(tree: Path, edit) -> Path:
+    path = tree / "annotations/instances_train2014.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("segm, count", [([[1, 1, 5, 5]], 4), ([[2, 2]], 2), ([[1, 1, 8, 1, 8, 8], []], 0),
+                                         ([[1, 1, 8, 1, 8, 8, 3]], 7)])
+def test_a_polygon_of_fewer_than_three_points_is_refused_before_writing(tree, segm, count):
+    """pycocotools reads a 4-number polygon as a box and fails on fewer; the spec names no rule
+    for them, so they are refused (a crowd one is never rasterised and passes)."""
+    def edit(data):
+        data["annotations"][2]["segmentation"] = segm  # annotation 4, image 30
+        data["annotations"].append(ann(8, 25, 1, [[1, 1, 2, 2]], crowd=1))
+    path = _edit_train_json(tree, edit)
+    with pytest.raises(CocoPrepareError) as e:
+        prepare_coco(tree, splits=("train",), workers=1, progress=False)
+    assert str(e.value) == (f"{path}: annotation 4 (image id 30) has a polygon of {count} numbers; "
+                            f"a polygon is x, y pairs of at least 3 points")
+    assert not (tree / "mask/train2014").exists() or not list((tree / "mask/train2014").iterdir())
+
+
+def test_an_image_size_other_than_the_json_says_is_refused_before_writing(tree):
+    def edit(data):
+        data["images"][1]["height"] = 11  # image 9 is 16 x 10
+    path = _edit_train_json(tree, edit)
+    with pytest.raises(CocoPrepareError) as e:
+        prepare_coco(tree, splits=("train",), workers=1, progress=False)
+    image = tree / "train2014" / "COCO_train2014_000000000009.jpg"
+    assert str(e.value) == (f"{path}: image id 9 is 16x11 (width x height) there, but its image file is "
+                            f"16x10: {image}")
+    assert not (tree / "mask/train2014").exists() or not list((tree / "mask/train2014").iterdir())
+    _edit_train_json(tree, lambda data: data["images"][1].update(height=10))
+    (tree / "train2014" / "COCO_train2014_000000000025.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CocoPrepareError, match=r"image file for image id 25 is unreadable: .*000000000025.jpg"):
+        prepare_coco(tree, splits=("train",), workers=1, progress=False)
+
+
 def test_rerun_keeps_masks_overwrite_rewrites(tree):
     prepare_coco(tree, workers=1, progress=False)
     masks = sorted((tree / "mask").rglob("*.png"))

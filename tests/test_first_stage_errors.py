@@ -304,12 +304,15 @@ def test_no_class_images_are_reported_and_exported_visibly(voc, tmp_path, capsys
     assert mask.shape == SIZE and int(mask.sum()) == SIZE[0] * SIZE[1] // 2
     assert int(np.asarray(Image.open(out / "irn_pseudo_label" / f"{NO_CLASS}.png")).max()) == 0
 
-    # Another policy without --overwrite keeps the old masks, and says so; the export reads the masks.
-    assert run_sample.cli(argv + ["--no_class_mask", "zero"]) == 0
-    steps = json.loads((work / "summary.json").read_text())["steps"]
-    assert steps["gen_mask"]["metrics"]["no_class_masks_of_other_policy"] == 1
-    assert steps["export"]["metrics"]["no_class_mask"] == "random_half"
-    assert "made with another --no_class_mask than zero and were kept; pass --overwrite" in _log(work)
+    # Another policy without --overwrite is refused before any step runs, naming the option (it
+    # used to keep the old masks and record the new value beside them); nothing is rewritten.
+    masks = {p.name: p.stat().st_mtime_ns for p in (out / "irn_mask").glob("*.png")}
+    summary_before = (work / "summary.json").read_text()
+    code, err = _cli(argv + ["--no_class_mask", "zero"], capsys)
+    assert code == 1 and "settings.no_class_mask: 'random_half' -> 'zero'" in err and "--overwrite" in err
+    assert str(work / "result" / "mask_irn" / "_provenance.json") in err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "irn_mask").glob("*.png")} == masks
+    assert json.loads((work / "summary.json").read_text())["steps"] == json.loads(summary_before)["steps"]
     assert run_sample.cli(argv + ["--no_class_mask", "zero", "--overwrite"]) == 0
     assert steps_metrics(work)["export"]["no_class_mask"] == "zero"
     assert ("export: 1 image has no class: their pseudo-labels are all background and their masks mark no pixel "
@@ -361,3 +364,38 @@ def test_namespace_without_driver_still_works(voc):
     src = data_source(Namespace(voc12_root=voc))
     assert src.labels("2007_000001") == [7] and src.labels(NO_CLASS) == []
     assert src.check_labels(TRAIN) == [NO_CLASS]
+
+
+def test_step_outputs_are_reused_only_for_the_options_and_upstream_that_made_them(voc, tmp_path):
+    """The driver's provenance (utils/provenance.py): a step's folder records its options and the
+    records of the steps it reads; before, --conf_fg_thres 0.9 found "8 already done"."""
+    from utils import provenance
+    from utils.errors import OutputExistsError
+    work = tmp_path / "work"
+
+    def plans(*more: str) -> dict:
+        args = run_sample.parse_args(_argv(voc, work, "--steps", "make_cam,cam_to_ir_label", *more))
+        return run_sample.plan_steps(args, args.steps)
+
+    for plan in (p for ps in plans().values() for p in ps):
+        provenance.commit(plan)
+    (work / "result" / "ir_label" / "2007_000001.png").write_bytes(b"made")
+    assert [p.action for ps in plans().values() for p in ps] == ["reuse", "reuse"]
+    with pytest.raises(OutputExistsError, match=r"settings\.conf_fg_thres: 0\.3 -> 0\.9"):
+        plans("--conf_fg_thres", "0.9")
+    # CAMs made with other scales: the labels made from the old CAMs are stale too.
+    with pytest.raises(OutputExistsError, match=r"settings\.cam_scales"):
+        plans("--cam_scales", "1.0")
+    args = run_sample.parse_args(_argv(voc, work, "--steps", "cam_to_ir_label", "--cam_scales", "1.0"))
+    made = run_sample.step_records(args, ["make_cam", "cam_to_ir_label"])
+    provenance.prepare(work / "result" / "cam", made["make_cam"], ("*.npy",), overwrite=True)
+    with pytest.raises(OutputExistsError, match=r"inputs\.step:make_cam\.record"):
+        run_sample.plan_steps(args, args.steps)
+    assert (work / "result" / "ir_label" / "2007_000001.png").read_bytes() == b"made"
+    # --overwrite replaces them, and only at the step's start.
+    (plan,) = run_sample.plan_steps(run_sample.parse_args(_argv(voc, work, "--steps", "cam_to_ir_label",
+                                                                "--cam_scales", "1.0", "--overwrite")),
+                                    ["cam_to_ir_label"])["cam_to_ir_label"]
+    assert plan.action == "replace" and (work / "result" / "ir_label" / "2007_000001.png").is_file()
+    provenance.commit(plan)
+    assert not (work / "result" / "ir_label" / "2007_000001.png").exists()

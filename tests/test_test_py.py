@@ -22,8 +22,10 @@ from PIL import Image
 
 from datasets.synthetic_voc import make_synthetic_voc
 from tests.conftest import REPO
+from utils import provenance
 from utils.config import load_config, to_yaml
 from utils.crf import crf_image, crf_predict, kept_labels, postprocess, softmax, upsample_bilinear
+from utils.io import save_json
 from utils.voc import voc_palette
 
 pytestmark = pytest.mark.timeout(300)
@@ -221,14 +223,14 @@ def test_crf_predictions_scores_and_pruning_identity(cli, syn_root, tmp_path):
 
     # Other CRF settings into the same folder are refused, never mixed in...
     r = _run(cli, "--logits_dir", str(logits), "--mode", "val", "--crf", "--n-jobs", "2", "--crf-prune-labels")
-    assert r.returncode == 2 and "other settings" in r.stderr and "crf" in r.stderr
+    assert r.returncode == 1 and "other inputs or settings" in r.stderr and "settings.crf.prune_labels" in r.stderr
     # ...and with --overwrite they replace them: the label-pruned CRF gives the same predictions.
     r = _run(cli, "--logits_dir", str(logits), "--mode", "val", "--crf", "--n-jobs", "1", "--crf-prune-labels",
                  "--crf-prune-threshold", "1e-3", "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
     for i in ids:
         np.testing.assert_array_equal(np.asarray(Image.open(run / "val_pred_crf" / f"{i}.png")), full[i])
-    stamp = json.loads((run / "val_pred_crf" / "_settings.json").read_text())
+    stamp = json.loads((run / "val_pred_crf" / "_provenance.json").read_text())["settings"]
     assert stamp["crf"]["prune_labels"] is True and stamp["crf"]["prune_threshold"] == 1e-3
 
     # The reference's corrupted CRF image is one flag away, with CRF parameters from flags.
@@ -260,6 +262,10 @@ def test_test_mode_writes_the_voc_server_layout_and_tar(cli, syn_root, tmp_path)
 def test_bad_input_names_the_id_keeps_finished_work_and_resumes(cli, syn_root, tmp_path):
     logits = _make_run(syn_root, tmp_path / "run", "val")
     run = tmp_path / "run"
+    # Maps with a record (as main.py --test writes one): the hand-repaired map below does not
+    # change what made the folder. Without it, any rewritten map makes the predictions stale
+    # (test_foreign_maps_rewritten_make_the_predictions_stale).
+    save_json(logits / provenance.RECORD_NAME, provenance.make_record("main.py --test", {}, {"by": "hand"}))
     ids = _ids(syn_root, "val")
     args = ["--logits_dir", str(logits), "--mode", "val", "--n-jobs", "2"]
 
@@ -302,6 +308,31 @@ def test_bad_input_names_the_id_keeps_finished_work_and_resumes(cli, syn_root, t
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("crf", [False, True])
+def test_a_map_with_nan_is_refused_naming_the_id_with_and_without_crf(cli, syn_root, tmp_path, crf):
+    """NaN wins every arg-max: unchecked, its pixels would be scored as the last class."""
+    logits = _make_run(syn_root, tmp_path / "run", "val")
+    ids = _ids(syn_root, "val")
+    bad = np.load(logits / f"{ids[1]}.npy")
+    bad[2, 3:5, 3:5] = np.nan
+    np.save(logits / f"{ids[1]}.npy", bad)
+    r = _run(cli, "--logits_dir", str(logits), "--mode", "val", "--n-jobs", "1", *(["--crf"] if crf else []))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"score map for id '{ids[1]}' holds NaN/Inf at 4 values: {logits / (ids[1] + '.npy')}" in r.stderr
+    assert not (tmp_path / "run" / ("val_pred_crf_scores.json" if crf else "val_pred_scores.json")).exists()
+
+
+def test_a_split_list_with_an_id_twice_is_refused(cli, tmp_path):
+    root = tmp_path / "data"
+    make_synthetic_voc(root, train=2, val=3, test=0, size=(64, 64), classes=NUM_CLASSES - 1, seed=2)
+    logits = _make_run(root, tmp_path / "run", "val")
+    val = root / "VOC2012/ImageSets/Segmentation/val.txt"
+    ids = _ids(root, "val")
+    val.write_text("".join(f"{i}\n" for i in ids + [ids[0]]))  # counted twice in the mIoU otherwise
+    r = _run(cli, "--logits_dir", str(logits), "--mode", "val", "--n-jobs", "1")
+    assert r.returncode == 1 and f"id '{ids[0]}' is listed twice in {val}, on lines 1 and 4" in r.stderr
+
+
 def test_workers_start_after_multithreaded_opencv_in_the_parent(tmp_path):
     """A forked worker that had to shut down OpenCV's inherited thread pool waited forever:
     parallel_map now sets the thread limits before forking (a subprocess, so a hang fails)."""
@@ -318,3 +349,31 @@ def test_workers_start_after_multithreaded_opencv_in_the_parent(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("]")[0].count("90000.0") == 4
+
+
+def test_foreign_maps_rewritten_make_the_predictions_stale(cli, syn_root, tmp_path):
+    """Maps without a record (another tool's) are known by their files' names, sizes and times:
+    one rewritten map refuses the predictions made from the old ones, nothing is deleted."""
+    logits = _make_run(syn_root, tmp_path / "run", "val")
+    args = ["--logits_dir", str(logits), "--mode", "val", "--n-jobs", "1"]
+    assert _run(cli, *args).returncode == 0
+    preds = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "val_pred").glob("*.png")}
+    first = sorted(logits.glob("*.npy"))[0]
+    np.save(first, np.load(first) * 2)
+    r = _run(cli, *args)
+    assert r.returncode == 1 and "inputs.score_maps.listing" in r.stderr and "--overwrite" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "val_pred").glob("*.png")} == preds
+    r = _run(cli, *args, "--overwrite")
+    assert r.returncode == 0 and f"{len(preds)} predictions written, 0 already there" in r.stdout
+
+
+def test_ground_truth_without_foreground_records_no_score(cli, tmp_path):
+    """Before: an all-background val set scored a "perfect" mIoU of 1.0 on the card."""
+    root = tmp_path / "data"
+    make_synthetic_voc(root, train=2, val=2, test=0, size=(32, 32), classes=NUM_CLASSES - 1, seed=4)
+    for gt in (root / "VOC2012/SegmentationClass").glob("*.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8), mode="P").save(gt)
+    logits = _make_run(root, tmp_path / "run", "val")
+    r = _run(cli, "--logits_dir", str(logits), "--mode", "val", "--n-jobs", "1")
+    assert r.returncode == 1 and "has a foreground pixel" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "val_pred_scores.json").exists()

@@ -17,6 +17,9 @@ Everything is written under --work_dir:
     result/mask_irn       <id>.png  confidence masks (RGB 0/255)
     logs/, log.txt (appended), summary.json (each step's time and metric, merged across runs;
                           "runtime": --determ, threads, CPU kernels, library versions of the last run)
+Each output folder holds _provenance.json (sess/: _provenance.<step>.json): the options and inputs
+that made it (utils/provenance.py). A step reuses outputs only when the record matches; when it
+differs the run stops before the first step, naming each difference (--overwrite redoes them).
 Option defaults are the reference's (spec §3.1); quirks kept by default sit behind named options.
 
 --dataset voc (default, C = 20): <voc12_root>/JPEGImages, SegmentationClass, ImageSets/Segmentation.
@@ -215,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpu_shards", type=int, default=1,
       help="make_cam / make_sem_seg on the CPU: spread the ids round-robin over this many processes "
            "(GPUs: one process per visible GPU regardless)")
-    a("--overwrite", action="store_true", help="redo outputs that already exist (default: skip them)")
+    a("--overwrite", action="store_true",
+      help="redo the chosen steps' outputs (default: reuse those their folder's _provenance.json says were made "
+           "with the same options and inputs; outputs made otherwise are refused, naming the differences)")
     a("--no_progress", action="store_true", help="no progress bars")
 
     g = add_group("data")
@@ -526,6 +531,101 @@ def _exported_no_class(args: argparse.Namespace, ids: list[str], log: logging.Lo
     return out
 
 
+# ----------------------------------------------------------------------------- provenance
+
+# What each step's outputs depend on (utils/provenance.py): the options that change their bytes,
+# the earlier steps whose outputs it reads, and the lists and files it reads. Threads, devices,
+# worker counts and progress bars are left out: they change float rounding at most.
+# outputs: (path option, glob of the files the step writes there; None = the path is the file).
+STEP_PROVENANCE: dict[str, dict[str, Any]] = {
+    "train_cam": {"outputs": (("cam_weights_name", None),), "after": (), "lists": ("train_list",),
+                  "files": ("backbone_weights", "cls_labels"),
+                  "settings": ("backbone_depth", "backbone_bn", "cam_network", "cam_crop_size", "cam_resize_long",
+                               "cam_batch_size", "cam_num_epoches", "cam_learning_rate", "cam_weight_decay",
+                               "cam_classifier_lr_mult", "cam_freeze_until", "sgd_momentum", "poly_power", "seed")},
+    "make_cam": {"outputs": (("cam_out_dir", "*.npy"),), "after": ("train_cam",), "lists": ("train_list",),
+                 "files": ("cls_labels",), "settings": ("backbone_depth", "cam_network", "cam_scales")},
+    "cam_to_ir_label": {"outputs": (("ir_label_out_dir", "*.png"),), "after": ("make_cam",), "lists": ("train_list",),
+                        "files": (), "settings": ("conf_fg_thres", "conf_bg_thres", "crf_gt_prob", "crf_iters",
+                                                  "crf_gauss_sxy", "crf_gauss_compat", "crf_bi_sxy", "crf_bi_srgb",
+                                                  "crf_bi_compat")},
+    "train_irn": {"outputs": (("irn_weights_name", None),), "after": ("train_cam", "cam_to_ir_label"),
+                  "lists": ("train_list", "infer_list"), "files": ("backbone_weights",),
+                  "settings": ("backbone_depth", "irn_network", "irn_crop_size", "irn_batch_size", "irn_num_epoches",
+                               "irn_learning_rate", "irn_weight_decay", "irn_disp_lr_mult", "irn_backbone_from_cam",
+                               "irn_train_backbone", "radius", "sgd_momentum", "poly_power", "seed")},
+    "make_sem_seg": {"outputs": (("sem_seg_out_dir", "*.png"), ("score_dir", "*.pt")),
+                     "after": ("make_cam", "train_irn"), "lists": ("train_list",), "files": ("cls_labels",),
+                     "settings": ("backbone_depth", "irn_network", "beta", "exp_times", "rw_radius", "rw_mode",
+                                  "rw_sparse_dtype", "rw_allow_tf32", "sem_seg_bg_thres", "irn_infer_pad_to",
+                                  "score_fp16")},
+    "gen_mask": {"outputs": (("mask_out_dir", "*.png"),), "after": ("make_sem_seg",), "lists": ("train_list",),
+                 "files": ("cls_labels",), "settings": ("mask_thd", "margin_tie_mode", "no_class_mask", "seed")},
+    "export": {"outputs": (("export_to", "irn_pseudo_label/*.png"), ("export_to", "irn_mask/*.png")),
+               "after": ("make_sem_seg", "gen_mask"), "lists": ("train_list",), "files": (), "settings": ()},
+}
+
+
+def _output_places(args: argparse.Namespace, step: str) -> list[tuple[Path, tuple[str, ...], str]]:
+    """(folder, output globs, record file name) of each place ``step`` writes to."""
+    from utils.provenance import RECORD_NAME
+    places = []
+    for option, pattern in STEP_PROVENANCE[step]["outputs"]:
+        path = Path(getattr(args, option))
+        if pattern is None:  # a weights file in sess/, beside the other step's: one record each
+            places.append((path.parent, (path.name,), f"_provenance.{step}.json"))
+        elif step == "export":  # two folders the second stage reads, each with its own record
+            folder, glob = pattern.split("/")
+            places.append((path / folder, (glob,), RECORD_NAME))
+        else:
+            places.append((path, (pattern,), RECORD_NAME))
+    return places
+
+
+def _upstream_identity(args: argparse.Namespace, step: str, made: dict[str, dict]) -> dict[str, Any]:
+    """An earlier step's identity: its record as this run makes it, or as its folder holds it."""
+    from utils import provenance
+    if step in made:
+        return {"record": provenance.digest(made[step])}
+    folder, globs, name = _output_places(args, step)[0]
+    stored = provenance.read_record(folder / name)
+    if stored is not None:
+        return {"record": provenance.digest(stored)}
+    return provenance.folder_input(folder, globs) if folder.is_dir() else {"record": None}
+
+
+def step_records(args: argparse.Namespace, steps: list[str]) -> dict[str, dict]:
+    """The record of each chosen step (eval steps write nothing and have none), in step order,
+    so a step's record holds the records its upstream steps get in this same run."""
+    from utils import provenance
+    root = args.coco_root if args.dataset == "coco" else args.voc12_root
+    made: dict[str, dict] = {}
+    for step in STEPS:
+        entry = STEP_PROVENANCE.get(step)
+        if entry is None or step not in steps:
+            continue
+        inputs = {f"step:{up}": _upstream_identity(args, up, made) for up in entry["after"]}
+        for option in entry["lists"] + entry["files"]:
+            value = getattr(args, option)
+            inputs[option] = provenance.file_input(value) if value is not None and Path(value).is_file() else {"sha256": None}
+        settings = {"dataset": args.dataset, "root": str(Path(root).resolve()), "max_images": args.max_images,
+                    **{name: getattr(args, name) for name in entry["settings"]}}
+        made[step] = provenance.make_record(f"run_sample.py {step}", inputs, settings)
+    return made
+
+
+def plan_steps(args: argparse.Namespace, steps: list[str]) -> dict[str, list]:
+    """Every chosen step's output places checked before the first step runs: a step whose
+    outputs were made otherwise stops the run here (OutputExistsError naming both records)."""
+    from utils import provenance
+    if "export" in steps and args.export_to is None:
+        steps = [s for s in steps if s != "export"]  # export without a target writes nothing
+    records = step_records(args, steps)
+    return {step: [provenance.plan(folder, records[step], globs, overwrite=args.overwrite, record_name=name)
+                   for folder, globs, name in _output_places(args, step)]
+            for step in records}
+
+
 def step_runner(name: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
     if name == "export":
         return export
@@ -563,13 +663,22 @@ def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     record_runtime(args.summary_path, runtime)
     runners = {name: step_runner(name) for name in args.steps}  # a missing step module fails before any work
     record_preflight(args.summary_path, preflight(args, args.steps, log))
+    plans = plan_steps(args, args.steps)
     results: dict[str, Any] = {}
+    from utils import provenance
     for name in args.steps:
         run = runners[name]
+        for plan in plans.get(name, []):  # outputs of other settings go (--overwrite) just before the step
+            provenance.commit(plan)
         seed_everything(args.seed)  # each step reproducible on its own, whatever ran before
         log.info(f"== {name}")
         start = time.perf_counter()
-        metrics = run(args) or {}
+        try:
+            metrics = run(args) or {}
+        except BaseException:
+            for plan in plans.get(name, []):
+                provenance.withdraw(plan)
+            raise
         seconds = time.perf_counter() - start
         record_step(args.summary_path, name, seconds, metrics, args)
         shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
