@@ -21,14 +21,24 @@ from utils.errors import DataError  # re-exported: the readers raise it
 
 
 def read_id_list(path: str | Path) -> list[str]:
-    """Ids of a list file, the first token of each line, kept as strings (first-stage QUIRK-8)."""
+    """Ids of a list file, the first token of each line, kept as strings (first-stage QUIRK-8).
+
+    An id listed twice is refused: it would be trained on twice per epoch and counted twice
+    in every score."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split list not found: {path}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item_id = line.split()[0]
+        if item_id in first_line:
+            raise DataError(f"id '{item_id}' is listed twice in {path}, on lines {first_line[item_id]} and {number}")
+        first_line[item_id] = number
+    if not first_line:
         raise DataError(f"split list is empty: {path}")
-    return ids
+    return list(first_line)
 
 
 def read_split(list_dir: str | Path, split: str) -> list[str]:

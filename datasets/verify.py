@@ -15,7 +15,12 @@ sets use (``datasets/readers.py``), so what passes here is what training will ac
   ``data.mask_size_mismatch`` is ``error`` (the other policies handle a mismatch), and an
   evaluation sample's ground truth always (``EvalSet`` checks it on every read);
 * training supervision as a whole: not every confidence mask empty, not every
-  pseudo-label entirely void (either trains on nothing, silently).
+  pseudo-label entirely void (either trains on nothing, silently), some foreground pixel
+  in some pseudo-label (all background trains a net that scores a "perfect" mIoU against
+  labels of its own kind); foreground classes that no pseudo-label uses are logged as a
+  WARNING (a small subset of real data may lack a class; a wrong ``data.num_classes`` too);
+* evaluation ground truth as a whole: some foreground pixel (an mIoU over background alone
+  means nothing).
 
 All bad files are collected and reported together (one ``DataError`` naming the first
 few, the full list in ``<data.root>/.verify_report.txt``), so one run finds them all.
@@ -38,18 +43,22 @@ from typing import Any, Iterable, Union
 import numpy as np
 from tqdm import tqdm
 
+from datasets.build import dataset_entry
 from datasets.readers import DataError, check_sizes, read_image, read_label, read_mask
 from datasets.segmentation import EvalSet, TrainSet
 from utils.crf import available_cores, parallel_map
 from utils.io import save_json, save_text
+from utils.logs import log
 from utils.voc import IGNORE_INDEX
 
 CACHE_NAME = ".verify_cache.json"
 REPORT_NAME = ".verify_report.txt"
-# Bump when a reader's checks change: files that passed the old checks are read again.
+# Bump when a reader's checks change: files that passed the old checks are read again. (Label
+# entries gained a seventh field, their classes, within version 1: a six-field one is read again.)
 CACHE_VERSION = 1
 SHOWN = 3          # problems named in the error message; the report lists them all
 CHUNK = 16         # samples handed to a worker at a time
+CLASSES_NAMED = 20  # unused classes named in the warning; the rest by id
 
 Dataset = Union[TrainSet, EvalSet]
 
@@ -132,7 +141,8 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 
 def load_cache(path: Path) -> dict[str, dict[str, str]]:
-    """``{directory: {file name: "<bytes> <mtime_ns> <check> <width> <height> <count>"}}``.
+    """``{directory: {file name: "<bytes> <mtime_ns> <check> <width> <height> <count>[ <classes>]"}}``,
+    ``<classes>`` (labels only) the label values present other than void, comma-separated, ``-`` for none.
 
     One string per file keeps the JSON small and quick to write for COCO's 330,000 files. A
     missing, corrupt or older-version file is an empty cache (replaced once a file passes)."""
@@ -145,22 +155,32 @@ def load_cache(path: Path) -> dict[str, dict[str, str]]:
     return {d: files for d, files in raw["dirs"].items() if isinstance(files, dict)}
 
 
-def _entry(stat: tuple[int, int], check: str, size: Dims, count: int) -> str:
-    return f"{stat[0]} {stat[1]} {check} {size.width} {size.height} {count}"
+LABEL_ROLES = ("pseudo-label", "ground truth")
+
+Read = tuple[Dims, int, tuple[int, ...]]  # size, count, label values present other than void
 
 
-def _cached(cache: dict[str, dict[str, str]], f: FileCheck,
-            stat: tuple[int, int] | None) -> tuple[Dims, int] | None:
-    """The cached (size, count) of ``f`` if the file is unchanged and passed the same check."""
+def _entry(stat: tuple[int, int], check: str, size: Dims, count: int, classes: tuple[int, ...] | None) -> str:
+    entry = f"{stat[0]} {stat[1]} {check} {size.width} {size.height} {count}"
+    if classes is None:
+        return entry
+    return f"{entry} {','.join(map(str, classes)) or '-'}"
+
+
+def _cached(cache: dict[str, dict[str, str]], f: FileCheck, stat: tuple[int, int] | None) -> Read | None:
+    """The cached (size, count, classes) of ``f`` if the file is unchanged and passed the same check."""
     if stat is None:
         return None
     d, name = os.path.split(f.path)
     entry = cache.get(d, {}).get(name)
     parts = entry.split(" ") if isinstance(entry, str) else []
-    if len(parts) != 6 or parts[0] != str(stat[0]) or parts[1] != str(stat[1]) or parts[2] != f.check:
+    is_label = f.role in LABEL_ROLES
+    if (len(parts) != (7 if is_label else 6) or parts[0] != str(stat[0]) or parts[1] != str(stat[1])
+            or parts[2] != f.check):
         return None
     try:
-        return Dims(int(parts[3]), int(parts[4])), int(parts[5])
+        classes = tuple(int(c) for c in parts[6].split(",")) if is_label and parts[6] != "-" else ()
+        return Dims(int(parts[3]), int(parts[4])), int(parts[5]), classes
     except ValueError:
         return None
 
@@ -187,23 +207,28 @@ class SampleResult:
     mask_pixels: int = 0
     labelled: int = 0           # pseudo-label pixels other than 255
     label_pixels: int = 0
+    classes: tuple[int, ...] = ()  # values of its pseudo-label or ground truth other than void
 
 
-def _read(f: FileCheck, item_id: str, s: Settings) -> tuple[Dims, int]:
-    """Read one file with the data sets' reader; its size and its count (reliable mask
-    pixels, non-void label pixels, 0 for an image). Raises the reader's DataError."""
+def _read(f: FileCheck, item_id: str, s: Settings) -> Read:
+    """Read one file with the data sets' reader; its size, its count (reliable mask pixels,
+    non-void label pixels, 0 for an image) and a label's values other than its void value.
+    Raises the reader's DataError."""
     path = Path(f.path)
     if f.role == "image":
         img = read_image(path, item_id, s.allow_truncated)
-        return Dims(img.width, img.height), 0
+        return Dims(img.width, img.height), 0, ()
     if f.role == "confidence mask":
         img = read_mask(path, item_id)
-        return Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img)))
+        return Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img))), ()
     img = read_label(path, item_id, s.num_classes, f.role, s.label_ignore)
-    return Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img) != IGNORE_INDEX))
+    arr = np.asarray(img)
+    values = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+    classes = tuple(int(v) for v in values if v != s.label_ignore)
+    return Dims(img.width, img.height), int(np.count_nonzero(arr != IGNORE_INDEX)), classes
 
 
-Task = tuple[int, str, list[tuple[FileCheck, "tuple[int, int] | None", "tuple[Dims, int] | None"]]]
+Task = tuple[int, str, list[tuple[FileCheck, "tuple[int, int] | None", "Read | None"]]]
 
 
 def _one_line(message: str) -> str:
@@ -219,11 +244,11 @@ def _verify_sample(task: Task) -> SampleResult:
     dims: list[tuple[Dims, str]] = []  # of the files that passed, image first
     for f, stat, entry in files:
         if entry is not None:
-            size, count = entry
+            size, count, classes = entry
         else:
             result.files_read += 1
             try:
-                size, count = _read(f, item_id, s)
+                size, count, classes = _read(f, item_id, s)
             except DataError as e:
                 result.problems.append(_one_line(str(e)))
                 continue
@@ -232,13 +257,16 @@ def _verify_sample(task: Task) -> SampleResult:
                                                  f"({type(e).__name__}: {e})"))
                 continue
             if stat is not None:  # stat taken before the read: a file changed meanwhile is read again next time
-                result.passed[f.path] = _entry(stat, f.check, size, count)
+                result.passed[f.path] = _entry(stat, f.check, size, count,
+                                               classes if f.role in LABEL_ROLES else None)
         dims.append((size, f.path))
         pixels = size.width * size.height
         if f.role == "confidence mask":
             result.kept, result.mask_pixels = count, pixels
         elif f.role == "pseudo-label":
             result.labelled, result.label_pixels = count, pixels
+        if f.role in LABEL_ROLES:
+            result.classes = classes
     image_ok = bool(dims) and dims[0][1] == files[0][0].path  # sizes are compared with the image's
     if s.sizes_must_agree and image_ok and len(dims) > 1:
         try:
@@ -274,7 +302,12 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
     Returns a summary: ``mode``, ``split``, ``ids`` (samples checked), ``files``,
     ``files_read``, ``files_cached``, ``jobs``, ``seconds``, ``kept_fraction`` (reliable
     share of all confidence-mask pixels; None without masks) and ``labelled_fraction``
-    (non-void share of all pseudo-label pixels; None without pseudo-labels).
+    (non-void share of all pseudo-label pixels; None without pseudo-labels); in ``full`` mode
+    also ``unused_classes``: the foreground class ids no pseudo-label uses (logged as a
+    warning; None for an evaluation set).
+
+    Raises DataError, besides bad files, when no pseudo-label (or ground-truth map) of the
+    set has a single foreground pixel.
     """
     start = time.perf_counter()
     cfg = dataset.cfg
@@ -340,10 +373,43 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
             raise DataError(f"every one of the {len(ids)} pseudo-labels under {dataset.label_dir} is entirely "
                             f"255 (void), so there is no target to train on; is data.pseudo_label_dir "
                             f"({cfg.pseudo_label_dir}) the first stage's pseudo-label output?")
+    summary["unused_classes"] = _check_classes(dataset, split, results)
     summary["kept_fraction"] = kept / mask_pixels if mask_pixels else None
     summary["labelled_fraction"] = labelled / label_pixels if label_pixels else None
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def _check_classes(dataset: Dataset, split: str, results: list[SampleResult]) -> list[int] | None:
+    """Refuse a label set without foreground; warn of the foreground classes no training label
+    uses (their ids, for the summary). Runs where every sample's result is (rank 0), so one
+    decision holds for all ranks."""
+    cfg = dataset.cfg
+    present = {c for r in results for c in r.classes}
+    if isinstance(dataset, EvalSet):
+        if dataset.with_labels and not present - {0}:
+            raise DataError(f"none of the {len(results)} {_noun(dataset, split)} ground-truth maps under "
+                            f"{dataset.files.gt_dir} has a foreground pixel: an mIoU over background alone means "
+                            f"nothing; is data.gt_dir ({getattr(cfg, 'gt_dir', None)}) the right folder for split "
+                            f"'{split}'?")
+        return None
+    if not present - {0}:
+        raise DataError(f"none of the {len(results)} training pseudo-labels under {dataset.label_dir} has a "
+                        f"foreground pixel (every pixel is 0, background, or 255, void): training on them predicts "
+                        f"background everywhere and scores a meaningless mIoU; is data.pseudo_label_dir "
+                        f"({cfg.pseudo_label_dir}) the first stage's pseudo-label output?")
+    unused = sorted(set(range(1, cfg.num_classes)) - present)
+    if unused:
+        names = dataset_entry(cfg.dataset).class_names(cfg.num_classes)
+        listing = ", ".join(f"{c} {names[c]}" for c in unused[:CLASSES_NAMED])
+        if len(unused) > CLASSES_NAMED:  # COCO's 80 names would make a line of 1,500 characters
+            listing += (f" and {len(unused) - CLASSES_NAMED} more (ids "
+                        f"{', '.join(map(str, unused[CLASSES_NAMED:]))})")
+        log.warning(f"{len(unused)} of the {cfg.num_classes - 1} foreground classes that data.num_classes "
+                    f"({cfg.num_classes}) declares appear in none of the {len(results)} training pseudo-labels "
+                    f"under {dataset.label_dir}: {listing} (expected for a small subset of the data; otherwise "
+                    f"check data.num_classes and the first stage's output)")
+    return unused
 
 
 def _gather_on_main(results: list[SampleResult], rank: int, world_size: int) -> list[SampleResult]:

@@ -72,7 +72,17 @@ def load_cls_labels(path: str | Path) -> dict[str, list[int]]:
     path = Path(path)
     if not path.is_file():
         raise LabelError(f"class-label file not found: {path} (make it with tools/prepare_voc_aug.py)")
-    data = json.loads(path.read_text())
+
+    def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        # json.loads keeps the last of two equal keys: the other entry would vanish silently.
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise LabelError(f"id '{key}' appears twice in {path}")
+            seen[key] = value
+        return seen
+
+    data = json.loads(path.read_text(), object_pairs_hook=unique_keys)
     if data.get("format") != FORMAT:
         raise LabelError(f"{path} is not a {FORMAT} class-label file")
     return {str(k): [int(c) for c in v] for k, v in data["labels"].items()}

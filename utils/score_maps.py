@@ -106,8 +106,14 @@ def save_score_map(path: Path, logits: np.ndarray, fmt: str, dtype: str, thresho
                     record["rest"].astype(np.float32), int(record["num_classes"]), float(record["dropped_peak"]))
 
 
+def _require_finite(path: Path, item_id: str, bad: int) -> None:
+    # NaN wins every arg-max and softmax comparison it is in, so it would be scored as a class.
+    if bad:
+        raise ScoreMapError(f"score map for id '{item_id}' holds NaN/Inf at {bad} values: {path}")
+
+
 def load_score_map(path: Path, item_id: str, num_classes: int) -> ScoreMap:
-    """Either format, checked against the data set's class count."""
+    """Either format, checked against the data set's class count and for NaN/Inf."""
     try:
         data = np.load(path)
     except FileNotFoundError:
@@ -121,6 +127,7 @@ def load_score_map(path: Path, item_id: str, num_classes: int) -> ScoreMap:
         if data.shape[0] != num_classes:
             raise ScoreMapError(f"score map for id '{item_id}' has {data.shape[0]} classes, the data set has "
                                 f"{num_classes} (data.num_classes): {path}")
+        _require_finite(path, item_id, np.count_nonzero(~np.isfinite(data)))
         return ScoreMap(np.arange(num_classes), data.astype(np.float32), None, num_classes)
     with data:
         try:
@@ -134,6 +141,10 @@ def load_score_map(path: Path, item_id: str, num_classes: int) -> ScoreMap:
     if logits.ndim != 3 or logits.shape[0] != len(classes) or rest.shape != logits.shape[1:]:
         raise ScoreMapError(f"score map for id '{item_id}' is inconsistent (classes {classes.shape}, logits "
                             f"{logits.shape}, rest {rest.shape}): {path}")
+    # ``rest`` is -inf where the dropped classes have no probability (everywhere when none was
+    # dropped); +inf or NaN there, or any non-finite kept logit, would decide pixels silently.
+    _require_finite(path, item_id, np.count_nonzero(~np.isfinite(logits))
+                    + np.count_nonzero(np.isnan(rest) | np.isposinf(rest)))
     return ScoreMap(classes.astype(np.int64), logits.astype(np.float32), rest.astype(np.float32), num_classes,
                     float(peak))
 

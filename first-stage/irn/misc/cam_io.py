@@ -62,6 +62,10 @@ def load_cam(path: str | Path, item_id: str | None = None) -> dict[str, np.ndarr
             if out[k].shape[0] != out["keys"].shape[0]:
                 raise CamFileError(f"CAM file for id '{name}': '{k}' has {out[k].shape[0]} channels "
                                    f"but there are {out['keys'].shape[0]} keys: {path}")
+            # A NaN wins every arg-max: thresholds and seeds would take it for the top class.
+            bad = int(np.count_nonzero(~np.isfinite(out[k])))
+            if bad:
+                raise CamFileError(f"CAM file for id '{name}' holds NaN/Inf at {bad} values in '{k}': {path}")
     return out
 
 
