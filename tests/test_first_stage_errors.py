@@ -399,3 +399,82 @@ def test_step_outputs_are_reused_only_for_the_options_and_upstream_that_made_the
     assert plan.action == "replace" and (work / "result" / "ir_label" / "2007_000001.png").is_file()
     provenance.commit(plan)
     assert not (work / "result" / "ir_label" / "2007_000001.png").exists()
+
+
+# ----------------------------------------------------------------------------- IRN crop and radius
+
+
+def _ir_labels(work: Path) -> None:
+    """What cam_to_ir_label leaves for the train list: background, class-8 and unknown seeds."""
+    out = work / "result" / "ir_label"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in TRAIN:
+        seeds = rng.choice(np.array([0, 8, 255], np.uint8), SIZE)
+        Image.fromarray(seeds, mode="L").save(out / f"{i}.png")
+
+
+def _train_irn(voc: Path, work: Path, crop: int, radius: int) -> list[str]:
+    return _argv(voc, work, "--steps", "train_irn", "--irn_crop_size", str(crop), "--radius", str(radius),
+                 "--irn_batch_size", "2", "--irn_num_epoches", "1")
+
+
+def test_a_crop_too_small_for_the_radius_is_refused_before_any_step(voc, tmp_path, capsys):
+    """It failed in train_irn, after train_cam, make_cam and cam_to_ir_label had run."""
+    work = tmp_path / "work"
+    small = ("--cam_crop_size", "32", "--cam_resize_long", "32,40", "--cam_batch_size", "2", "--cam_num_epoches", "1",
+             "--cam_scales", "1.0", "--irn_batch_size", "2", "--irn_num_epoches", "1")
+    code, err = _cli(_argv(voc, work, *small, "--irn_crop_size", "64"), capsys)  # --steps all, --radius 10
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --irn_crop_size 64 is too small for --radius 10: IRN trains on the crop's stride-4 map (16x16), "
+        "and paths of radius 10 need it at least 19 wide; use --irn_crop_size >= 75 or --radius <= 8"]
+    assert not (work / "log.txt").exists() or "== train_cam" not in _log(work)
+    assert not list((work / "sess").glob("*.pth")) if (work / "sess").exists() else True
+
+
+@pytest.mark.parametrize("crop", [75, 78])
+def test_the_smallest_accepted_crops_train(voc, tmp_path, crop):
+    """At the boundary the check lets through, train_irn runs (74 is refused: its 18x18 map is one short)."""
+    work = tmp_path / "work"
+    _ir_labels(work)
+    with pytest.warns(UserWarning, match="NO IMAGENET WEIGHTS"):
+        res = run_sample.main(_train_irn(voc, work, crop, 10))
+    assert res["train_irn"]["max_step"] == 2 and np.isfinite(res["train_irn"]["final_loss"])
+    with pytest.raises(ConfigError, match=r"--irn_crop_size 74 is too small for --radius 10"):
+        run_sample.parse_args(_train_irn(voc, work, 74, 10))
+
+
+def test_a_crop_whose_network_and_label_maps_differ_is_refused(voc, tmp_path):
+    """The network's stride-4 map is ceil(crop/4), the affinity labels' crop/4 rounded half to even:
+    at 77 they differ and the first training step failed."""
+    with pytest.raises(ConfigError) as e:
+        run_sample.parse_args(_train_irn(voc, tmp_path / "w", 77, 5))
+    assert str(e.value) == ("--irn_crop_size 77: IRN's stride-4 map of a 77-pixel crop is 20x20, its affinity "
+                            "labels 19x19 (crop/4 rounded half to even); use --irn_crop_size 76 or 78")
+
+
+@pytest.mark.parametrize("flag, steps", [("--radius", "train_irn"), ("--rw_radius", "make_sem_seg")])
+def test_a_radius_below_two_is_refused_when_its_step_runs(voc, tmp_path, flag, steps):
+    work = tmp_path / "w"
+    with pytest.raises(ConfigError, match=f"^{flag}: path radius must be >= 2, got 1$"):
+        run_sample.parse_args(_argv(voc, work, "--steps", steps, flag, "1"))
+    run_sample.parse_args(_argv(voc, work, "--steps", "train_cam", flag, "1", "--irn_crop_size", "8"))
+
+
+def test_the_crop_rule_is_what_the_network_and_the_path_index_do():
+    """Accepted exactly when IRN's output map equals the label map and the path index has a window."""
+    from misc.indexing import PathIndex
+    from misc.preflight import irn_crop_problem
+    from net.resnet50_irn import Net
+    from voc12.affinity import reduced_size
+    net = Net(18).eval()
+    with torch.no_grad():
+        maps = {c: tuple(net.edge_and_displacement(torch.zeros(1, 3, c, c))[0].shape[-2:]) for c in range(8, 100)}
+    for radius in range(2, 13):
+        index = PathIndex(radius)
+        for crop, out in maps.items():
+            try:
+                works = out == reduced_size(crop) and index.window(out) is not None
+            except ValueError:
+                works = False
+            assert (irn_crop_problem(crop, radius) is None) == works, (crop, radius)

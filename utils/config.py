@@ -341,21 +341,54 @@ def _merge_config(base: dict, over: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(key, line, first)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so the value a reader sees first is not the one the run uses."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        # Before the merge keys (<<) are flattened in: a key of the mapping itself may override
+        # a merged one, as YAML intends.
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML config, following ``_base_`` (relative to the file) recursively."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    chain = (*_chain, path)
+    if path.resolve() in {p.resolve() for p in _chain}:
+        raise ConfigError(f"config _base_ cycle: {' -> '.join(str(p) for p in chain)}")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: line {e.line}: key {e.key!r} appears twice in one mapping "
+                              f"(first on line {e.first})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = raw.pop("_base_", None)
     if base is not None:
-        raw = _merge_config(load_yaml(path.parent / base), raw)
+        raw = _merge_config(load_yaml(path.parent / base, chain), raw)
     return _with_section_defaults(raw)
 
 
@@ -482,6 +515,11 @@ def _non_negative(v: Any) -> bool:
     return v >= 0
 
 
+# np.random.seed's range: train.seed seeds numpy's global generator in every process and loader
+# worker (utils/runtime.set_seed, datasets/segmentation.seed_worker_fn); the other seeds feed
+# np.random.default_rng, which takes any integer >= 0.
+NUMPY_SEED_MAX = 2**32 - 1
+
 # Keys whose values have a meaning only in a range: checked with the config, so a setting
 # outside it stops at start-up naming the key, not later with PyTorch's or Python's text.
 RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
@@ -495,7 +533,8 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     *((k, _non_negative, ">= 0") for k in (
         "optim.min_lr", "optim.weight_decay", "data.num_workers", "method.warmup_epochs",
         "method.co_training_start_epoch", "method.boundary_size", "method.w_hb", "method.w_hi", "method.w_lb",
-        "method.w_li", "train.num_vis")),
+        "method.w_li", "train.num_vis", "train.val_subset_seed", "data.synthetic.seed")),
+    ("train.seed", lambda v: 0 <= v <= NUMPY_SEED_MAX, f"in [0, {NUMPY_SEED_MAX}]"),
     ("train.ckpt_interval", lambda v: v is None or v >= 1, ">= 1 or null (only at epoch ends)"),
     ("data.total_batch_size", lambda v: v is None or v >= 1, ">= 1 or null (data.batch_size per process)"),
     ("data.scale", lambda v: all(x > 0 for x in v), "all > 0"),
@@ -519,6 +558,16 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError(f"config key 'optim.momentum': must be in [0, 1), got {cfg.optim.momentum}")
     if cfg.optim.head_lr_mult is not None and cfg.optim.head_lr_mult <= 0:
         raise ConfigError(f"config key 'optim.head_lr_mult': must be > 0 or null, got {cfg.optim.head_lr_mult}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        # The schedule's floor is the factor min_lr / lr of every group's own lr (the head's
+        # head_lr_mult x lr too): above 1 it holds every step at the floor, never decaying.
+        raise ConfigError(f"config key 'optim.min_lr': {cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}, so "
+                          f"the poly schedule would train at the floor throughout; must be <= optim.lr")
+    if hasattr(cfg.optim, "betas") and (len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas)):
+        raise ConfigError(f"config key 'optim.betas': expected two values in [0, 1), got {cfg.optim.betas}")
+    if hasattr(cfg.optim, "eps") and cfg.optim.eps < 0:
+        raise ConfigError(f"config key 'optim.eps': must be >= 0, got {cfg.optim.eps}")
+    _check_backbone(cfg.model)
     if cfg.method.name == "beco" and cfg.data.batch_size % 2:
         raise ConfigError("config key 'data.batch_size': BECO mixes batch halves, so it must be even")
     for key, pair in (("data.ratio", cfg.data.ratio), ("method.strong_aug.contrast", cfg.method.strong_aug.contrast)):
@@ -532,6 +581,7 @@ def check_consistency(cfg: Config) -> None:
     if len(sa.blur_kernels) != len(sa.blur_kernel_probs) or abs(sum(sa.blur_kernel_probs) - 1) > 1e-6:
         raise ConfigError("config key 'method.strong_aug.blur_kernel_probs': one probability per "
                           "kernel, summing to 1")
+    _check_blur_kernels(cfg)
     syn = cfg.data.synthetic
     if syn is not None and len(syn.size) != 2:
         raise ConfigError("config key 'data.synthetic.size': expected [height, width]")
@@ -555,12 +605,61 @@ def check_consistency(cfg: Config) -> None:
     if t.val_mode == "dump_logits_only" and cfg.data.val_batch_size != 1:
         raise ConfigError("config key 'train.val_mode': dump_logits_only saves one map per image and needs "
                           "data.val_batch_size 1")
+    _check_path_base(cfg.logging.path_base)
+
+
+def _check_blur_kernels(cfg: Config) -> None:
+    """Every kernel is built whenever strong augmentation is on (engine/strong_aug.py), and the
+    blur pads each crop by half the largest kernel with reflection, which needs the crop wider
+    than that half."""
+    sa, key = cfg.method.strong_aug, "method.strong_aug.blur_kernels"
+    for k in sa.blur_kernels:
+        if k < 1 or k % 2 == 0:
+            raise ConfigError(f"config key '{key}': a Gaussian kernel size must be odd and >= 1, got {k}")
+    crop = cfg.data.crop_size
+    widest = max(sa.blur_kernels, default=1)
+    if sa.enabled and sa.blur_prob > 0 and widest // 2 >= crop:
+        raise ConfigError(f"config key '{key}': kernel {widest} reaches {widest // 2} pixels beyond its centre, "
+                          f"which the {crop}-pixel crops (data.crop_size) cannot reflect; use kernels <= {2 * crop - 1}")
+
+
+def _backbone_tables() -> dict[str, tuple[str, Mapping[Any, Any]]]:
+    """Backbone key -> (family, the model code's own table of what it builds)."""
+    # Deferred, like _model_table: the models import torch (and this module, through datasets).
+    from models.mit import VARIETIES
+    from models.resnet import STAGE_BLOCKS
+    return {"depth": ("ResNet", STAGE_BLOCKS), "variety": ("MiT", VARIETIES)}
+
+
+def _check_backbone(model: Any) -> None:
+    backbone = getattr(model, "backbone", None)
+    for key, (family, table) in _backbone_tables().items():
+        value = getattr(backbone, key, None)
+        if value is not None and value not in table:
+            raise ConfigError(f"config key 'model.backbone.{key}': {value!r} is not a {family} {key}; "
+                              f"one of {sorted(table)}")
+
+
+def _check_path_base(path_base: str) -> None:
+    """Run folders are made under ``logging.path_base`` (main.run_dir_for, and --test's
+    engine/inference.test_run_dir): a file there, or on the way to it, stops the run only when
+    the folder is made."""
+    path = Path(path_base)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if parent.is_dir():
+                return
+            where = "is a file, not a folder" if parent == path else f"lies under {parent}, which is a file"
+            raise ConfigError(f"config key 'logging.path_base': {path} {where}")
 
 
 def resolve_batch(cfg: Config, world_size: int) -> Config:
     """``data.batch_size`` from ``data.total_batch_size`` when that is set: total / (processes x
     ``train.grad_accum``). A total that does not split evenly is refused with the totals and
-    process counts that would. Returns ``cfg`` (changed in place)."""
+    process counts that would; so is a ``train.seed`` whose per-process and loader-worker
+    seeds pass numpy's bound (the other check that needs the process count). Returns ``cfg``
+    (changed in place)."""
+    _check_derived_seeds(cfg, world_size)
     total, accum = cfg.data.total_batch_size, cfg.train.grad_accum
     if total is None:
         return cfg
@@ -581,6 +680,17 @@ def resolve_batch(cfg: Config, world_size: int) -> Config:
                           f"halves, so it must be even")
     cfg.data.batch_size = per_process
     return cfg
+
+
+def _check_derived_seeds(cfg: Config, world_size: int) -> None:
+    """Process r seeds numpy with train.seed + r and its loader worker w with train.seed +
+    workers x r + w: past numpy's bound the process fails, the worker hangs the run."""
+    seed, workers = cfg.train.seed, cfg.data.num_workers
+    offset = max(world_size, workers * world_size) - 1
+    if seed + offset > NUMPY_SEED_MAX:
+        loaders = f" x {workers} loader worker(s) (data.num_workers)" if workers else ""
+        raise ConfigError(f"config key 'train.seed': {seed} gives {world_size} process(es){loaders} seeds up to "
+                          f"{seed + offset}, past numpy's {NUMPY_SEED_MAX}; use at most {NUMPY_SEED_MAX - offset}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

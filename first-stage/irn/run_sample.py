@@ -384,6 +384,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise OptionError(f"--mask_thd must be in (0, 1], got {args.mask_thd}")
     if args.no_class_mask == "skip":
         raise OptionError(SKIP_REFUSED)
+    from misc.preflight import check_path_options
+    check_path_options(args)
     from misc.runtime import resolve_device
     resolve_device(args.device)  # DeviceError (an OptionError) for a device this machine lacks
 

@@ -12,6 +12,10 @@ file and how many ids fail, instead of a loader worker finding it mid-training:
     train_irn          images of the train and infer lists
     eval_cam, eval_sem_seg          ground truth of the evaluation ids
 
+Before the data, the options of IRN's paths: the ``--radius`` paths must fit the stride-4 map
+of an ``--irn_crop_size`` crop, whose network and label maps must agree, and both radii must
+be >= 2 (``check_path_options``, an option error, exit 2).
+
 Image-level labels: VOC ``cls_labels.json`` (``--cls_labels``) or, for ids it lacks, the XML
 annotation, which must exist and parse; COCO the ``cls_labels_<split>2014.json`` of each id.
 
@@ -22,10 +26,11 @@ again in their own summary entries.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Sequence
 
-from misc.errors import DataError
+from misc.errors import DataError, OptionError
 
 # step -> (role, what) pairs it reads; "val" only with --cam_val_loss
 NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -117,6 +122,66 @@ def preflight(args: Any, steps: Sequence[str], log: Any) -> dict[str, Any]:
     return report
 
 
+# ----------------------------------------------------------------------------- options of the paths
+
+
+def _path_reach(flag: str, radius: int) -> int:
+    # The path index's own reach and its rule for the radius, so the option check cannot drift from it.
+    from misc.indexing import _reach
+    try:
+        return _reach(radius)
+    except ValueError as e:
+        raise OptionError(f"{flag}: {e}") from None
+
+
+def _crop_maps(crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(IRN's output map, its affinity labels' map) of a square training crop."""
+    # The stem's and max-pool's ceil(H/4): IRN's output size, as make_cam's.
+    from step.make_cam import stride4_size
+    from voc12.affinity import reduced_size
+    return stride4_size(crop, crop), reduced_size(crop)
+
+
+def _crop_works(crop: int, reach: int) -> bool:
+    out, labels = _crop_maps(crop)
+    # PathIndex.window: every path from a source stays inside the map, reach rows below it and
+    # reach columns either side, so the map needs 2 reach + 1 columns.
+    return out == labels and labels[1] >= 2 * reach + 1
+
+
+def irn_crop_problem(crop: int, radius: int) -> str | None:
+    """Why train_irn cannot train on ``crop`` with paths of ``radius``, naming the crops and
+    radii that would; None when it can."""
+    reach = _path_reach("--radius", radius)
+    out, labels = _crop_maps(crop)
+    if labels[1] < 2 * reach + 1:
+        smallest = next(c for c in itertools.count(crop + 1) if _crop_works(c, reach))
+        largest = 1  # the reach grows with the radius: the largest that fits is below the first that does not
+        while largest + 1 < radius and _crop_works(crop, _path_reach("--radius", largest + 1)):
+            largest += 1
+        return (f"--irn_crop_size {crop} is too small for --radius {radius}: IRN trains on the crop's stride-4 map "
+                f"({labels[0]}x{labels[1]}), and paths of radius {radius} need it at least {2 * reach + 1} wide; use "
+                f"--irn_crop_size >= {smallest}" + (f" or --radius <= {largest}" if largest >= 2 else ""))
+    if out != labels:
+        below = next((c for c in range(crop - 1, 0, -1) if _crop_works(c, reach)), None)
+        above = next(c for c in itertools.count(crop + 1) if _crop_works(c, reach))
+        return (f"--irn_crop_size {crop}: IRN's stride-4 map of a {crop}-pixel crop is {out[0]}x{out[1]}, its "
+                f"affinity labels {labels[0]}x{labels[1]} (crop/4 rounded half to even); use --irn_crop_size "
+                + (f"{below} or {above}" if below else f"{above}"))
+    return None
+
+
+def check_path_options(args: Any) -> None:
+    """The radii and the IRN crop of the steps that will run, before any step: each failed only
+    in its own step (train_irn after three steps, make_sem_seg after five)."""
+    if "train_irn" in args.steps:
+        problem = irn_crop_problem(args.irn_crop_size, args.radius)
+        if problem:
+            raise OptionError(problem)
+    if "make_sem_seg" in args.steps:
+        _path_reach("--rw_radius", args.rw_radius)
+
+
 def known_no_class(args: Any, ids: Sequence[str], source: Any = None) -> list[str] | None:
     """The ids without any class from the image-level labels; None when they cannot be read
     (outputs exported without the data set's labels)."""
@@ -156,4 +221,4 @@ def no_class_sentence(n: int, policy: str, future: bool = False) -> str:
 
 
 __all__ = ["preflight", "check_root", "needs", "data_root", "known_no_class", "no_class_report", "policy_text",
-           "no_class_sentence", "shown", "NEEDS", "NO_CLASS_LIST"]
+           "no_class_sentence", "shown", "check_path_options", "irn_crop_problem", "NEEDS", "NO_CLASS_LIST"]
