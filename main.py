@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --test: recompute and rewrite score maps already saved (default: keep them)")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="set by python -m torch.distributed.launch (LOCAL_RANK in the environment wins)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load --ckpt even if it holds pickled Python objects beyond tensors and plain values "
+                        "(files of other projects or of older versions of this one). Unpickling runs code the "
+                        "file names: a malicious file can do anything you can. Only for files whose source "
+                        "you trust; without it such a file is refused")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume --ckpt with settings that differ from the checkpoint's (each is logged and "
                         "used: lr, epochs, ...); without it such a resume is refused, naming the keys")
@@ -359,7 +364,7 @@ def _resume_state(cfg: Config, args: argparse.Namespace) -> dict:
     """The checkpoint to resume from, checked before anything is written: resumable, and made
     with this run's settings (``--allow-config-change`` lets keys differ, each one logged)."""
     from engine import checkpoint as ckpt_io
-    state = ckpt_io.load(args.ckpt)
+    state = ckpt_io.load(args.ckpt, trust=getattr(args, "trust_checkpoint", False))
     if "optimizer" not in state:
         raise RunError(f"{args.ckpt} holds networks only; resume needs a resumable checkpoint ({ckpt_io.LATEST})")
     if "config" in state:
@@ -606,8 +611,11 @@ def spawn_per_gpu(argv: list[str]) -> int:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
     previous = signal.signal(signal.SIGTERM, forward)
+    from utils.distributed import HANDSHAKE_S
     try:
-        while not context.join():
+        # The grace: once a rank fails, the others stop on their own (utils/distributed.py's
+        # handshake) and the failing rank's line stays the last one printed.
+        while not context.join(grace_period=HANDSHAKE_S + 5):
             pass
     except mp.ProcessExitedException as e:
         return e.exit_code if e.exit_code > 0 else 128 - e.exit_code  # killed by a signal: 128 + its number
@@ -656,7 +664,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
                   "torchrun --nproc_per_node=N main.py ...", file=sys.stderr)
             return 2
         return spawn_per_gpu(sys.argv[1:] if argv is None else argv)
-    from utils.distributed import cleanup
+    from utils.distributed import cleanup, failed_rank, failing_rank, stopped_for
     try:
         if args.test:  # every rank tests its own shard of the ids
             from engine.inference import run_test
@@ -666,11 +674,28 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
     except BecoError as e:
         # Bad input, a refused resume, a diverged or preempted run: one line on the console (also
         # for errors raised in a loader worker), the traceback in the run's log. Anything else is
-        # a bug and keeps its traceback.
+        # a bug and keeps its traceback. In a process group the line comes after the other
+        # ranks have stopped, so it is the last one a rank prints.
         message = one_line(e)
         log_error_to_file(f"error: {message}", sys.exc_info())
-        print(f"error: {message}", file=sys.stderr)
+        with failing_rank(f"error: {message}"):
+            print(f"error: {message}", file=sys.stderr, flush=True)
         return e.exit_code
+    except Exception as e:
+        # A collective broken because another rank stopped on its error: that rank prints why.
+        failed = failed_rank()
+        if failed is None:
+            # A bug (its traceback is kept): in a process group it is printed last too.
+            first = next(iter(str(e).splitlines()), "")
+            with failing_rank(f"{type(e).__name__}: {first}"):
+                pass
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        line = f"error: rank {rank} stopped: rank {failed} failed (its error follows)"
+        log_error_to_file(line, sys.exc_info())
+        print(line, file=sys.stderr, flush=True)
+        stopped_for(failed, line)
+        return 1
     finally:
         cleanup()
     return 0

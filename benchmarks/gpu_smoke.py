@@ -409,7 +409,7 @@ class Smoke:
         latest = run / "latest_ckpt.pth"
         if not latest.is_file():
             raise Failed("; ".join(problems + ["no latest_ckpt.pth to resume from"]))
-        it = torch.load(latest, map_location="cpu", weights_only=False)["iteration"]
+        it = torch.load(latest, map_location="cpu", weights_only=True)["iteration"]
         n["ckpt_iteration"], n["iters_per_epoch"] = it, self.iters_per_epoch()
         if it % self.iters_per_epoch() == 0:
             problems.append(f"latest_ckpt.pth is from iteration {it}, an epoch's end, not mid-epoch")

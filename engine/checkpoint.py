@@ -1,7 +1,9 @@
 """Resumable checkpoints and the reference's `best_ckpt.pth` format (spec second-stage §6).
 
 Writes go to a temp file in the same folder and are renamed into place, so a
-crash or a kill mid-write leaves the previous checkpoint intact.
+crash or a kill mid-write leaves the previous checkpoint intact. Everything written here is
+tensors and plain values, and is read back with ``torch.load(weights_only=True)``: a checkpoint
+from a drive link cannot run code while it loads (unless the user passes --trust-checkpoint).
 """
 from __future__ import annotations
 
@@ -13,25 +15,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import strip_module_prefix, unwrap
+from models.checkpoint import UnpicklingRefused, read_torch_file, strip_module_prefix, unwrap
 from utils.errors import CheckpointError
 from utils.io import atomic_write
+from utils.logs import log
 
 LATEST = "latest_ckpt.pth"
 BEST = "best_ckpt.pth"
 NET_NAMES = ("network1", "network2")
+# The flag that loads a checkpoint holding more than tensors and plain values (main.py).
+TRUST_FLAG = "--trust-checkpoint"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random streams in types ``torch.load(weights_only=True)`` reads: tensors,
+    ints, floats, strings, tuples (numpy's state array would need unpickling numpy)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {"bit_generator": np_state["bit_generator"],
+                       "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                 "pos": int(np_state["state"]["pos"])},
+                       "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what ``rng_state`` returned, also after a save and load; the numpy tuple of
+    checkpoints written before is accepted too (they load with --trust-checkpoint only)."""
+    random.setstate(tuple(state["python"]))
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        key = np.asarray(torch.as_tensor(np_state["state"]["key"]).numpy(), dtype=np.uint32)
+        np_state = {**np_state, "state": {**np_state["state"], "key": key}}
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -46,22 +65,42 @@ def save_best(path: str | Path, nets: list[nn.Module]) -> Path:
     return save(path, {"net_state_dict": {name: unwrap(n).state_dict() for name, n in zip(NET_NAMES, nets)}})
 
 
-def load(path: str | Path) -> dict:
+def load(path: str | Path, trust: bool = False) -> dict:
+    """A checkpoint's dict, read with ``weights_only=True``: tensors and plain values only, so
+    a file from elsewhere cannot run code while it loads. Every checkpoint this project writes
+    loads so. ``trust`` (--trust-checkpoint) unpickles anything, for foreign files and those of
+    older versions; never for a file from an unknown source."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if trust:
+        log.warning(f"{TRUST_FLAG}: loading {path} with full unpickling; a malicious file can run code")
     try:
-        # Resumable checkpoints hold RNG states (numpy arrays, tuples): not weights-only data.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        obj = read_torch_file(path, trust=trust)
+    except UnpicklingRefused as e:
+        older = (" (resumable checkpoints of earlier versions of this project hold numpy's RNG state so)"
+                 if e.name.startswith("numpy") else "")
+        raise CheckpointError(f"{e}: refused; if you trust where the file comes from, pass {TRUST_FLAG}{older}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: it holds {_what(obj)}, not a dict with 'net_state_dict'")
+    return obj
+
+
+def _what(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
 
 
 def load_nets(obj: dict, nets: list[nn.Module], source: str) -> None:
     """Load `net_state_dict` strictly into the nets; a DDP `module.` prefix is accepted."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} is not a checkpoint: it holds {_what(obj)}, not a dict with 'net_state_dict'")
     if "net_state_dict" not in obj:
         raise CheckpointError(f"{source}: no 'net_state_dict' entry (keys: {sorted(obj)[:10]})")
     states = obj["net_state_dict"]
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{source}: 'net_state_dict' holds {_what(states)}, not the nets' state dicts")
     for name, net in zip(NET_NAMES, nets):
         if name not in states:
             raise CheckpointError(f"{source}: 'net_state_dict' has no '{name}' (has {sorted(states)})")

@@ -75,13 +75,13 @@ def build_test_nets(cfg: Config, device: torch.device) -> list[nn.Module]:
             for _ in range(num_nets(cfg))]
 
 
-def load_test_nets(cfg: Config, path: Path, device: torch.device) -> list[nn.Module]:
+def load_test_nets(cfg: Config, path: Path, device: torch.device, trust: bool = False) -> list[nn.Module]:
     """Nets from ``best_ckpt.pth``, a resumable checkpoint, or the reference's released file
-    (``{"net_state_dict": {"network1", "network2"}}``, ``module.`` prefixes allowed): strictly."""
+    (``{"net_state_dict": {"network1", "network2"}}``, ``module.`` prefixes allowed): strictly.
+    Weights-only loading unless ``trust`` (--trust-checkpoint); a file that is not a checkpoint
+    dict is a CheckpointError naming it and what it holds."""
     nets = build_test_nets(cfg, device)
-    state = ckpt_io.load(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a checkpoint dictionary (got {type(state).__name__})")
+    state = ckpt_io.load(path, trust=trust)
     ckpt_io.load_nets(state, nets, str(path))
     return nets
 
@@ -250,7 +250,7 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     dataset = EvalSet(cfg.data, cfg.test.split, with_labels=with_labels, full_labels=True)
     from datasets.verify import preflight
     preflight([(dataset, cfg.test.split)], info)
-    nets = load_test_nets(cfg, ckpt_path, info.device)
+    nets = load_test_nets(cfg, ckpt_path, info.device, trust=getattr(args, "trust_checkpoint", False))
     barrier()
     if info.is_main:
         if maps_plan is not None:

@@ -10,12 +10,13 @@ partial load.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Union
 
 import torch
 from torch import Tensor, nn
 
-from utils.errors import BecoError, InputNotFoundError
+from utils.errors import BecoError, CheckpointError, InputNotFoundError
 
 StateDict = Dict[str, Tensor]
 FilterFn = Callable[[Mapping[str, Tensor]], StateDict]
@@ -103,27 +104,69 @@ def check_state_dict_matches(module: nn.Module, state_dict: Mapping[str, Tensor]
         raise CheckpointMismatchError(f"checkpoint {source}: {len(wrong)} shape mismatch(es): {shown}")
 
 
+class UnpicklingRefused(CheckpointError):
+    """A torch file that names Python objects beyond tensors and plain values: loading it could
+    run code, so it is not loaded; ``name`` is the first such object."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def _first_line(error: Exception) -> str:
+    """torch's message in one line: its weights-only message is a page of advice around the one
+    line that says what was wrong."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error: *(.*)", text)
+    if found:
+        return found.group(1).strip() or "not a PyTorch file"
+    if isinstance(error, EOFError):
+        return "the file is empty or cut short"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def read_torch_file(path: Union[str, "os.PathLike[str]"], *, trust: bool = False,
+                    allowed: Iterable[Any] = ()) -> Any:
+    """``torch.load`` of a file onto the CPU, with ``weights_only=True``: tensors, plain values
+    and the ``allowed`` globals only, so a file from elsewhere cannot run code while it loads.
+    ``trust`` unpickles anything (the user's explicit choice for a file they trust). Raises
+    ``UnpicklingRefused`` naming the object a file needs beyond that, ``CheckpointError`` with
+    torch's one-line reason for a truncated or foreign file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:  # noqa: BLE001 - the restricted unpickler raises several types
+        found = None if trust else re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UnpicklingRefused(f"{os.fspath(path)} holds pickled Python objects ({found.group(1)}) and loading "
+                                    f"them can run code", found.group(1)) from None
+        raise CheckpointError(f"cannot read {os.fspath(path)}: {_first_line(err)}") from None
+
+
 def load_pretrained(
     module: nn.Module,
     path_or_obj: Union[str, "os.PathLike[str]", Mapping[str, Any]],
     filter_fn: FilterFn,
     config_key: str = "",
-    weights_only: bool = True,
 ) -> List[str]:
     """Load foreign weights into `module` strictly; returns the loaded keys.
 
     `path_or_obj` is a file path or an already-loaded checkpoint object;
     `filter_fn` maps its keys to the module's; `config_key` names the setting
-    the path came from in the error for a missing file. `weights_only=True`
-    refuses arbitrary pickled objects in the file; the torchvision, mmcls and
-    NVlabs ImageNet files load with it.
+    the path came from in the errors. The file is read with `weights_only=True`,
+    which refuses arbitrary pickled objects (unpickling them could run code);
+    the torchvision, mmcls and NVlabs ImageNet files load with it.
     """
     if isinstance(path_or_obj, (str, os.PathLike)):
         source = os.fspath(path_or_obj)
+        where = f"config key '{config_key}': " if config_key else ""
         if not os.path.isfile(source):
-            where = f"config key '{config_key}': " if config_key else ""
             raise InputNotFoundError(f"{where}no file {source} (set it to null to train from scratch)")
-        obj = torch.load(source, map_location="cpu", weights_only=weights_only)
+        try:
+            obj = read_torch_file(source)
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}{err}; not loaded as weights") from None
     else:
         source, obj = "<in-memory object>", path_or_obj
     try:

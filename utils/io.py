@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,8 +19,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -29,6 +28,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _new_temp(path: Path) -> str:
+    """An empty ``.<name>.<random>.tmp`` beside ``path``, created with mode 0o666 so the umask
+    gives it (and the file it becomes) the permissions ``open()`` would: ``tempfile.mkstemp``
+    makes 0600 files, which the rest of a group on a shared cluster cannot read."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray, palette: np.ndarray | None = None) -> Path:

@@ -46,7 +46,8 @@ if __name__ == "__main__":  # standalone: make first-stage/irn and the repo impo
 
 from misc.preflight import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
-from utils.errors import DataError  # noqa: E402
+from models.checkpoint import read_torch_file  # noqa: E402
+from utils.errors import CheckpointError, DataError  # noqa: E402
 from utils.io import save_png  # noqa: E402
 from voc12.source import VOC_STATS_GT_DIRS  # noqa: E402
 
@@ -57,8 +58,6 @@ NO_CLASS_MASKS = ("random_half", "zero")  # QUIRK-15 fixed: full-size masks, see
 GT_DIRS = VOC_STATS_GT_DIRS
 IGNORE = 255
 NO_CLASS_IDS_SHOWN = 10  # ids of images without class kept in the summary
-
-_warned_unsafe_load = False
 
 
 class ScoreFileError(DataError):
@@ -88,25 +87,17 @@ def load_score(path: str | Path, item_id: str | None = None) -> dict[str, Any]:
     """Read a score file (ours or the reference's) → {pred int64 ndarray, score CPU tensor, keys int64 ndarray}.
 
     Tensors saved on a GPU are mapped to the CPU. Loading is restricted to tensors and numpy
-    arrays; only if that fails is the file fully unpickled (with a warning: trusted files only).
+    arrays (``weights_only``); a file that needs more is refused, naming what it holds.
     """
-    global _warned_unsafe_load
     path = Path(path)
     name = item_id or path.stem
     if not path.is_file():
         raise ScoreFileError(f"score file missing for id '{name}': {path} (run make_sem_seg first)")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a restricted unpickler raises several types
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise ScoreFileError(f"score file for id '{name}' is unreadable: {path} ({e})") from None
-        if not _warned_unsafe_load:
-            get_logger().warning(f"gen_mask: {path} needed full unpickling (objects other than tensors/numpy "
-                                 "arrays); only use score files from a trusted source")
-            _warned_unsafe_load = True
+        # Never unpickled in full: a score file that names other Python objects could run code.
+        data = read_torch_file(path, allowed=_numpy_safe_globals())
+    except CheckpointError as e:
+        raise ScoreFileError(f"score file for id '{name}' is unreadable: {e}") from None
     if not isinstance(data, dict) or not {"pred", "score"} <= set(data):
         raise ScoreFileError(f"score file for id '{name}' is not a dict with 'pred' and 'score': {path}")
     score = torch.as_tensor(data["score"]).detach().cpu()
@@ -115,6 +106,10 @@ def load_score(path: str | Path, item_id: str | None = None) -> dict[str, Any]:
     if score.dim() != 3 or tuple(score.shape[1:]) != pred.shape:
         raise ScoreFileError(f"score file for id '{name}': score {tuple(score.shape)} does not fit pred "
                              f"{pred.shape}: {path}")
+    # The margins rank pixels by score: a NaN would be kept or dropped by sort order alone.
+    bad = int((~torch.isfinite(score)).sum())
+    if bad:
+        raise ScoreFileError(f"score file for id '{name}' holds NaN/Inf at {bad} values: {path}")
     keys = data.get("keys")
     if keys is not None:
         keys = np.asarray(keys.detach().cpu() if isinstance(keys, torch.Tensor) else keys).astype(np.int64)
