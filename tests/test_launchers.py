@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,3 +261,79 @@ def test_slurm_script_launches_one_task_per_gpu(tmp_path):
         assert expected in args, (expected, args)
     usage = subprocess.run([str(REPO / "tools/slurm_train.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "PARTITION JOB_NAME CONFIG" in usage.stdout
+
+
+# ----------------------------------------------------------------------------- one rank's error
+
+# main.py with one training image going bad after rank 0's preflight check (a file still being
+# copied, a flaky mount): only the rank whose shard holds it reads it, and stops on a DataError
+# while the other rank waits in a collective. The bad file is written to bad.txt.
+_BAD_IMAGE_AFTER_PREFLIGHT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import torch
+if {fake_gpus}:
+    torch.cuda.device_count = lambda: 2  # -dist: one rank per "GPU"; the ranks use gloo on the CPU
+import datasets.verify
+import main
+
+real = datasets.verify.preflight
+
+
+def preflight(sets, info):
+    real(sets, info)
+    if info.rank == 0 and not Path("bad.txt").exists():
+        files = sets[0][0].files
+        path = files.image(files.ids[0])
+        path.write_bytes(path.read_bytes()[:100])
+        Path("bad.txt").write_text(f"{{files.ids[0]}} {{path}}")
+
+
+datasets.verify.preflight = preflight
+if __name__ == "__main__":
+    sys.exit(main.main(sys.argv[1:]))
+"""
+_TORCHRUN_LOG = r"^[IWE]\d{4} \d\d:\d\d:\d\d"  # torchrun's own log lines: "E1203 16:20:27.080000 ..."
+
+
+def _one_bad_image_run(tmp_path: Path, launcher: str) -> tuple[subprocess.CompletedProcess, str, str]:
+    tmp_path.mkdir()
+    cfg = _tiny_config(tmp_path, train=16)
+    wrapper = tmp_path / "bad_image_run.py"
+    wrapper.write_text(_BAD_IMAGE_AFTER_PREFLIGHT.format(repo=str(REPO), fake_gpus=launcher == "-dist"))
+    args = f"--config {cfg} --logging_tag bad train.ckpt_interval=null"
+    cmd = (f"python {wrapper} -dist {args}" if launcher == "-dist" else
+           f"torchrun --nproc_per_node 2 --master_port {free_port()} {wrapper} {args}")
+    r = _sh(cmd, tmp_path, timeout=300)
+    item_id, path = (tmp_path / "bad.txt").read_text().split(" ", 1)
+    return r, item_id, path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_one_ranks_error_is_the_last_line_and_the_other_rank_prints_no_traceback(tmp_path):
+    # main.py's own launch (-dist): the failing rank's line ends the output.
+    r, item_id, path = _one_bad_image_run(tmp_path / "dist", "-dist")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: image for id '{item_id}' is unreadable or truncated: {path}"), lines[-5:]
+    assert re.fullmatch(r"error: rank ([01]) stopped: rank (?!\1)[01] failed \(its error follows\)", lines[-2]), lines[-5:]
+    assert sum(line.startswith("error: ") for line in lines) == 2
+
+    # torchrun: the ranks' output ends the same way; torchrun then reports the failure itself,
+    # with its own traceback (ChildFailedError) whose root cause is that line.
+    r, item_id, path = _one_bad_image_run(tmp_path / "torchrun", "torchrun")
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if re.match(_TORCHRUN_LOG, line) or line.startswith("Traceback"))
+    ranks, torchrun = lines[:start], lines[start:]
+    assert not any("Traceback" in line or line.startswith("[rank") for line in ranks), "\n".join(ranks[-20:])
+    assert ranks[-1].startswith(f"error: image for id '{item_id}' is unreadable or truncated: {path}"), ranks[-5:]
+    assert re.fullmatch(r"error: rank [01] stopped: rank [01] failed \(its error follows\)", ranks[-2]), ranks[-5:]
+    summary = "\n".join(torchrun)
+    assert summary.count("Traceback") == 1 and "ChildFailedError" in summary, summary
+    root = summary[summary.index("Root Cause (first observed failure):"):]
+    assert f"traceback : error: image for id '{item_id}' is unreadable or truncated: {path}" in root, summary
+    assert "exitcode  : 1 " in root, summary

@@ -3,11 +3,14 @@
 task per GPU, ranks from SLURM's variables) and the reference's ``-dist`` spawn."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 import socket
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -200,3 +203,198 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- one error line for the group
+#
+# When one rank stops on its own error, the others are left in a collective that fails with
+# the backend's "connection closed" traceback, and the launcher stops them all. Without
+# coordination the user's one useful line (the failing rank's) was buried under those
+# tracebacks. The ranks agree through the process group's store, which outlives the group:
+# the failing rank marks itself and closes its connections; every other rank, when its
+# collective breaks, finds the mark, says in one line that it stopped for that rank and
+# answers; the failing rank prints its line once all have answered (or after a bounded wait),
+# so it comes last, then exits first, which is the exit the launcher reports.
+
+_FAILED = "beco/failed/"  # + rank: that rank stopped on its own error
+_HEARD = "beco/heard/"    # + rank: that rank saw another rank's failure and printed its line
+_DONE = "beco/done/"      # + rank: that failed rank printed its error
+# Long enough for the other ranks to reach their next collective on the CPU (Gloo). A rank
+# blocked in an NCCL collective only learns of the failure at the collective timeout: there the
+# failing rank waits 5 s at most, prints, and the launcher stops the rest (not tested on GPUs).
+HANDSHAKE_S = 30.0
+
+
+@dataclass
+class _Group:
+    store: Any
+    rank: int
+    world_size: int
+
+
+def _live_group() -> _Group | None:
+    """The group's store, rank and size while a multi-process group is up; the caller keeps
+    it, since a rank still needs the store after its process group is gone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a group without a store: no handshake
+        return None
+    return _Group(store, dist.get_rank(), dist.get_world_size())
+
+
+def _has(store: Any, key: str) -> bool:
+    try:
+        return bool(store.check([key]))
+    except Exception:  # noqa: BLE001 - the store's host (rank 0 outside torchrun) is gone
+        raise ConnectionError(key) from None
+
+
+def _wait_for(ready: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return True
+        except ConnectionError:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _store_port(store: Any) -> int | None:
+    while hasattr(store, "underlying_store"):  # PrefixStore
+        store = store.underlying_store
+    port = getattr(store, "port", None) or os.environ.get("MASTER_PORT")
+    return int(port) if port else None
+
+
+def _shut_peer_sockets(keep_port: int | None) -> int:
+    """Shut down this process's TCP connections other than the store's; returns how many."""
+    shut = 0
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # not Linux: the other ranks learn of the failure when this one exits
+        return 0
+    for fd in fds:
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:  # not a socket
+            continue
+        with s:
+            try:
+                if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM:
+                    continue
+                ports = (s.getsockname()[1], s.getpeername()[1])  # a listening socket has no peer
+            except OSError:
+                continue
+            if keep_port in ports:
+                continue
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+                shut += 1
+    return shut
+
+
+def _close_group(group: _Group) -> None:
+    """End the other ranks' collectives with this rank now, not at the collective timeout.
+
+    Destroying a Gloo process group does not close its connections while anything still holds
+    it, and a DistributedDataParallel module, once built, holds it for the life of the process
+    (measured with torch 2.14); so the connections are shut down at the socket. The store's
+    connection stays: the handshake runs over it. NCCL's connections are left alone (its
+    collectives do not notice them; a rank stuck in one waits for the launcher)."""
+    if dist.is_available() and dist.is_initialized():
+        gloo = _gloo()
+        with contextlib.suppress(Exception):  # a broken group may fail to go: it is left behind
+            dist.destroy_process_group()
+        if gloo:
+            _shut_peer_sockets(_store_port(group.store))
+
+
+def _gloo() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+@contextlib.contextmanager
+def failing_rank(line: str, seconds: float = HANDSHAKE_S) -> Iterator[None]:
+    """Around the print of this rank's own error ``line``: before it, tell the other ranks and
+    wait until each has stopped for it (or has failed itself, or ``seconds`` passed); after
+    it, let them go. Outside a process group it only writes torchrun's error file.
+
+    The process is ending: from here on it ignores SIGTERM, which the launcher sends once
+    another rank has exited and which would otherwise cut this rank's exit short (torchrun
+    then reports it as killed)."""
+    failed_at = time.time()
+    write_launcher_error(line, failed_at)
+    group = _live_group()
+    if group is None:
+        yield
+        return
+    with contextlib.suppress(ValueError):  # not the main thread: no signal handlers to set
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    others = [r for r in range(group.world_size) if r != group.rank]
+    try:
+        group.store.set(f"{_FAILED}{group.rank}", repr(failed_at))
+    except Exception:  # noqa: BLE001 - without the store the line is printed at once
+        others = []
+    if not _gloo():  # NCCL: the others mostly sit in a collective that cannot tell them
+        seconds = min(seconds, 5.0)
+    _close_group(group)
+    _wait_for(lambda: all(_has(group.store, f"{_FAILED}{r}") or _has(group.store, f"{_HEARD}{r}")
+                          for r in others), seconds if others else 0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            group.store.set(f"{_DONE}{group.rank}", "1")
+
+
+def failed_rank() -> int | None:
+    """The other rank that stopped the group with its own error, if one did: asked by a rank
+    whose collective broke."""
+    group = _live_group()
+    if group is None:
+        return None
+    for r in range(group.world_size):
+        try:
+            if r != group.rank and _has(group.store, f"{_FAILED}{r}"):
+                return r
+        except ConnectionError:
+            return None
+    return None
+
+
+def stopped_for(failed: int, line: str, seconds: float = HANDSHAKE_S) -> None:
+    """After this rank printed ``line`` (that it stopped for rank ``failed``): answer that rank,
+    and wait until it has printed its error."""
+    group = _live_group()
+    if group is None:
+        return
+    try:
+        failed_at = float(group.store.get(f"{_FAILED}{failed}").decode())
+    except Exception:  # noqa: BLE001
+        failed_at = time.time()
+    # Later than the failed rank's by at least a second (torchrun compares whole seconds), so
+    # torchrun's summary names that rank as the first failure, with its line.
+    write_launcher_error(line, max(time.time(), failed_at + 1))
+    with contextlib.suppress(Exception):
+        group.store.set(f"{_HEARD}{group.rank}", "1")
+    _close_group(group)  # with 3 ranks or more, another may wait on this one rather than the failed one
+    _wait_for(lambda: _has(group.store, f"{_DONE}{failed}"), seconds)
+
+
+def write_launcher_error(message: str, when: float) -> None:
+    """Under torchrun (TORCHELASTIC_ERROR_FILE set), ``message`` as this rank's error file:
+    torchrun's failure summary shows it, and takes the failure with the earliest ``when`` for
+    the root cause, rather than a pointer to its documentation."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                            "timestamp": str(int(when))}}}
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump(record, f)
