@@ -367,7 +367,8 @@ def run(args: argparse.Namespace) -> dict:
     crf_settings = dataclasses.asdict(cfg.test.crf) if args.crf else None
     preds_plan = provenance.plan(pred_dir, prediction_record(logits_dir, {
         "split": split, "mode": args.mode, "num_classes": cfg.data.num_classes,
-        "align_corners": cfg.model.align_corners, "crf": crf_settings}), PRED_PATTERNS, overwrite=args.overwrite)
+        "align_corners": cfg.model.align_corners, "crf": crf_settings}), PRED_PATTERNS, overwrite=args.overwrite,
+        legacy="_settings.json")
     names = entry.class_names(cfg.data.num_classes)
     job = Job(files=files, with_gt=with_gt, gt_ignore_index=entry.gt_ignore_index,
               truncated_ok=cfg.data.truncated_images == "load", logits_dir=logits_dir, logits_suffix=suffix,

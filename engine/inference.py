@@ -242,7 +242,8 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
     ids = files.ids
     # Every rank decides before anything is written; the maps go (with --overwrite) only after
     # the data and the checkpoint have passed their checks below.
-    maps_plan = provenance.plan(out_dir, map_record(cfg, ckpt_path), MAP_PATTERNS, overwrite=overwrite) if save else None
+    maps_plan = provenance.plan(out_dir, map_record(cfg, ckpt_path), MAP_PATTERNS, overwrite=overwrite,
+                                legacy="_settings.json") if save else None
 
     # Labels are read when the split has any ground truth (VOC's test split has none); then every
     # id must have one, which the data set checks with the missing id named.

@@ -239,3 +239,18 @@ def test_test_runs_into_a_training_folder_keep_every_config(syn_root, tmp_path):
     assert load_config(run / "config.2.yaml").test.flip is False
     assert load_config(run / "config.yaml").test.flip is True
     assert np.all([p.is_file() for p in (run / "logits").glob("*.npy")])
+
+
+def test_a_folder_of_an_earlier_version_is_refused_then_replaced_with_overwrite(tmp_path):
+    """Maps and predictions made before records carry the old tool's ``_settings.json``: the
+    folder is the tool's own, but what made it is unknown."""
+    ckpt = tmp_path / "a.pth"
+    ckpt.write_bytes(b"weights A")
+    out = tmp_path / "logits"
+    out.mkdir()
+    (out / "_settings.json").write_text("{}")
+    (out / "x.npy").write_text("old")
+    with pytest.raises(OutputExistsError, match=r"tool: 'an earlier version \(_settings\.json\)' -> 'tool'"):
+        provenance.plan(out, _record({}, ckpt), ("*.npy",), overwrite=False, legacy="_settings.json")
+    provenance.prepare(out, _record({}, ckpt), ("*.npy",), overwrite=True, legacy="_settings.json")
+    assert sorted(p.name for p in out.iterdir()) == ["_provenance.json"]

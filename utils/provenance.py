@@ -144,16 +144,22 @@ def _made_files(folder: Path, outputs: Iterable[str]) -> list[Path]:
 
 
 def plan(folder: str | os.PathLike, record: dict[str, Any], outputs: Iterable[str], *, overwrite: bool,
-         overwrite_flag: str = "--overwrite", record_name: str = RECORD_NAME, redo_stale: bool = False) -> Plan:
+         overwrite_flag: str = "--overwrite", record_name: str = RECORD_NAME, redo_stale: bool = False,
+         legacy: str | None = None) -> Plan:
     """Decide what to do with ``folder`` for ``record``; raises ``OutputExistsError`` when its
     outputs were made by something else (other inputs, other settings, or nothing recorded).
     ``outputs``: glob patterns (relative to the folder) of what the tool writes there.
+    ``legacy``: the file an earlier version of the tool recorded itself in: such a folder is the
+    tool's own, but its settings are unknown, so it is refused, and replaced with overwrite.
     ``redo_stale``: another record replaces the outputs instead of refusing, for a tool whose
     outputs are a pure function of the recorded inputs (COCO's masks of an annotation file)."""
     folder = Path(folder)
     outputs = tuple(outputs)
     record_path = folder / record_name
     stored = read_record(record_path)
+    if stored is None and legacy and (folder / legacy).is_file():
+        stored = {"tool": f"an earlier version ({legacy})", "inputs": {}, "settings": {}}
+        outputs = (*outputs, legacy)
     if stored is None:
         made = _made_files(folder, outputs)
         if made:
@@ -199,10 +205,10 @@ def withdraw(p: Plan) -> None:
 
 
 def prepare(folder: str | os.PathLike, record: dict[str, Any], outputs: Iterable[str], *, overwrite: bool,
-            overwrite_flag: str = "--overwrite", record_name: str = RECORD_NAME) -> Plan:
-    """``plan`` then ``commit``, for a tool whose other checks have all run already."""
-    return commit(plan(folder, record, outputs, overwrite=overwrite, overwrite_flag=overwrite_flag,
-                       record_name=record_name))
+            **options: Any) -> Plan:
+    """``plan`` (with its keyword ``options``) then ``commit``, for a tool whose other checks
+    have all run already."""
+    return commit(plan(folder, record, outputs, overwrite=overwrite, **options))
 
 
 def set_aside(*paths: Path) -> int:
