@@ -219,6 +219,7 @@ def cleanup() -> None:
 _FAILED = "beco/failed/"  # + rank: that rank stopped on its own error
 _HEARD = "beco/heard/"    # + rank: that rank saw another rank's failure and printed its line
 _DONE = "beco/done/"      # + rank: that failed rank printed its error
+_BYE = "beco/bye/"        # + rank: that rank is done with the store (it only exits from here on)
 # Long enough for the other ranks to reach their next collective on the CPU (Gloo). A rank
 # blocked in an NCCL collective only learns of the failure at the collective timeout: there the
 # failing rank waits 5 s at most, prints, and the launcher stops the rest (not tested on GPUs).
@@ -349,6 +350,7 @@ def failing_rank(line: str, seconds: float = HANDSHAKE_S) -> Iterator[None]:
     finally:
         with contextlib.suppress(Exception):
             group.store.set(f"{_DONE}{group.rank}", "1")
+        _leave(group)
 
 
 def failed_rank() -> int | None:
@@ -383,6 +385,17 @@ def stopped_for(failed: int, line: str, seconds: float = HANDSHAKE_S) -> None:
         group.store.set(f"{_HEARD}{group.rank}", "1")
     _close_group(group)  # with 3 ranks or more, another may wait on this one rather than the failed one
     _wait_for(lambda: _has(group.store, f"{_DONE}{failed}"), seconds)
+    _leave(group)
+
+
+def _leave(group: _Group, seconds: float = 10.0) -> None:
+    """This rank's last use of the store. Rank 0 hosts the store outside torchrun, and a rank
+    still asking it after it is gone gets c10d's warning with a C++ stack printed after the
+    error line; so rank 0 waits until every rank has left before it exits."""
+    with contextlib.suppress(Exception):
+        group.store.set(f"{_BYE}{group.rank}", "1")
+    if group.rank == 0:
+        _wait_for(lambda: all(_has(group.store, f"{_BYE}{r}") for r in range(group.world_size)), seconds)
 
 
 def write_launcher_error(message: str, when: float) -> None:
