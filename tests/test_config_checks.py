@@ -4,6 +4,8 @@ naming the key or the file and line), before a run folder exists. Without these 
 each ended in a traceback mid-run, a hang, or trained silently on something else."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -213,14 +215,14 @@ def test_a_path_base_that_is_a_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("test", [False, True])
 def test_main_refuses_a_file_as_path_base_for_training_and_testing(tmp_path, test):
+    import main as main_mod
     f = tmp_path / "runs"
     f.write_text("")
-    r = subprocess.run([sys.executable, "main.py", "--config", str(DEMO), "--logging_path_base", str(f),
-                        "--logging_tag", "x", *(["--test"] if test else [])],
-                       cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 2 and r.stderr.strip() == \
-        f"error: config key 'logging.path_base': {f} is a file, not a folder"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # in this process: an interpreter and torch start cost 4 s a call
+        rc = main_mod.main(["--config", str(DEMO), "--logging_path_base", str(f), "--logging_tag", "x",
+                            *(["--test"] if test else [])])
+    assert rc == 2 and err.getvalue().strip() == f"error: config key 'logging.path_base': {f} is a file, not a folder"
 
 
 # ----------------------------------------------------------------------------- AdamW

@@ -3,12 +3,15 @@ nothing else unless the user trusts it (--trust-checkpoint); outputs get the per
 ``open()`` would give them."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,8 +77,19 @@ def run(tmp_path_factory) -> Path:
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
+    """main.py as users run it: what reaches the console, exactly."""
     return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, env=ENV,
                           timeout=240)
+
+
+def _main_here(*args: str) -> SimpleNamespace:
+    """main.main in this process (no interpreter and torch start per call): its exit code and
+    what it printed on stderr."""
+    import main as main_mod
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main_mod.main(list(args))
+    return SimpleNamespace(returncode=rc, stderr=err.getvalue())
 
 
 def _one_error_line(stderr: str) -> str:
@@ -120,11 +134,11 @@ def test_a_tensor_file_as_ckpt_is_one_line_exit_1_for_resume_and_test(run, tmp_p
     expected = f"error: {tensor} is not a checkpoint: it holds a tensor of shape (3,), not a dict with 'net_state_dict'"
     r = _main(*_train_args(root, tmp_path / "logs", "resume"), "--ckpt", str(tensor))
     assert r.returncode == 1 and _one_error_line(r.stderr) == expected
-    r = _main(*_train_args(root, tmp_path / "logs", "test"), "--test", "--ckpt", str(tensor))
+    r = _main_here(*_train_args(root, tmp_path / "logs", "test"), "--test", "--ckpt", str(tensor))
     assert r.returncode == 1 and _one_error_line(r.stderr) == expected
 
 
-def test_a_foreign_checkpoint_needs_trust_checkpoint_for_test(run, tmp_path):
+def test_a_foreign_checkpoint_needs_trust_checkpoint_for_test(run, tmp_path, caplog):
     """A released file that also saved its training script's arguments (argparse.Namespace)."""
     import argparse
     best = torch.load(run / ckpt_io.BEST, weights_only=True)
@@ -132,15 +146,15 @@ def test_a_foreign_checkpoint_needs_trust_checkpoint_for_test(run, tmp_path):
     torch.save({**best, "args": argparse.Namespace(lr=0.01)}, path)
     root = run.parents[1] / "data"
     args = [*_train_args(root, tmp_path / "logs", "foreign"), "--test", "--ckpt", str(path)]
-    r = _main(*args)
+    r = _main_here(*args)
     assert r.returncode == 1, r.stderr[-3000:]
     line = _one_error_line(r.stderr)
     assert line.startswith(f"error: {path} holds pickled Python objects (argparse.Namespace)")
     assert "pass --trust-checkpoint" in line
     assert not (tmp_path / "logs" / "foreign").exists()  # nothing written
-    r = _main(*args, "--trust-checkpoint")
+    r = _main_here(*args, "--trust-checkpoint")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"--trust-checkpoint: loading {path} with full unpickling" in r.stderr
+    assert f"--trust-checkpoint: loading {path} with full unpickling" in caplog.text
 
 
 def test_a_checkpoint_of_an_earlier_version_resumes_only_with_trust_checkpoint(run, tmp_path):
@@ -160,7 +174,7 @@ def test_a_checkpoint_of_an_earlier_version_resumes_only_with_trust_checkpoint(r
     root = run.parents[1] / "data"
     args = [*_train_args(root, tmp_path, "x", "train.epochs=2"), "--allow-config-change",
             "--ckpt", str(old / ckpt_io.LATEST)]
-    r = _main(*args)
+    r = _main_here(*args)
     assert r.returncode == 1
     line = _one_error_line(r.stderr)
     assert "numpy" in line and "pass --trust-checkpoint" in line and str(old / ckpt_io.LATEST) in line
