@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
                   "torchrun --nproc_per_node=N main.py ...", file=sys.stderr)
             return 2
         return spawn_per_gpu(sys.argv[1:] if argv is None else argv)
-    from utils.distributed import cleanup, failed_rank, failing_rank, stopped_for
+    from utils.distributed import cleanup, failed_rank, failing_rank, release, stopped_for
     try:
         if args.test:  # every rank tests its own shard of the ids
             from engine.inference import run_test
@@ -678,6 +678,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
         # ranks have stopped, so it is the last one a rank prints.
         message = one_line(e)
         log_error_to_file(f"error: {message}", sys.exc_info())
+        release(e)
         with failing_rank(f"error: {message}"):
             print(f"error: {message}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -687,6 +688,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
         if failed is None:
             # A bug (its traceback is kept): in a process group it is printed last too.
             first = next(iter(str(e).splitlines()), "")
+            release(e)  # the traceback stays printable: only its frames' locals go
             with failing_rank(f"{type(e).__name__}: {first}"):
                 pass
             raise
@@ -694,6 +696,7 @@ def main(argv: list[str] | None = None, spawned: bool = False) -> int:
         line = f"error: rank {rank} stopped: rank {failed} failed (its error follows)"
         log_error_to_file(line, sys.exc_info())
         print(line, file=sys.stderr, flush=True)
+        release(e)
         stopped_for(failed, line)
         return 1
     finally:

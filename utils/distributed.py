@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import signal
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -264,54 +266,24 @@ def _wait_for(ready: Callable[[], bool], seconds: float) -> bool:
     return False
 
 
-def _store_port(store: Any) -> int | None:
-    while hasattr(store, "underlying_store"):  # PrefixStore
-        store = store.underlying_store
-    port = getattr(store, "port", None) or os.environ.get("MASTER_PORT")
-    return int(port) if port else None
-
-
-def _shut_peer_sockets(keep_port: int | None) -> int:
-    """Shut down this process's TCP connections other than the store's; returns how many."""
-    shut = 0
-    try:
-        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    except OSError:  # not Linux: the other ranks learn of the failure when this one exits
-        return 0
-    for fd in fds:
-        try:
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:  # not a socket
-            continue
-        with s:
-            try:
-                if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM:
-                    continue
-                ports = (s.getsockname()[1], s.getpeername()[1])  # a listening socket has no peer
-            except OSError:
-                continue
-            if keep_port in ports:
-                continue
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-                shut += 1
-    return shut
+def release(error: BaseException) -> None:
+    """Free what the failed call held: the frames of ``error``'s traceback keep the nets alive,
+    and a DistributedDataParallel module's reducer keeps the process group, whose Gloo
+    connections then stay open after ``destroy_process_group`` (measured with torch 2.14), so
+    the other ranks would wait in their collective for the timeout. The traceback has been
+    logged by now; its frames' locals are no longer needed."""
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
 
 
 def _close_group(group: _Group) -> None:
-    """End the other ranks' collectives with this rank now, not at the collective timeout.
-
-    Destroying a Gloo process group does not close its connections while anything still holds
-    it, and a DistributedDataParallel module, once built, holds it for the life of the process
-    (measured with torch 2.14); so the connections are shut down at the socket. The store's
-    connection stays: the handshake runs over it. NCCL's connections are left alone (its
-    collectives do not notice them; a rank stuck in one waits for the launcher)."""
+    """End the other ranks' collectives with this rank now, not at the collective timeout
+    (after ``release``, nothing holds the group any more). The store outlives the group: the
+    handshake runs over it. A rank stuck in an NCCL collective does not notice (not tested on
+    GPUs): it waits for the launcher."""
     if dist.is_available() and dist.is_initialized():
-        gloo = _gloo()
         with contextlib.suppress(Exception):  # a broken group may fail to go: it is left behind
             dist.destroy_process_group()
-        if gloo:
-            _shut_peer_sockets(_store_port(group.store))
 
 
 def _gloo() -> bool:
