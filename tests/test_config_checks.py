@@ -70,6 +70,7 @@ def test_a_blur_kernel_wider_than_the_crop_is_refused_only_when_blur_runs():
     load_config(BECO, base + ["method.strong_aug.enabled=false"])
 
 
+@pytest.mark.slow  # two processes / a main.py start: kept out of make test-fast
 def test_main_refuses_an_even_kernel_before_the_run_folder_exists(tmp_path):
     """It failed in the first training step and left a run folder that refused the rerun."""
     r = subprocess.run([sys.executable, "main.py", "--config", str(DEMO), "--logging_path_base", str(tmp_path),

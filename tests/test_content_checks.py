@@ -352,6 +352,7 @@ def _ranks_decide(rank: int, world: int, root: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # two processes / a main.py start: kept out of make test-fast
 def test_ranks_decide_on_every_rank_s_labels_together(tmp_path):
     """Rank r reads samples r, r + 2, ...: rank 0 alone sees only background here, yet no rank
     refuses, and the warning names only the class no rank saw."""
