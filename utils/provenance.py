@@ -68,12 +68,13 @@ def file_input(path: str | os.PathLike) -> dict[str, str]:
     return {"sha256": sha256(path), "path": str(Path(path).resolve())}
 
 
-def folder_input(folder: str | os.PathLike, patterns: Iterable[str] = ("*",)) -> dict[str, str]:
+def folder_input(folder: str | os.PathLike, patterns: Iterable[str] = ("*",),
+                 record_name: str = RECORD_NAME) -> dict[str, str]:
     """An upstream folder: identified by its own record's digest. A folder another tool filled
     without a record (e.g. the reference's score maps) is identified by its listing of names,
     sizes and modification times, which changes when any file is rewritten."""
     folder = Path(folder)
-    stored = read_record(folder / RECORD_NAME)
+    stored = read_record(folder / record_name)
     if stored is not None:
         return {"record": digest(stored), "path": str(folder.resolve())}
     listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)

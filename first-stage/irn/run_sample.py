@@ -590,10 +590,7 @@ def _upstream_identity(args: argparse.Namespace, step: str, made: dict[str, dict
     if step in made:
         return {"record": provenance.digest(made[step])}
     folder, globs, name = _output_places(args, step)[0]
-    stored = provenance.read_record(folder / name)
-    if stored is not None:
-        return {"record": provenance.digest(stored)}
-    return provenance.folder_input(folder, globs) if folder.is_dir() else {"record": None}
+    return provenance.folder_input(folder, globs, name)
 
 
 def step_records(args: argparse.Namespace, steps: list[str]) -> dict[str, dict]:
