@@ -45,8 +45,8 @@ def coco_inputs(root: Path, n: int, size: tuple[int, int], seed: int) -> list[tu
     from PIL import Image
 
     from datasets.coco import coco_files
-    from datasets.coco_prepare import prepare_coco
-    from datasets.synthetic_coco import make_synthetic_coco
+    from datasets.prepare.coco import prepare_coco
+    from datasets.synthetic.coco import make_synthetic_coco
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # pycocotools under numpy 2
     make_synthetic_coco(root, train=3, val=n, size=size, classes=12, seed=seed, max_objects=5, size_jitter=0.2)
     prepare_coco(root, ("val",), workers=1, progress=False)

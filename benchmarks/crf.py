@@ -68,7 +68,7 @@ def fake_logits(gt: np.ndarray, num_classes: int, stride: int, rng: np.random.Ge
 def synthetic_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
     from PIL import Image
 
-    from datasets.synthetic_voc import make_synthetic_voc, synthetic_ids
+    from datasets.synthetic.voc import make_synthetic_voc, synthetic_ids
     if not args.data:  # a temporary set, removed once its images are read
         with tempfile.TemporaryDirectory(prefix="crf_bench_") as tmp:
             args = argparse.Namespace(**{**vars(args), "data": tmp})

@@ -75,7 +75,7 @@ sys.path.insert(0, str(REPO))
 sys.path.append(str(REPO / "benchmarks"))  # last: its script names must not shadow anything
 
 import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
-from datasets.synthetic_voc import make_synthetic_voc, make_synthetic_voc_from_config  # noqa: E402
+from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
 
 MAIN_PY = REPO / "main.py"

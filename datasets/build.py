@@ -13,12 +13,12 @@ from utils.voc import VOC_CLASSES
 
 
 def _make_synthetic_voc(root: Path, syn: Any, overwrite: bool = False) -> dict:
-    from datasets.synthetic_voc import make_synthetic_voc_from_config
+    from datasets.synthetic.voc import make_synthetic_voc_from_config
     return make_synthetic_voc_from_config(root, syn, overwrite=overwrite)
 
 
 def _make_synthetic_coco(root: Path, syn: Any, overwrite: bool = False) -> dict:
-    from datasets.synthetic_coco import make_synthetic_coco_from_config
+    from datasets.synthetic.coco import make_synthetic_coco_from_config
     return make_synthetic_coco_from_config(root, syn, overwrite=overwrite)
 
 

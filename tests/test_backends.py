@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.synthetic_voc import make_synthetic_voc
+from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
 from utils.config import load_config

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.coco_prepare import prepare_coco
-from datasets.synthetic_coco import make_synthetic_coco
+from datasets.prepare.coco import prepare_coco
+from datasets.synthetic.coco import make_synthetic_coco
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]

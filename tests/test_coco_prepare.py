@@ -1,4 +1,4 @@
-"""tools/prepare_coco.py and datasets/coco_prepare.py: the reference's GT rule (first-stage
+"""tools/prepare_coco.py and datasets/prepare/coco.py: the reference's GT rule (first-stage
 spec §16.1) on hand-made annotations, file naming, input errors, resume and the CLI."""
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import datasets.coco_prepare as cp  # noqa: E402
+import datasets.prepare.coco as cp  # noqa: E402
 from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, gt_name, image_id_of, stem_of  # noqa: E402
-from datasets.coco_prepare import (CocoPrepareError, annotations_to_mask, category_map, check_categories,  # noqa: E402
+from datasets.prepare.coco import (CocoPrepareError, annotations_to_mask, category_map, check_categories,  # noqa: E402
                                    image_labels, prepare_coco)
-from datasets.synthetic_coco import coco_categories, uncompressed_rle  # noqa: E402
-from datasets.voc_cls_labels import load_cls_labels  # noqa: E402
+from datasets.synthetic.coco import coco_categories, uncompressed_rle  # noqa: E402
+from datasets.prepare.cls_labels import load_cls_labels  # noqa: E402
 from tools import prepare_coco as cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

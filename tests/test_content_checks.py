@@ -114,7 +114,7 @@ def test_eval_cam_stops_at_a_nan_cam_naming_it(tmp_path):
     from misc.cam_io import CamFileError, save_cam
     from step import eval_cam
 
-    from datasets.synthetic_voc import make_synthetic_voc
+    from datasets.synthetic.voc import make_synthetic_voc
     make_synthetic_voc(tmp_path / "data", train=4, val=1, test=0, size=(32, 40), classes=2, seed=0)
     root = tmp_path / "data" / "VOC2012"
     ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
@@ -183,7 +183,7 @@ def test_the_first_stage_refuses_a_list_with_a_duplicate(tmp_path):
 def test_the_first_stage_driver_stops_at_a_duplicate_before_any_step(tmp_path, capsys):
     import run_sample
 
-    from datasets.synthetic_voc import make_synthetic_voc
+    from datasets.synthetic.voc import make_synthetic_voc
     make_synthetic_voc(tmp_path / "data", train=4, val=1, test=0, size=(32, 40), classes=2, seed=0)
     voc, work = tmp_path / "data" / "VOC2012", tmp_path / "work"
     lst = voc / "ImageSets/Segmentation/train_aug.txt"
@@ -207,7 +207,7 @@ def test_a_coco_list_with_a_duplicate_is_refused(tmp_path):
 
 
 def test_a_class_label_file_with_an_id_twice_is_refused(tmp_path):
-    from datasets.voc_cls_labels import FORMAT, LabelError, load_cls_labels
+    from datasets.prepare.cls_labels import FORMAT, LabelError, load_cls_labels
     path = tmp_path / "cls_labels.json"
     # json.loads keeps the last of two equal keys: the first entry would vanish silently.
     path.write_text(f'{{"format": "{FORMAT}", "classes": [], "labels": {{"2007_000001": [0], "2007_000001": [3]}}}}')
@@ -319,7 +319,7 @@ def test_coco_ground_truth_counts_every_value_but_background(tmp_path):
 
 def test_the_synthetic_sets_pass_and_use_every_class(tmp_path):
     """The generator behind the demo and the tests: foreground everywhere, every class used."""
-    from datasets.synthetic_voc import make_synthetic_voc
+    from datasets.synthetic.voc import make_synthetic_voc
     make_synthetic_voc(tmp_path / "data", train=12, val=4, test=0, size=(48, 64), classes=5, seed=0,
                        colours="class", object_scale=(0.22, 0.4), max_objects=3)
     cfg = tiny_config(tmp_path / "data", "data.num_classes=6").data

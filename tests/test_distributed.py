@@ -143,7 +143,7 @@ def test_pseudo_label_quality_from_shards_equals_one_process(agreements):
 
 @pytest.fixture(scope="module")
 def syn16(tmp_path_factory) -> Path:
-    from datasets.synthetic_voc import make_synthetic_voc
+    from datasets.synthetic.voc import make_synthetic_voc
     root = tmp_path_factory.mktemp("syn16") / "data"
     make_synthetic_voc(root, train=16, val=2, test=0, size=(48, 48), classes=3, seed=0)
     return root

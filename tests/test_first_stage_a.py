@@ -18,8 +18,8 @@ for _p in (str(REPO), str(IRN)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from datasets.synthetic_voc import make_synthetic_voc  # noqa: E402
-from datasets.voc_cls_labels import (ClassLabels, LabelError, classes_in_xml, load_cls_labels,  # noqa: E402
+from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
+from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml, load_cls_labels,  # noqa: E402
                                      multi_hot)
 from misc.cam_io import load_cam, save_cam  # noqa: E402
 from misc.runtime import confusion, iou_scores  # noqa: E402

@@ -433,7 +433,7 @@ def test_fp_fn_rates():
 
 
 def _tiny_voc(tmp_path: Path) -> Path:
-    from datasets.synthetic_voc import make_synthetic_voc
+    from datasets.synthetic.voc import make_synthetic_voc
     make_synthetic_voc(tmp_path / "data", train=8, val=2, test=0, size=(40, 56), classes=3, seed=0)
     return tmp_path / "data" / "VOC2012"
 

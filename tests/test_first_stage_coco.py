@@ -22,7 +22,7 @@ for _p in (str(IRN), str(REPO)):
 
 from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
 from datasets.readers import DataError  # noqa: E402
-from datasets.voc_cls_labels import save_cls_labels  # noqa: E402
+from datasets.prepare.cls_labels import save_cls_labels  # noqa: E402
 from misc.runtime import StreamingConfusion, confusion, fg_on_gt_background, iou_scores  # noqa: E402
 from voc12.source import CocoSource, VOCSource, data_source  # noqa: E402
 

@@ -15,7 +15,7 @@ for _p in (str(REPO), str(IRN)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from datasets.synthetic_voc import make_synthetic_voc  # noqa: E402
+from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 from misc import runtime  # noqa: E402
 from misc.errors import DeviceError  # noqa: E402
 

@@ -27,7 +27,7 @@ for _p in (str(IRN), str(REPO)):
 
 import run_sample  # noqa: E402
 from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
-from datasets.voc_cls_labels import LabelError, save_cls_labels  # noqa: E402
+from datasets.prepare.cls_labels import LabelError, save_cls_labels  # noqa: E402
 from utils.errors import ConfigError, DataError  # noqa: E402
 
 TRAIN = ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from datasets.label_noise import boundary_errors, error_rate, fill_void, region_errors
-from datasets.synthetic_voc import near_boundary
+from datasets.synthetic.label_noise import boundary_errors, error_rate, fill_void, region_errors
+from datasets.synthetic.voc import near_boundary
 from tests.conftest import REPO
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets.synthetic_voc import make_synthetic_voc
+from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
 from utils import provenance

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from datasets.readers import read_mask
-from datasets.synthetic_voc import make_synthetic_voc
+from datasets.synthetic.voc import make_synthetic_voc
 from tests.conftest import REPO, tiny_config
 from utils.config import ConfigError
 from utils.errors import DataError, one_line

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.synthetic_voc import make_synthetic_voc
+from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO
 from utils.errors import CheckpointError

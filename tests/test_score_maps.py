@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from datasets.coco import NUM_CLASSES, coco_files
-from datasets.synthetic_coco import make_synthetic_coco
-from datasets.coco_prepare import prepare_coco
+from datasets.synthetic.coco import make_synthetic_coco
+from datasets.prepare.coco import prepare_coco
 from utils.config import load_config
 from utils.crf import postprocess
 from utils.score_maps import (ScoreMapError, bytes_bound, compact, kept_classes, load_score_map,

@@ -14,9 +14,9 @@ from pycocotools.coco import COCO
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, image_id_of, stem_of  # noqa: E402
-from datasets.synthetic_coco import (make_synthetic_coco, make_synthetic_coco_from_config,  # noqa: E402
+from datasets.synthetic.coco import (make_synthetic_coco, make_synthetic_coco_from_config,  # noqa: E402
                                      synthetic_category_ids, synthetic_image_ids)
-from datasets.voc_cls_labels import load_cls_labels  # noqa: E402
+from datasets.prepare.cls_labels import load_cls_labels  # noqa: E402
 from tools import make_synthetic_coco as cli  # noqa: E402
 
 # pycocotools (<= 2.0.8) under numpy 2 warns on every decode; nothing of ours.

@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.synthetic_voc import CLASS_STYLES, make_synthetic_voc, synthetic_ids  # noqa: E402
+from datasets.synthetic.voc import CLASS_STYLES, make_synthetic_voc, synthetic_ids  # noqa: E402
 from utils.metrics import confusion_matrix, segmentation_scores  # noqa: E402
 from utils.voc import VOC_CLASSES, voc_palette  # noqa: E402
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.synthetic_voc import make_synthetic_voc
+from datasets.synthetic.voc import make_synthetic_voc
 from models import MODELS
 from tests.conftest import CPU_CONFIGS, REPO
 

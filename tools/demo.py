@@ -378,7 +378,7 @@ def label_error_profile(cfg: Config, export: Path, radius: float = 3.0) -> dict:
     """Where the first stage's pseudo-labels are wrong (train_aug against its ground truth, void
     ignored): error rate within ``radius`` px of a true boundary and farther away, the share of
     all errors that lie near a boundary, and the share of errors the confidence mask drops."""
-    from datasets.synthetic_voc import near_boundary
+    from datasets.synthetic.voc import near_boundary
     from utils.voc import IGNORE_INDEX
     n = dict.fromkeys(("near", "near_wrong", "far", "far_wrong", "wrong_dropped"), 0)
     for i in train_ids(cfg):

@@ -1,4 +1,4 @@
-"""Write the synthetic COCO-2014-format tree (see datasets/synthetic_coco.py) and prepare it
+"""Write the synthetic COCO-2014-format tree (see datasets/synthetic/coco.py) and prepare it
 (masks, lists, image-level labels: tools/prepare_coco.py).
 
     python tools/make_synthetic_coco.py --out data/synthetic_coco [--train 24 --val 8
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.coco_prepare import CocoPrepareError  # noqa: E402
-from datasets.synthetic_coco import make_synthetic_coco_from_config  # noqa: E402
+from datasets.prepare.coco import CocoPrepareError  # noqa: E402
+from datasets.synthetic.coco import make_synthetic_coco_from_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Write the synthetic VOC-format data set (see datasets/synthetic_voc.py).
+"""Write the synthetic VOC-format data set (see datasets/synthetic/voc.py).
 
     python tools/make_synthetic_voc.py --out data [--train 200 --val 50 --test 20
         --size 96 128 --classes 5 --seed 0 --overwrite]
@@ -13,7 +13,7 @@ from pathlib import Path
 # Runnable from any directory without installing the project.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.synthetic_voc import make_synthetic_voc  # noqa: E402
+from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

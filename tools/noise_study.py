@@ -10,7 +10,7 @@ Steps, each skipped when its output is there (a killed study resumes):
 3. one label set per error type, all at one pixel error rate (the first stage's, or a number):
    ``boundary`` (outlines displaced within ``band`` px), ``region`` (false blobs, missed objects,
    class swaps, all beyond ``band`` px from a true boundary), ``first_stage`` (its own labels);
-   each with confidence masks from one rule (datasets.synthetic_voc.confidence_mask);
+   each with confidence masks from one rule (datasets.synthetic.voc.confidence_mask);
 4. every method (BECO, the CE baseline, BECO without co-training, BECO without the boundary
    weights) trained on every label set with every seed, through main.py;
 5. the table (val mIoU at the last epoch, mean ± std over seeds; the gain over the baseline,
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are the demo's)
-from datasets.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
-from datasets.synthetic_voc import confidence_mask, near_boundary  # noqa: E402
+from datasets.synthetic.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
+from datasets.synthetic.voc import confidence_mask, near_boundary  # noqa: E402
 from utils import provenance  # noqa: E402
 from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402

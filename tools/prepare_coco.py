@@ -1,4 +1,4 @@
-"""Prepare COCO 2014 for this project (first-stage spec §16.1; see datasets/coco_prepare.py).
+"""Prepare COCO 2014 for this project (first-stage spec §16.1; see datasets/prepare/coco.py).
 
     python tools/prepare_coco.py --coco data/coco [--splits train,val] [--workers N] [--overwrite]
 
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.coco import SPLITS, split_folder  # noqa: E402
-from datasets.coco_prepare import SUMMARY_NAME, CocoPrepareError, default_workers, prepare_coco  # noqa: E402
+from datasets.prepare.coco import SUMMARY_NAME, CocoPrepareError, default_workers, prepare_coco  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

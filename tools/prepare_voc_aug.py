@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.voc_cls_labels import DEFAULT_NAME, labels_from_xml, save_cls_labels  # noqa: E402
+from datasets.prepare.cls_labels import DEFAULT_NAME, labels_from_xml, save_cls_labels  # noqa: E402
 from utils.io import atomic_write, save_png, save_text  # noqa: E402
 from utils.voc import VOC_CLASSES, voc_palette  # noqa: E402
 

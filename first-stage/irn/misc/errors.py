@@ -33,7 +33,7 @@ class WeightsError(DataError, RuntimeError):
 
 def error_types() -> tuple[type[BaseException], ...]:
     """What the driver reports in one line: the project's errors and the label reader's."""
-    from datasets.voc_cls_labels import LabelError  # a ValueError of a shared module, not a BecoError
+    from datasets.prepare.cls_labels import LabelError  # a ValueError of a shared module, not a BecoError
     return (BecoError, LabelError)
 
 

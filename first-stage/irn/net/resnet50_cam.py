@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets.voc_cls_labels import FG_CLASSES
+from datasets.prepare.cls_labels import FG_CLASSES
 from misc.errors import MissingInputError, WeightsError
 from net.resnet import ResNet, build_backbone
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from datasets import readers
 from datasets.readers import DataError
-from datasets.voc_cls_labels import ClassLabels
+from datasets.prepare.cls_labels import ClassLabels
 from voc12.source import SEED_IGNORE, VOC_GT_DIR, VOC_IMAGE_DIR, DataSource, VOCSource, as_source, load_id_list
 
 IMAGE_DIR = VOC_IMAGE_DIR

@@ -47,8 +47,8 @@ import numpy as np
 
 from datasets import coco as coco_meta
 from datasets.readers import DataError, SplitFiles, read_id_list, read_image, read_label
-from datasets.voc_cls_labels import FG_CLASSES as VOC_FG_CLASSES
-from datasets.voc_cls_labels import ClassLabels, LabelError, load_cls_labels, multi_hot
+from datasets.prepare.cls_labels import FG_CLASSES as VOC_FG_CLASSES
+from datasets.prepare.cls_labels import ClassLabels, LabelError, load_cls_labels, multi_hot
 from utils.voc import IGNORE_INDEX
 
 DATASETS = ("voc", "coco")
@@ -73,7 +73,7 @@ load_id_list = read_id_list
 
 
 class LabelDataError(LabelError, DataError):
-    """A missing or malformed annotation / class-label file: a ``datasets.voc_cls_labels.LabelError``
+    """A missing or malformed annotation / class-label file: a ``datasets.prepare.cls_labels.LabelError``
     that is also the project's DataError (whether or not LabelError itself is one); the message
     names the id and the file."""
 

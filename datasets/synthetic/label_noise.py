@@ -17,7 +17,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from datasets.synthetic_voc import near_boundary, smooth_field
+from datasets.synthetic.voc import near_boundary, smooth_field
 from utils.voc import IGNORE_INDEX
 
 

@@ -13,7 +13,7 @@ real readers take unchanged. This module writes, under ``out``::
 and :func:`make_synthetic_coco_from_config` then runs ``prepare_coco`` on it, which adds
 ``mask/``, ``lists/``, ``cls_labels_*.json`` and ``prepare_coco.json``.
 
-Scenes are the VOC generator's (``datasets/synthetic_voc.py``: same shapes, textures,
+Scenes are the VOC generator's (``datasets/synthetic/voc.py``: same shapes, textures,
 clutter, overlaps and simulated CAM/IRN errors; its functions are imported, not copied).
 On top of it, the COCO specifics:
 
@@ -48,9 +48,9 @@ from PIL import Image
 
 from datasets.coco import (CATEGORIES, CATEGORY_TO_LABEL, SPLITS, cls_labels_name, list_name, split_folder,
                            stem_of)
-from datasets.coco_prepare import SUMMARY_NAME as PREPARE_SUMMARY_NAME
-from datasets.coco_prepare import annotation_path, prepare_coco
-from datasets.synthetic_voc import (CLASS_STYLES, COLOUR_MODES, _background, _generate, _image_size, _render,
+from datasets.prepare.coco import SUMMARY_NAME as PREPARE_SUMMARY_NAME
+from datasets.prepare.coco import annotation_path, prepare_coco
+from datasets.synthetic.voc import (CLASS_STYLES, COLOUR_MODES, _background, _generate, _image_size, _render,
                                     previous_set)
 from utils.errors import OutputExistsError
 from utils.io import save_jpeg, save_json, save_png

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from datasets.coco import (CATEGORIES, SPLITS, cls_labels_name, list_name, split_folder, stem_of)
-from datasets.voc_cls_labels import save_cls_labels
+from datasets.prepare.cls_labels import save_cls_labels
 from utils import provenance
 from utils.errors import DataError
 from utils.io import save_json, save_png, save_text

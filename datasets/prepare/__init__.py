@@ -1,0 +1,1 @@
+"""Preparation of raw data sets: COCO masks, image-level class labels, SBD (train_aug)."""
