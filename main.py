@@ -34,6 +34,7 @@ from utils.config import Config, ConfigError, apply_overrides, build_config, loa
 from utils.errors import BecoError, RunError, one_line
 
 from utils.logs import log, log_error_to_file, setup_logging
+from utils.schedule import poly_factor
 from utils.runtime import (configure_backends, make_autocast, net_input, net_layout, set_seed,  # noqa: F401
                            uses_grad_scaler)
 
@@ -169,11 +170,6 @@ def build_nets(cfg: Config, info) -> list[nn.Module]:
             net = torch.compile(net)
         nets.append(net)
     return nets
-
-
-def poly_factor(it: int, max_it: int, power: float, floor: float) -> float:
-    """lr / base_lr of the poly schedule with a floor: max((1 - it/max_it)^power, floor)."""
-    return max((1 - it / max_it) ** power, floor) if it < max_it else floor
 
 
 VAL_LOGITS = "val_logits"  # the validation's saved maps (train.val_mode dump_logits_only / save_val_logits)

@@ -36,7 +36,7 @@ def test_a_floor_above_the_lr_is_refused(optim):
 
 
 def test_a_floor_equal_to_the_lr_is_a_constant_schedule_and_allowed():
-    from main import poly_factor
+    from utils.schedule import poly_factor
     cfg = load_config(BECO, ["optim.lr=0.01", "optim.min_lr=0.01", "optim.head_lr_mult=10"])
     floor = cfg.optim.min_lr / cfg.optim.lr
     # The factor scales every group's own lr (the head's 10x too), so it stays 1 throughout.

@@ -731,7 +731,7 @@ def test_without_a_head_multiplier_one_group_per_net_as_the_reference() -> None:
 
 
 def test_head_lr_mult_splits_backbone_and_head_and_the_poly_schedule_keeps_the_ratio() -> None:
-    from main import poly_factor
+    from utils.schedule import poly_factor
     nets = _nets()
     cfg = load_config(BECO, ["optim.name=adamw"]).optim
     opt = build_optimizer(nets, cfg)
