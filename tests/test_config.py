@@ -159,13 +159,12 @@ def test_base_inheritance_and_numeric_override(tmp_path):
 
 
 def test_every_config_file_loads():
-    """Second-stage configs build; first-stage option files (*first_stage*.yaml, read by
-    tools/demo.py) hold only options that run_sample.py parses, with valid values; a study
+    """Second-stage configs build; first-stage settings files (configs/first_stage/*.yaml, read by
+    run_sample.py and tools/demo.py) hold every key run_sample.py knows, with valid values; a study
     (noise_study*.yaml, tools/noise_study.py) builds every method's config with its overrides."""
     sys.path.insert(0, str(REPO / "first-stage" / "irn"))
     sys.path.insert(0, str(REPO / "tools"))
-    import run_sample
-    from demo import first_stage_argv
+    from demo import first_stage_settings
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if path.name.startswith("noise_study"):
             import noise_study
@@ -173,13 +172,13 @@ def test_every_config_file_loads():
             for method in study["methods"].values():
                 load_config(REPO / method["config"], [*noise_study.data_overrides(study), *study["train_overrides"],
                                                       *method.get("overrides", [])])
-        elif "first_stage" in path.name:
-            options = load_yaml(path)
-            assert options, path
-            args = run_sample.build_parser().parse_args(first_stage_argv(options))
-            assert all(getattr(args, k) is not None for k in options), path
+            first_stage_settings(REPO / study["first_stage_config"])
         else:
             load_config(path)
+    first_stage = sorted((REPO / "configs" / "first_stage").glob("*.yaml"))
+    assert [p.name for p in first_stage] == ["coco.yaml", "demo.yaml", "demo_coco.yaml", "voc.yaml"]
+    for path in first_stage:
+        assert first_stage_settings(path).dataset == ("coco" if "coco" in path.name else "voc"), path
 
 
 def test_main_print_config_applies_flags_and_overrides():

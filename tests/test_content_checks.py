@@ -125,7 +125,7 @@ def test_eval_cam_stops_at_a_nan_cam_naming_it(tmp_path):
             high[0, 5, 5] = np.nan  # argmax would take it as the top score: a silent wrong mIoU
         save_cam(cam_dir / f"{i}.npy", np.array([0]), high[:, ::4, ::4], high)
     args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, cam_out_dir=cam_dir,
-                     cam_eval_thres=0.15, no_progress=True)
+                     cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=())
     with pytest.raises(CamFileError, match=rf"CAM file for id '{ids[-1]}' holds NaN/Inf"):
         eval_cam.run(args)
 

@@ -40,7 +40,7 @@ train:
 method: {{name: baseline, co_training: false, mixing: false, strong_aug: {{enabled: false}}}}
 """)
     first = tmp / "first_stage.yaml"
-    first.write_text(f"""_base_: {REPO / 'configs/demo_first_stage.yaml'}
+    first.write_text(f"""_base_: {REPO / 'configs/first_stage/demo.yaml'}
 cam_crop_size: 48
 cam_resize_long: [40, 64]
 cam_batch_size: 4
@@ -127,7 +127,8 @@ def test_demo_dataset_coco_picks_the_coco_configs_and_folder():
     import demo
     args = demo.parse_args(["--dataset", "coco"])
     assert args.beco_config.name == "demo_coco.yaml" and args.baseline_config.name == "demo_coco_baseline.yaml"
-    assert args.first_stage_config.name == "demo_first_stage_coco.yaml" and args.out == Path("data/logging/demo_coco")
+    assert args.first_stage_config == REPO / "configs/first_stage/demo_coco.yaml"
+    assert args.out == Path("data/logging/demo_coco")
     assert demo.parse_args([]).out == Path("data/logging/demo")
     assert demo.FIRST_STAGE_DATA["coco"]("data/x") == ["--dataset", "coco", "--coco_root", Path("data/x")]
     for name in ("beco", "baseline"):  # both demo configs load and train on COCO's 81 classes

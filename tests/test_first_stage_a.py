@@ -479,11 +479,11 @@ def test_driver_smoke_cam_steps(tmp_path, synthetic_voc):
     assert (work / "log.txt").read_text().count("== make_cam done") == 2
 
 
-def test_driver_options_and_step_order():
+def test_driver_options_and_step_order(tmp_path):
     import importlib
     rs = importlib.import_module("run_sample")
     p = rs.build_parser()
-    a = p.parse_args([])
+    a = rs.parse_args(["--work_dir", str(tmp_path)])  # configs/first_stage/voc.yaml
     assert (a.cam_batch_size, a.cam_num_epoches, a.cam_learning_rate, a.cam_weight_decay) == (16, 5, 0.1, 1e-4)
     assert (a.cam_eval_thres, a.conf_fg_thres, a.conf_bg_thres, a.cam_scales) == (0.15, 0.30, 0.05, (1.0, 0.5, 1.5, 2.0))
     assert (a.irn_crop_size, a.irn_batch_size, a.irn_num_epoches, a.irn_learning_rate, a.irn_weight_decay) == \

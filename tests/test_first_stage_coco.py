@@ -238,7 +238,7 @@ def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
             np.zeros((0,) + gt.shape, np.float32)
         save_cam(tmp_path / f"{stem}.npy", keys, high[:, ::4, ::4], high)
     args = Namespace(dataset="coco", coco_root=tiny_coco, chainer_eval_set="train", max_images=None,
-                     cam_out_dir=tmp_path, cam_eval_thres=0.15, no_progress=True)
+                     cam_out_dir=tmp_path, cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=())
     out = eval_cam.run(args)
     assert len(out["cam_iou"]) == 81 and out["cam_miou"] == pytest.approx(1.0) and out["images"] == len(TRAIN)
     assert out["fg_on_gt_background"] == 0.0

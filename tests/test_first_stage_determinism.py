@@ -75,10 +75,12 @@ def test_determ_train_cam_is_bit_identical(tmp_path, tiny_voc, restore_torch_swi
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
 
 
-def test_determ_is_off_by_default_and_a_demo_yaml_switch():
+def test_determ_is_off_by_default_and_a_demo_yaml_switch(tmp_path):
     import demo
     import run_sample
-    assert run_sample.build_parser().parse_args([]).determ is False
-    assert "determ" in demo._switches()
-    assert demo.first_stage_argv({"determ": True, "seed": 0}) == ["--determ", "--seed", "0"]
-    assert demo.first_stage_argv({"determ": False}) == []
+    assert run_sample.parse_args(["--work_dir", str(tmp_path)]).determ is False
+    assert demo.first_stage_settings(REPO / "configs/first_stage/demo.yaml").determ is True
+    assert run_sample.parse_args(["--work_dir", str(tmp_path), "--determ"]).determ is True
+    demo_file = ["--config", str(REPO / "configs/first_stage/demo.yaml"), "--work_dir", str(tmp_path)]
+    assert run_sample.parse_args(demo_file).determ is True
+    assert run_sample.parse_args(demo_file + ["determ=false"]).determ is False

@@ -7,7 +7,7 @@ Stages, a line each (the tools they run show their own progress bars):
                   when it is already there with the same settings; --dataset coco: the synthetic
                   COCO 2014-format tree of configs/demo_coco.yaml, prepared by tools/prepare_coco.py's
                   steps (masks, id lists, image-level labels), and the *_coco configs below
-  2. first_stage  first-stage/irn/run_sample.py with configs/demo_first_stage.yaml: CAM training,
+  2. first_stage  first-stage/irn/run_sample.py with configs/first_stage/demo.yaml: CAM training,
                   CAMs, IRN training, random-walk pseudo-labels, confidence masks
   3. train_beco   main.py with configs/demo.yaml on those pseudo-labels and masks
   4. train_baseline  main.py with configs/demo_baseline.yaml (one net, plain CE) on the same labels
@@ -37,14 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils import provenance  # noqa: E402
-from utils.config import Config, load_config, load_yaml  # noqa: E402
+from utils.config import Config, load_config  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_text  # noqa: E402
 
-# --dataset -> (BECO config, baseline config, first-stage options, default --out)
+# --dataset -> (BECO config, baseline config, first-stage settings, default --out)
 DEMOS = {
-    "voc": ("demo.yaml", "demo_baseline.yaml", "demo_first_stage.yaml", "data/logging/demo"),
-    "coco": ("demo_coco.yaml", "demo_coco_baseline.yaml", "demo_first_stage_coco.yaml", "data/logging/demo_coco"),
+    "voc": ("demo.yaml", "demo_baseline.yaml", "first_stage/demo.yaml", "data/logging/demo"),
+    "coco": ("demo_coco.yaml", "demo_coco_baseline.yaml", "first_stage/demo_coco.yaml", "data/logging/demo_coco"),
 }
 STAGES = ("data", "first_stage", "train_beco", "train_baseline", "test", "report")
 RUNS = {"beco": "train_beco", "baseline": "train_baseline"}  # run folder -> stage that trains it
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beco-config", type=Path, default=None, help="default: configs/demo[_coco].yaml")
     p.add_argument("--baseline-config", type=Path, default=None, help="default: configs/demo[_coco]_baseline.yaml")
     p.add_argument("--first-stage-config", type=Path, default=None,
-                   help="run_sample.py options as a YAML mapping (option: value)")
+                   help="first-stage settings, run_sample.py's --config (default: configs/first_stage/demo[_coco].yaml)")
     p.add_argument("--samples", type=int, default=6, help="rows of samples.png")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seed is not None:
@@ -115,25 +115,9 @@ def _run_sample():
     return run_sample
 
 
-def _switches() -> set[str]:
-    """run_sample.py's value-less flags (--overwrite, --no_progress): YAML true adds them."""
-    return {a.dest for a in _run_sample().build_parser()._actions if isinstance(a, argparse._StoreTrueAction)}
-
-
-def first_stage_argv(options: dict[str, Any]) -> list[str]:
-    """YAML mapping -> run_sample.py flags (lists become the comma form the driver parses)."""
-    argv = []
-    switches = _switches()
-    for key, value in options.items():
-        if key in switches:
-            argv += [f"--{key}"] if value else []
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        argv += [f"--{key}", str(value)]
-    return argv
+def first_stage_settings(path: Path):
+    """The first stage's settings file, checked as run_sample.py checks it."""
+    return _run_sample().settings.load_settings(path)
 
 
 def train_files(cfg: Config):
@@ -207,16 +191,14 @@ def first_stage_finished(work: Path, export: Path, ids: list[str]) -> bool:
     return done and all((export / d / f"{i}.png").is_file() for d in ("irn_pseudo_label", "irn_mask") for i in ids)
 
 
-def stage_first_stage(cfg: Config, options: dict, work: Path, export: Path, seed: int | None) -> dict | str:
+def stage_first_stage(cfg: Config, settings: Path, work: Path, export: Path, seed: int | None) -> dict | str:
     ids = train_ids(cfg)
     if first_stage_finished(work, export, ids):
         return "skipped"
-    # The data set's tree is the BECO config's data.root (FIRST_STAGE_DATA), whatever the options say.
-    options = {k: v for k, v in options.items() if k not in ("dataset", "voc12_root", "coco_root")}
-    if seed is not None:
-        options["seed"] = seed
-    cmd = [sys.executable, REPO / "first-stage/irn/run_sample.py", *FIRST_STAGE_DATA[cfg.data.dataset](cfg.data.root),
-           "--work_dir", work, "--steps", "all", "--export_to", export] + first_stage_argv(options)
+    # The data set's tree is the BECO config's data.root (FIRST_STAGE_DATA), whatever the settings say.
+    cmd = [sys.executable, REPO / "first-stage/irn/run_sample.py", "--config", settings,
+           *FIRST_STAGE_DATA[cfg.data.dataset](cfg.data.root), "--work_dir", work, "--steps", "all",
+           "--export_to", export] + (["--seed", seed] if seed is not None else [])
     run(cmd)  # run_sample.py itself skips outputs that exist, so a killed run resumes
     return {}
 
@@ -556,7 +538,7 @@ def prepare_out(args: argparse.Namespace, settings: dict) -> Path:
     making; --fresh deletes the demo's own outputs, and only after the configs have loaded."""
     for path in (args.beco_config, args.baseline_config):
         load_config(path)
-    load_yaml(args.first_stage_config)
+    first_stage_settings(args.first_stage_config)
     settings = {**settings, **({"dataset": args.dataset} if args.dataset != "voc" else {}),
                 "beco_config": str(args.beco_config), "baseline_config": str(args.baseline_config),
                 "first_stage_config": str(args.first_stage_config)}
@@ -606,7 +588,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     cfg_beco = load_config(args.beco_config)
     cfg_base = load_config(args.baseline_config)
-    fs_options = load_yaml(args.first_stage_config)
+    fs_settings = first_stage_settings(args.first_stage_config)
     timings = Timings(out / "timings.json")
     work, export = out / "first_stage", out / "pseudo_labels"
     overrides = second_stage_overrides(out, export, args.seed)
@@ -629,7 +611,7 @@ def run_one(args: argparse.Namespace) -> dict:
     stage("data", stage_data, cfg_beco)
     from datasets.build import dataset_entry
     data = json.loads((Path(cfg_beco.data.root) / dataset_entry(cfg_beco.data.dataset).synthetic_summary).read_text())
-    stage("first_stage", stage_first_stage, cfg_beco, fs_options, work, export, args.seed)
+    stage("first_stage", stage_first_stage, cfg_beco, args.first_stage_config, work, export, args.seed)
     configs = {"beco": (args.beco_config, cfg_beco), "baseline": (args.baseline_config, cfg_base)}
     for tag, (path, cfg) in configs.items():
         stage(RUNS[tag], stage_train, path, tag, cfg, out, overrides)
@@ -648,7 +630,7 @@ def run_one(args: argparse.Namespace) -> dict:
     eval_cam, eval_sem, gen_mask = (steps[s]["metrics"] for s in ("eval_cam", "eval_sem_seg", "gen_mask"))
     results = {
         "seed": args.seed,  # None: each stage's config seed (below)
-        "first_stage_seed": args.seed if args.seed is not None else fs_options.get("seed", 0),
+        "first_stage_seed": args.seed if args.seed is not None else fs_settings.seed,
         "second_stage_seed": args.seed if args.seed is not None else cfg_beco.train.seed,
         "data": {k: data["settings"][k] for k in ("train", "val", "size", "classes")},
         "first_stage": {"cam_miou": eval_cam["cam_miou"], "cam_eval_thres": eval_cam["cam_eval_thres"],

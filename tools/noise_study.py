@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.stage_data(cfg)
     export = out / "first_stage" / "export"
     if "first_stage" in study["error_types"] or study["target_rate"] == "first_stage":
-        options = load_yaml(REPO / study["first_stage_config"])
-        demo.stage_first_stage(cfg, options, out / "first_stage" / "work", export, None)
+        demo.stage_first_stage(cfg, REPO / study["first_stage_config"], out / "first_stage" / "work", export, None)
     stats = make_label_sets(study, cfg, export, out)
     results: dict[str, dict[str, dict[int, float]]] = {}
     total = len(study["error_types"]) * len(study["methods"]) * len(study["seeds"])

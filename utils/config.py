@@ -289,6 +289,12 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**values)
 
 
+def build_dataclass(cls: type, raw: dict, prefix: str = "") -> Any:
+    """``cls`` (a dataclass of this module's kind: no defaults) from ``raw``: an unknown, missing
+    or mistyped key is a ConfigError naming it. The first stage's settings are built with it."""
+    return _build(cls, raw, prefix)
+
+
 def section_defaults(section: str, kind: str) -> dict:
     """The values of one kind of a tagged section (`configs/model/deeplabv2.yaml`), or {}."""
     path = SECTION_DEFAULTS_DIR / section / f"{kind}.yaml"

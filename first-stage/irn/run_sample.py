@@ -5,6 +5,12 @@
     python first-stage/irn/run_sample.py --dataset coco --coco_root data/coco --work_dir data/first_stage_coco \\
         --backbone_weights model_weights/resnet50-19c8e357.pth --steps all --export_to data/coco/
 
+Settings (misc/settings.py): configs/first_stage/voc.yaml (the reference's values, spec §3.1),
+coco.yaml with --dataset coco, or --config FILE (a file of its own starts with `_base_: voc.yaml`).
+Each key is also the reference's flag of the same name: `--cam_num_epoches 2` and `cam_num_epoches=2`
+mean the same; the file comes first, then the flags, then key=value (last wins). --print-config
+prints the resolved settings as YAML; a key the file does not know stops the run, naming it.
+
 Steps run in this fixed order (any subset via --steps a,b,c or --steps all):
     train_cam, make_cam, eval_cam, cam_to_ir_label, train_irn, make_sem_seg, eval_sem_seg,
     gen_mask, export
@@ -20,7 +26,7 @@ Everything is written under --work_dir:
 Each output folder holds _provenance.json (sess/: _provenance.<step>.json): the options and inputs
 that made it (utils/provenance.py). A step reuses outputs only when the record matches; when it
 differs the run stops before the first step, naming each difference (--overwrite redoes them).
-Option defaults are the reference's (spec §3.1); quirks kept by default sit behind named options.
+Quirks kept by default sit behind named settings.
 
 --dataset voc (default, C = 20): <voc12_root>/JPEGImages, SegmentationClass, ImageSets/Segmentation.
 --dataset coco (C = 80, spec §16): the tree of tools/prepare_coco.py under --coco_root
@@ -28,9 +34,9 @@ Option defaults are the reference's (spec §3.1); quirks kept by default sit beh
 cls_labels_{train,val}2014.json). CAM training, make_cam, cam_to_ir_label, IRN training and
 its mean-shift pass, make_sem_seg and the evaluation (mask/train2014, 81 classes, no void) run
 on train2014; the CAM validation loss on val2014. Every output is named by the file stem
-(COCO_train2014_000000000009.png). Defaults that differ: --conf_fg_thres 0.35 and
---conf_bg_thres 0.10 (VOC 0.30 / 0.05) unless given. IRN inference runs on the unpadded image
-(--irn_infer_pad_to none, BECO). Decisions on the reference's COCO gaps:
+(COCO_train2014_000000000009.png). coco.yaml's seed thresholds: conf_fg_thres 0.35 and
+conf_bg_thres 0.10 (VOC 0.30 / 0.05). IRN inference runs on the unpadded image
+(irn_infer_pad_to null, BECO). Decisions on the reference's COCO gaps:
   QUIRK-17  the CAM network is the repository's VOC/IRN one with 80 classes, gradients cut
             after layer2 (--cam_freeze_until stage2, the default); --cam_freeze_until stem gives
             the ReCAM-style variant (layer1/layer2 trainable, only the stem frozen).
@@ -78,14 +84,14 @@ for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12,
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from misc import settings  # noqa: E402
 from misc.errors import OptionError, RunError  # noqa: E402
 from misc.runtime import LOGGER_NAME  # noqa: E402
+from misc.settings import STEPS  # noqa: E402
+from utils.config import to_yaml  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
-STEPS: tuple[str, ...] = ("train_cam", "make_cam", "eval_cam", "cam_to_ir_label", "train_irn",
-                          "make_sem_seg", "eval_sem_seg", "gen_mask", "export")
 # step name -> module under step/ (imported lazily: PART B's steps may be absent)
-NO_CLASS_CHOICES = ("random_half", "zero", "skip")  # skip: refused, see SKIP_REFUSED
 STEP_MODULES: dict[str, str] = {
     "train_cam": "step.train_cam", "make_cam": "step.make_cam", "eval_cam": "step.eval_cam",
     "cam_to_ir_label": "step.cam_to_ir_label", "train_irn": "step.train_irn",
@@ -94,273 +100,12 @@ STEP_MODULES: dict[str, str] = {
 }
 
 
-# ----------------------------------------------------------------------------- option types
-
-
-def str2bool(v: str | bool) -> bool:
-    """Proper booleans for flags given a value (QUIRK-6 fixed: "False" means false)."""
-    if isinstance(v, bool):
-        return v
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
-
-
-def float_list(v: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(x) for x in v.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {v!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return out
-
-
-def int_pair(v: str) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in v.replace(" ", "").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated integers 'MIN,MAX', got {v!r}") from None
-    if a > b:
-        raise argparse.ArgumentTypeError(f"MIN must be <= MAX, got {v!r}")
-    return a, b
-
-
-class DatasetDefault(float):
-    """A float option's default that depends on --dataset (VOC value, COCO value).
-
-    ``parse_args`` keeps this object when the flag is absent, so ``resolve_paths`` can tell
-    "not given" from an explicit value equal to the VOC default and put in the data set's value;
-    an explicit flag is never overridden.
-    """
-
-    def __new__(cls, voc: float, coco: float | None = None) -> "DatasetDefault":
-        obj = super().__new__(cls, voc)
-        obj.per_dataset = {"voc": float(voc), "coco": float(voc if coco is None else coco)}
-        return obj
-
-    def __str__(self) -> str:
-        return f"{self.per_dataset['voc']:g} (COCO: {self.per_dataset['coco']:g})"
-
-    def resolve(self, dataset: str) -> float:
-        return self.per_dataset[dataset]
-
-
-def optional_int(v: str) -> int | None:
-    return None if v.strip().lower() in ("", "none", "null") else int(v)
-
-
-def step_list(v: str) -> list[str]:
-    if v.strip() == "all":
-        return list(STEPS)
-    chosen = [s.strip() for s in v.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in STEPS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)} or 'all'")
-    return [s for s in STEPS if s in chosen]  # always the fixed order
-
-
 # ----------------------------------------------------------------------------- options
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the module docstring's layout and shows every option's default."""
-
-
-class _Group:
-    """``add_argument`` that gives every option a help string, so its default is listed."""
-
-    def __init__(self, group: argparse._ArgumentGroup):
-        self.group = group
-
-    def add_argument(self, *names: str, **kw: Any) -> argparse.Action:
-        kw.setdefault("help", " ")
-        return self.group.add_argument(*names, **kw)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    _add = p.add_argument_group
-
-    def add_group(title: str) -> _Group:
-        return _Group(_add(title))
-
-    g = add_group("run")
-    a = g.add_argument
-    a("--dataset", choices=("voc", "coco"), default="voc",
-      help="voc: --voc12_root (20 classes); coco: the prepared COCO 2014 tree under --coco_root (80 classes, "
-           "spec §16; see the description above)")
-    a("--voc12_root", type=Path, default=Path("./VOCdevkit/VOC2012"),
-      help="VOC2012 folder (JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation); --dataset voc")
-    a("--coco_root", type=Path, default=Path("data/coco"),
-      help="--dataset coco: tools/prepare_coco.py's tree (train2014/, val2014/, mask/, lists/, cls_labels_*.json)")
-    a("--work_dir", type=Path, default=Path("data/first_stage"), help="every output goes under this (created)")
-    a("--steps", type=step_list, default="all", help=f"comma list of {', '.join(STEPS)}; or all")
-    a("--export_to", type=Path, default=None,
-      help="export step: copy sem_seg → DIR/irn_pseudo_label and mask_irn → DIR/irn_mask")
-    a("--seed", type=int, default=0, help="seeds Python, numpy, torch and loader workers (QUIRK-3 fix)")
-    a("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    a("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-      help="data-loader workers and CRF processes; cpu_count//2 here")
-    a("--max_images", type=optional_int, default=None,
-      help="use only the first N ids of every list (smoke runs); eval keeps eval ids among them")
-    a("--torch_threads", type=optional_int, default=None,
-      help="torch intra-op CPU threads (default: torch's choice; 1 avoids OpenMP slowdowns on busy machines). "
-           "Part of the result: 1 and 2 threads give different weights")
-    a("--determ", action="store_true",
-      help="deterministic algorithms (torch.use_deterministic_algorithms, warn only), cuDNN deterministic and "
-           "benchmark off, also in make_cam / make_sem_seg shard processes: a machine then repeats its own "
-           "numbers bit for bit on GPUs too (the CPU path already does). Other machines (CPU kernels, threads, "
-           "library versions; summary.json \"runtime\") may still differ")
-    a("--cpu_shards", type=int, default=1,
-      help="make_cam / make_sem_seg on the CPU: spread the ids round-robin over this many processes "
-           "(GPUs: one process per visible GPU regardless)")
-    a("--overwrite", action="store_true",
-      help="redo the chosen steps' outputs (default: reuse those their folder's _provenance.json says were made "
-           "with the same options and inputs; outputs made otherwise are refused, naming the differences)")
-    a("--no_progress", action="store_true", help="no progress bars")
-
-    g = add_group("data")
-    a = g.add_argument
-    a("--train_list", type=Path, default=None,
-      help="default <voc12_root>/ImageSets/Segmentation/train_aug.txt; COCO <coco_root>/lists/train2014.txt")
-    a("--val_list", type=Path, default=None,
-      help="CAM validation loss; default <voc12_root>/ImageSets/Segmentation/val.txt; COCO lists/val2014.txt")
-    a("--infer_list", type=Path, default=None,
-      help="IRN mean-shift pass; default <voc12_root>/ImageSets/Segmentation/train.txt; COCO lists/train2014.txt")
-    a("--chainer_eval_set", default="train",
-      help="evaluation split: VOC ImageSets/Segmentation/<set>.txt, GT SegmentationClass; "
-           "COCO train|val: lists/<set>2014.txt, GT mask/<set>2014")
-    a("--cls_labels", type=Path, default=None,
-      help="image-level labels JSON (datasets/voc_cls_labels format); VOC default <voc12_root>/cls_labels.json, "
-           "else Annotations/*.xml; COCO default <coco_root>/cls_labels_<split>2014.json of each id's split "
-           "(one file given here must hold every id)")
-
-    g = add_group("backbone")
-    a = g.add_argument
-    a("--backbone_depth", type=int, choices=(18, 34, 50), default=50, help="ResNet depth (50 = reference)")
-    a("--backbone_weights", type=str, default=None,
-      help="torchvision ImageNet ResNet file (e.g. resnet50-19c8e357.pth); none = train from scratch (warned)")
-
-    a("--backbone_bn", choices=("fixed", "batch"), default="fixed",
-      help="fixed = reference (running statistics, never updated); batch = ordinary BatchNorm, "
-           "needed to train from scratch (the synthetic demo)")
-
-    g = add_group("CAM (spec §3.1, §6–§9)")
-    a = g.add_argument
-    a("--cam_network", default="net.resnet50_cam")
-    a("--cam_crop_size", type=int, default=512, help="training crop (the reference hard-codes 512)")
-    a("--cam_resize_long", type=int_pair, default="320,640", help="random long-side range 'MIN,MAX'")
-    a("--cam_batch_size", type=int, default=16)
-    a("--cam_num_epoches", type=int, default=5)
-    a("--cam_learning_rate", type=float, default=0.1)
-    a("--cam_weight_decay", type=float, default=1e-4)
-    a("--cam_classifier_lr_mult", type=float, default=10.0, help="classifier lr = this × cam_learning_rate")
-    a("--cam_freeze_until", choices=("stage2", "stem", "none"), default="stage2",
-      help="QUIRK-17: stage2 = reference VOC/IRN network (gradients cut after layer2; also COCO's default, "
-           "with 80 classes), stem = ReCAM variant (only the stem frozen), none = train all")
-    a("--cam_val_loss", type=str2bool, default=True, help="print a validation loss per epoch (no effect on weights)")
-    a("--cam_eval_thres", type=float, default=0.15)
-    a("--cam_eval_sweep", type=lambda v: float_list(v) if v.strip() else (), default="", help="eval_cam: also report mIoU at these thresholds")
-    a("--cam_scales", type=float_list, default="1.0,0.5,1.5,2.0", help="make_cam scales, comma list")
-    a("--conf_fg_thres", type=float, default=DatasetDefault(0.30, 0.35),
-      help="cam_to_ir_label confident-foreground threshold; default by --dataset")
-    a("--conf_bg_thres", type=float, default=DatasetDefault(0.05, 0.10),
-      help="cam_to_ir_label confident-background threshold; default by --dataset")
-    a("--crf_gt_prob", type=float, default=0.7)
-    a("--crf_iters", type=int, default=10)
-    a("--crf_gauss_sxy", type=float, default=3.0)
-    a("--crf_gauss_compat", type=float, default=3.0)
-    a("--crf_bi_sxy", type=float, default=50.0)
-    a("--crf_bi_srgb", type=float, default=5.0)
-    a("--crf_bi_compat", type=float, default=10.0)
-
-    g = add_group("IRN (spec §3.1, §10–§14)")
-    a = g.add_argument
-    a("--irn_network", default="net.resnet50_irn")
-    a("--irn_crop_size", type=int, default=512)
-    a("--irn_batch_size", type=int, default=32)
-    a("--irn_num_epoches", type=int, default=3)
-    a("--irn_learning_rate", type=float, default=0.1)
-    a("--irn_weight_decay", type=float, default=1e-4)
-    a("--irn_disp_lr_mult", type=float, default=10.0, help="displacement-branch lr = this × irn_learning_rate")
-    a("--irn_backbone_from_cam", type=str2bool, default=False,
-      help="start IRN's (frozen) backbone from the trained CAM backbone (not the reference; for runs without ImageNet)")
-    a("--irn_train_backbone", type=str2bool, default=False,
-      help="train IRN's backbone with the edge branch (reference: frozen); a from-scratch aid")
-    a("--radius", type=int, default=10, help="IRN training path radius")
-    a("--rw_radius", type=int, default=5, help="random-walk radius")
-    a("--beta", type=int, default=10)
-    a("--exp_times", type=int, default=8, help="random walk of 2^exp_times steps")
-    a("--rw_mode", choices=("sparse", "dense"), default="sparse", help="sparse propagation or the reference's dense powers")
-    a("--rw_sparse_dtype", choices=("float64", "float32"), default="float64", help="sparse random-walk precision")
-    a("--rw_allow_tf32", type=str2bool, default=False, help="QUIRK-2: TF32 matmuls in the dense random walk")
-    a("--irn_infer_pad_to", type=optional_int, default=None, help="QUIRK-11: pad IRN inference input to this (IRN: 512)")
-    a("--ins_seg_bg_thres", type=float, default=0.25, help="instance steps (not part of this pipeline)")
-    a("--sem_seg_bg_thres", type=float, default=0.25)
-    a("--score_fp16", type=str2bool, default=False, help="save score tensors as float16 (COCO parity; default float32)")
-    a("--margin_tie_mode", choices=("original", "zero"), default="original", help="QUIRK-13 gen_mask tie rule")
-    a("--mask_thd", type=float, default=0.5, help="gen_mask keep fraction")
-    a("--no_class_mask", choices=NO_CLASS_CHOICES, default="random_half",
-      help="QUIRK-15 fixed: gen_mask's full-size mask of an image without any class (COCO): random_half = "
-           "int(N/(1/mask_thd)) of its N pixels (floor(N/2)), seeded by --seed and the id; zero = none; "
-           "skip is refused (the second stage's list keeps the images; see the description)")
-
-    g = add_group("optimiser (spec §18)")
-    a = g.add_argument
-    a("--sgd_momentum", type=float, default=1e-4, help="QUIRK-20 KEEP: the reference's SGD momentum is 1e-4")
-    a("--poly_power", type=float, default=0.9)
-
-    g = add_group("output paths (default: under --work_dir)")
-    a = g.add_argument
-    for name, what in (("cam_weights_name", "sess/res<depth>_cam.pth"), ("irn_weights_name", "sess/res<depth>_irn.pth"),
-                       ("cam_out_dir", "result/cam"), ("ir_label_out_dir", "result/ir_label"),
-                       ("sem_seg_out_dir", "result/sem_seg"), ("score_dir", "result/score"),
-                       ("mask_out_dir", "result/mask_irn")):
-        a(f"--{name}", type=Path, default=None, help=f"default <work_dir>/{what}")
-    return p
-
-
-def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the derived paths and the data-set-dependent defaults (QUIRK-5 fixed: one work dir,
-    everything created)."""
-    w = args.work_dir
-    dataset = getattr(args, "dataset", "voc")
-    for name in ("conf_fg_thres", "conf_bg_thres"):
-        value = getattr(args, name, None)
-        if isinstance(value, DatasetDefault):
-            setattr(args, name, value.resolve(dataset))
-    if dataset == "coco":
-        from datasets.coco import list_name
-        lists = args.coco_root / "lists"
-        args.train_list = args.train_list or lists / list_name("train")
-        args.val_list = args.val_list or lists / list_name("val")
-        args.infer_list = args.infer_list or lists / list_name("train")
-    else:
-        lists = args.voc12_root / "ImageSets" / "Segmentation"
-        args.train_list = args.train_list or lists / "train_aug.txt"
-        args.val_list = args.val_list or lists / "val.txt"
-        args.infer_list = args.infer_list or lists / "train.txt"
-        if args.cls_labels is None and (args.voc12_root / "cls_labels.json").is_file():
-            args.cls_labels = args.voc12_root / "cls_labels.json"
-    d = args.backbone_depth
-    defaults = {"cam_weights_name": w / "sess" / f"res{d}_cam.pth", "irn_weights_name": w / "sess" / f"res{d}_irn.pth",
-                "cam_out_dir": w / "result" / "cam", "ir_label_out_dir": w / "result" / "ir_label",
-                "sem_seg_out_dir": w / "result" / "sem_seg", "score_dir": w / "result" / "score",
-                "mask_out_dir": w / "result" / "mask_irn"}
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.log_dir = w / "logs"
-    args.log_name = w / "log.txt"
-    args.summary_path = w / "summary.json"
-    for path in (w / "sess", args.cam_out_dir, args.ir_label_out_dir, args.sem_seg_out_dir, args.score_dir,
-                 args.mask_out_dir, args.log_dir, args.cam_weights_name.parent, args.irn_weights_name.parent):
-        path.mkdir(parents=True, exist_ok=True)
-    return args
+    """The command line: --config, --print-config, key=value and the reference's flags."""
+    return settings.build_parser(__doc__)
 
 
 # --no_class_mask skip: why it is refused (the export cannot leave ids out of the second stage's list).
@@ -373,7 +118,7 @@ SKIP_REFUSED = (
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """Option values argparse cannot check; an OptionError (exit 2) names the flag."""
+    """Values the types cannot check; an OptionError (exit 2) names the flag."""
     at_least = {"max_images": 1, "cpu_shards": 1, "num_workers": 0, "cam_batch_size": 1, "irn_batch_size": 1,
                 "cam_crop_size": 1, "irn_crop_size": 1, "cam_num_epoches": 1, "irn_num_epoches": 1}
     for name, low in at_least.items():
@@ -382,6 +127,10 @@ def check_options(args: argparse.Namespace) -> None:
             raise OptionError(f"--{name} must be >= {low}, got {value}")
     if not 0.0 < args.mask_thd <= 1.0:
         raise OptionError(f"--mask_thd must be in (0, 1], got {args.mask_thd}")
+    if len(args.cam_resize_long) != 2 or args.cam_resize_long[0] > args.cam_resize_long[1]:
+        raise OptionError(f"--cam_resize_long: expected MIN,MAX with MIN <= MAX, got {list(args.cam_resize_long)}")
+    if not args.cam_scales:
+        raise OptionError("--cam_scales: expected at least one scale")
     if args.no_class_mask == "skip":
         raise OptionError(SKIP_REFUSED)
     from misc.preflight import check_path_options
@@ -390,11 +139,18 @@ def check_options(args: argparse.Namespace) -> None:
     resolve_device(args.device)  # DeviceError (an OptionError) for a device this machine lacks
 
 
+def read_command(argv: list[str] | None = None) -> tuple[settings.FirstStageCfg, bool]:
+    """(the resolved settings, whether --print-config asks only to print them); checked."""
+    command = build_parser().parse_intermixed_args(argv)  # key=value pairs may come before or after flags
+    cfg = settings.resolve_config(command)
+    check_options(settings.to_namespace(cfg))
+    return cfg, command.print_config
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Options, checked (OptionError: exit 2), with the derived paths (created)."""
-    args = build_parser().parse_args(argv)
-    check_options(args)
-    return resolve_paths(args)
+    """Settings checked (ConfigError: exit 2), as the steps read them, with the derived paths (created)."""
+    cfg, _ = read_command(argv)
+    return settings.resolve_paths(settings.to_namespace(cfg))
 
 
 # ----------------------------------------------------------------------------- logging and summary
@@ -641,8 +397,13 @@ def step_runner(name: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the chosen steps; returns each step's metrics. Every error propagates (``cli`` reports them)."""
-    return run_steps(parse_args(argv), argv)
+    """Run the chosen steps; returns each step's metrics (none with --print-config, which prints
+    the settings). Every error propagates (``cli`` reports them)."""
+    cfg, print_only = read_command(argv)
+    if print_only:
+        sys.stdout.write(to_yaml(cfg))
+        return {}
+    return run_steps(settings.resolve_paths(settings.to_namespace(cfg)), argv)
 
 
 def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
@@ -650,7 +411,7 @@ def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     log = setup_logging(args)
     from misc.runtime import configure_runtime
     from misc.torchutils import seed_everything
-    runtime = configure_runtime(getattr(args, "determ", False), args.torch_threads)  # before any CUDA work (cuBLAS reads its env)
+    runtime = configure_runtime(args.determ, args.torch_threads)  # before any CUDA work (cuBLAS reads its env)
     seed_everything(args.seed)
     root = args.coco_root if args.dataset == "coco" else args.voc12_root
     log.info(f"run_sample: steps {','.join(args.steps)}; dataset {args.dataset} {root}; work_dir {args.work_dir}")
@@ -702,7 +463,11 @@ def cli(argv: list[str] | None = None) -> int:
     errors, 1 for data and run errors); any other exception keeps its traceback."""
     from misc.errors import error_types, exit_code, one_line, spawned_error
     try:
-        args = parse_args(argv)
+        cfg, print_only = read_command(argv)
+        if print_only:
+            sys.stdout.write(to_yaml(cfg))
+            return 0
+        args = settings.resolve_paths(settings.to_namespace(cfg))
     except error_types() as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return exit_code(e)

@@ -55,15 +55,14 @@ ROOT_HINTS = {"voc": "the VOC2012 folder: JPEGImages/, Annotations/, ImageSets/S
 
 def data_root(args: Any) -> tuple[str, Path]:
     """(flag, path) of the run's data root."""
-    dataset = getattr(args, "dataset", "voc") or "voc"
-    return ROOT_FLAGS[dataset], Path(args.coco_root if dataset == "coco" else args.voc12_root)
+    return ROOT_FLAGS[args.dataset], Path(args.coco_root if args.dataset == "coco" else args.voc12_root)
 
 
 def check_root(args: Any) -> None:
     flag, root = data_root(args)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "not found"
-        raise DataError(f"data root {what}: {flag} {root} ({ROOT_HINTS[getattr(args, 'dataset', 'voc') or 'voc']})")
+        raise DataError(f"data root {what}: {flag} {root} ({ROOT_HINTS[args.dataset]})")
 
 
 def needs(args: Any, steps: Sequence[str]) -> dict[str, list[str]]:
@@ -71,7 +70,7 @@ def needs(args: Any, steps: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for step in steps:
         for role, what in NEEDS.get(step, ()):
-            if role == "val" and not getattr(args, "cam_val_loss", True):
+            if role == "val" and not args.cam_val_loss:
                 continue
             if what not in out.setdefault(role, []):
                 out[role].append(what)
@@ -114,7 +113,7 @@ def preflight(args: Any, steps: Sequence[str], log: Any) -> dict[str, Any]:
     if no_class is not None:
         report.update(no_class_report(no_class))
         if no_class:
-            log.warning(f"preflight: {no_class_sentence(len(no_class), policy_text(args), future=True)}; "
+            log.warning(f"preflight: {no_class_sentence(len(no_class), policy_text(args.no_class_mask, args.mask_thd), future=True)}; "
                         f"ids {shown(no_class)}")
             path = Path(args.log_dir) / NO_CLASS_LIST
             path.write_text("".join(f"{i}\n" for i in no_class))
@@ -202,11 +201,8 @@ def shown(ids: Sequence[str], n: int = SHOWN_IDS) -> str:
     return ", ".join(ids[:n]) + (f" ... ({len(ids) - n} more)" if len(ids) > n else "")
 
 
-def policy_text(args_or_mode: Any, thd: float | None = None) -> str:
-    """What the masks of images without class mark, for a --no_class_mask value."""
-    mode = args_or_mode if isinstance(args_or_mode, str) else getattr(args_or_mode, "no_class_mask", "random_half")
-    if thd is None:
-        thd = 0.5 if isinstance(args_or_mode, str) else float(getattr(args_or_mode, "mask_thd", 0.5))
+def policy_text(mode: str, thd: float) -> str:
+    """What the masks of images without class mark, for a --no_class_mask value and --mask_thd."""
     if mode == "zero":
         return "their masks mark no pixel reliable (--no_class_mask zero)"
     share = "half" if thd == 0.5 else f"{100 * thd:g} %"

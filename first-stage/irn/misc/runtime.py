@@ -114,11 +114,11 @@ def worker_share(device_name: str, part: int, n_parts: int, items: Sequence[T],
 
 def inference_parts(args: Any) -> int:
     """How many processes an inference step (make_cam, make_sem_seg) spreads its ids over: one per
-    visible GPU (``--device auto|cuda``), else ``--cpu_shards`` on the CPU (default 1: in-process)."""
+    visible GPU (``--device auto|cuda``), else ``--cpu_shards`` on the CPU (1: in-process)."""
     device = resolve_device(args.device)
     if device.type == "cuda":
         return torch.cuda.device_count() if args.device in ("auto", "cuda") else 1
-    return max(1, int(getattr(args, "cpu_shards", 1) or 1))
+    return args.cpu_shards
 
 
 def run_on_devices(work: Any, args: Any, ids: list) -> None:
@@ -140,7 +140,7 @@ def run_on_devices(work: Any, args: Any, ids: list) -> None:
 def _spawned_work(part: int, work: Any, n_parts: int, args: Any, ids: list) -> None:
     """A spawned shard starts a fresh interpreter: torch's deterministic-algorithm and cuDNN
     switches are per process, so ``--determ`` is applied again before the shard's work."""
-    if getattr(args, "determ", False):
+    if args.determ:
         set_deterministic(True)
     work(part, n_parts, args, ids)
 

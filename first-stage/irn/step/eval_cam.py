@@ -33,7 +33,7 @@ def run(args: Any) -> dict[str, Any]:
     gt_set = VOC12GTDataset(ids, source)
     cam_dir = Path(args.cam_out_dir)
     conf = StreamingConfusion(source.num_labels)
-    sweep = [float(t) for t in (getattr(args, "cam_eval_sweep", None) or ())]
+    sweep = [float(t) for t in args.cam_eval_sweep]
     sweep_conf = [StreamingConfusion(source.num_labels) for _ in sweep]
     for idx in progress(range(len(ids)), "eval_cam", enabled=not args.no_progress):
         name = ids[idx]

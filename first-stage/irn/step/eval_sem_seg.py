@@ -68,8 +68,8 @@ def compare_with_cams(sem_seg_miou: float, images: int, eval_cam: dict[str, Any]
 
 
 def _recorded_eval_cam(args: Any) -> dict[str, Any] | None:
-    path = getattr(args, "summary_path", None)
-    if path is None or not Path(path).is_file():
+    path = args.summary_path
+    if not Path(path).is_file():
         return None
     try:
         return json.loads(Path(path).read_text()).get("steps", {}).get("eval_cam", {}).get("metrics")
@@ -84,7 +84,7 @@ def run(args: Any) -> dict[str, Any]:
     gt_set = VOC12GTDataset(ids, source)
     pred_dir = sem_seg_dir(args)
     stream = StreamingConfusion(source.num_labels)
-    for idx in progress(range(len(ids)), "eval_sem_seg", enabled=not getattr(args, "no_progress", False)):
+    for idx in progress(range(len(ids)), "eval_sem_seg", enabled=not args.no_progress):
         name = ids[idx]
         gt = gt_set[idx]
         path = pred_dir / f"{name}.png"

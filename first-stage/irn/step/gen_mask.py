@@ -46,6 +46,7 @@ if __name__ == "__main__":  # standalone: make first-stage/irn and the repo impo
 
 from misc.preflight import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
+from misc.settings import config_path, load_settings  # noqa: E402
 from models.checkpoint import read_torch_file  # noqa: E402
 from utils.errors import CheckpointError, DataError  # noqa: E402
 from utils.io import save_png  # noqa: E402
@@ -284,17 +285,14 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
 
 def run(args: Any) -> dict[str, Any]:
     from misc.runtime import read_ids
-    from step.train_irn import work_path
     from voc12.source import data_source
     log = get_logger()
     ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list
-    score_root = work_path(args, "score_dir", "result", "score")
-    mask_root = work_path(args, "mask_out_dir", "result", "mask_irn")
+    score_root, mask_root = Path(args.score_dir), Path(args.mask_out_dir)
     source = data_source(args)
     out = generate_masks(ids, score_root, mask_root, thd=args.mask_thd, tie_mode=args.margin_tie_mode,
-                         overwrite=getattr(args, "overwrite", False),
-                         show_progress=not getattr(args, "no_progress", False), gt_of=source.stats_gt,
-                         no_class=getattr(args, "no_class_mask", "random_half"), seed=getattr(args, "seed", 0))
+                         overwrite=args.overwrite, show_progress=not args.no_progress, gt_of=source.stats_gt,
+                         no_class=args.no_class_mask, seed=args.seed)
     prec = out["kept_precision"]
     log.info(f"gen_mask: {len(ids)} masks ({out['written']} written), kept {100 * out['kept_fraction']:.1f} % of "
              f"pixels" + (f", label precision of kept pixels {100 * prec:.2f} % (unkept "
@@ -304,7 +302,7 @@ def run(args: Any) -> dict[str, Any]:
     out["no_class_ids"] = every[:NO_CLASS_IDS_SHOWN]  # the summary keeps the first few
     if every:
         log.warning(f"gen_mask: {no_class_sentence(len(every), policy_text(out['no_class_mask'], args.mask_thd))} "
-                    f"(full size, seed {getattr(args, 'seed', 0)}); ids {shown(every)}")
+                    f"(full size, seed {args.seed}); ids {shown(every)}")
     if out["no_class_masks_of_other_policy"]:
         log.warning(f"gen_mask: {out['no_class_masks_of_other_policy']} existing mask(s) of images without class were "
                     f"made with another --no_class_mask than {out['no_class_mask']} and were kept; pass --overwrite "
@@ -318,16 +316,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out_dir", type=Path, required=True, help="mask folder (created)")
     p.add_argument("--ids", type=Path, required=True, help="id list file (one id per line)")
     p.add_argument("--voc12_root", type=Path, default=None, help="VOC: for precision statistics against the GT")
-    p.add_argument("--dataset", choices=("voc", "coco"), default="voc", help="layout of the GT for the statistics")
+    p.add_argument("--dataset", choices=("voc", "coco"), default="voc",
+                   help="layout of the GT for the statistics; the values of the options below not given are "
+                        "configs/first_stage/<dataset>.yaml's")
     p.add_argument("--coco_root", type=Path, default=None, help="COCO: prepared tree, for precision statistics")
-    p.add_argument("--mask_thd", type=float, default=0.5)
-    p.add_argument("--margin_tie_mode", choices=TIE_MODES, default="original")
-    p.add_argument("--no_class_mask", choices=NO_CLASS_MASKS, default="random_half",
+    p.add_argument("--mask_thd", type=float)
+    p.add_argument("--margin_tie_mode", choices=TIE_MODES)
+    p.add_argument("--no_class_mask", choices=NO_CLASS_MASKS,
                    help="QUIRK-15: mask of images without classes (full size; seeded random half, or none)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the no-class masks (with the id)")
+    p.add_argument("--seed", type=int, help="seeds the no-class masks (with the id)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
+    settings = load_settings(config_path(a.dataset))
+    for key in ("mask_thd", "margin_tie_mode", "no_class_mask", "seed"):
+        if getattr(a, key) is None:
+            setattr(a, key, getattr(settings, key))
     from voc12.source import CocoSource, load_id_list
     gt_of = None
     if a.dataset == "coco" and a.coco_root is not None:

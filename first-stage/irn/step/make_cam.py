@@ -68,7 +68,7 @@ def build_cam_infer_net(args: Any) -> torch.nn.Module:
 
 
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
-    device, mine = worker_share(args.device, part, n_parts, ids, getattr(args, "torch_threads", None))
+    device, mine = worker_share(args.device, part, n_parts, ids, args.torch_threads)
     if not mine:
         return
     model = build_cam_infer_net(args).to(device)

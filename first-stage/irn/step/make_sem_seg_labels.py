@@ -29,7 +29,7 @@ from misc.cam_io import CamFileError, load_cam
 from misc.random_walk import random_walk, rw_to_scores
 from misc.runtime import (first_item, get_logger, progress, read_ids, run_on_devices, save_torch, shard_workers,
                           worker_share)
-from step.train_irn import irn_module, irn_weights_path, work_path
+from step.train_irn import irn_module, irn_weights_path
 from utils.io import save_png
 from voc12.dataloader import TorchvisionNormalize, msf_inputs
 from voc12.source import DataSource, as_source, data_source
@@ -38,15 +38,15 @@ _SPARSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def sem_seg_dir(args: Any) -> Path:
-    return work_path(args, "sem_seg_out_dir", "result", "sem_seg")
+    return Path(args.sem_seg_out_dir)
 
 
 def score_dir(args: Any) -> Path:
-    return work_path(args, "score_dir", "result", "score")
+    return Path(args.score_dir)
 
 
 def cam_dir(args: Any) -> Path:
-    return work_path(args, "cam_out_dir", "result", "cam")
+    return Path(args.cam_out_dir)
 
 
 def save_score(path: str | Path, pred: torch.Tensor, score: torch.Tensor, keys: torch.Tensor,
@@ -61,7 +61,7 @@ def save_score(path: str | Path, pred: torch.Tensor, score: torch.Tensor, keys: 
 
 def build_inference_net(args: Any, device: torch.device) -> torch.nn.Module:
     module = irn_module(args)
-    model = module.EdgeDisplacement(depth=args.backbone_depth, pad_to=getattr(args, "irn_infer_pad_to", None))
+    model = module.EdgeDisplacement(depth=args.backbone_depth, pad_to=args.irn_infer_pad_to)
     module.load_irn_weights(model, irn_weights_path(args))
     return model.to(device).eval()
 
@@ -85,13 +85,13 @@ def labels_for_image(model: torch.nn.Module, pair: torch.Tensor, cam: dict[str, 
         raise CamFileError(f"stride-4 CAM {tuple(cams.shape[1:])} and boundary map {tuple(edge.shape[1:])} differ "
                          f"for an image of {size[0]}x{size[1]}")
     keys = torch.from_numpy(np.concatenate([[0], cam["keys"] + 1])).long()
-    dtype_name = getattr(args, "rw_sparse_dtype", "float64")
+    dtype_name = args.rw_sparse_dtype
     if dtype_name not in _SPARSE_DTYPES:
         raise ValueError(f"rw_sparse_dtype must be one of {sorted(_SPARSE_DTYPES)}, got {dtype_name!r}")
+    # One thread: the walk runs in as many processes as there are shards or GPUs.
     rw = random_walk(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=args.rw_radius,
-                     mode=args.rw_mode, allow_tf32=getattr(args, "rw_allow_tf32", False),
-                     sparse_dtype=_SPARSE_DTYPES[dtype_name],
-                     cpu_threads=getattr(args, "rw_threads", 1))
+                     mode=args.rw_mode, allow_tf32=args.rw_allow_tf32, sparse_dtype=_SPARSE_DTYPES[dtype_name],
+                     cpu_threads=1)
     score, pred = rw_to_scores(rw, size, keys, args.sem_seg_bg_thres)
     return pred, score, keys
 
@@ -117,7 +117,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
-    device, mine = worker_share(args.device, part, n_parts, ids, getattr(args, "torch_threads", None))
+    device, mine = worker_share(args.device, part, n_parts, ids, args.torch_threads)
     if not mine:
         return
     model = build_inference_net(args, device)
@@ -125,9 +125,9 @@ def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=shard_workers(args.num_workers, n_parts))
     sem_dir, sc_dir, c_dir = sem_seg_dir(args), score_dir(args), cam_dir(args)
-    fp16 = getattr(args, "score_fp16", False)
+    fp16 = args.score_fp16
     for item in progress(loader, f"make_sem_seg[{part}]" if n_parts > 1 else "make_sem_seg", total=len(mine),
-                         enabled=not getattr(args, "no_progress", False), position=part):
+                         enabled=not args.no_progress, position=part):
         name = item["name"]
         cam = load_cam(c_dir / f"{name}.npy", name)
         if "cam" not in cam:
@@ -150,8 +150,7 @@ def run(args: Any) -> dict[str, Any]:
     sem_dir, sc_dir = sem_seg_dir(args), score_dir(args)
     sem_dir.mkdir(parents=True, exist_ok=True)
     sc_dir.mkdir(parents=True, exist_ok=True)
-    overwrite = getattr(args, "overwrite", False)
-    todo = ids if overwrite else [i for i in ids if not ((sem_dir / f"{i}.png").is_file()
+    todo = ids if args.overwrite else [i for i in ids if not ((sem_dir / f"{i}.png").is_file()
                                                          and (sc_dir / f"{i}.pt").is_file())]
     log.info(f"make_sem_seg: {len(ids)} ids, {len(ids) - len(todo)} already done, rw_mode {args.rw_mode}, "
              f"beta {args.beta}, exp_times {args.exp_times}, radius {args.rw_radius}, "

@@ -31,22 +31,16 @@ from voc12.source import data_source
 IRN_SCALE_RANGE = (0.5, 1.5)
 
 
-def work_path(args: Any, name: str, *default: str) -> Path:
-    """``args.<name>`` when the driver set it, else ``<work_dir>/<default...>``."""
-    value = getattr(args, name, None)
-    return Path(value) if value else Path(args.work_dir).joinpath(*default)
-
-
 def irn_weights_path(args: Any) -> Path:
-    return work_path(args, "irn_weights_name", "sess", f"res{args.backbone_depth}_irn.pth")
+    return Path(args.irn_weights_name)
 
 
 def ir_label_dir(args: Any) -> Path:
-    return work_path(args, "ir_label_out_dir", "result", "ir_label")
+    return Path(args.ir_label_out_dir)
 
 
 def irn_module(args: Any):
-    return importlib.import_module(getattr(args, "irn_network", None) or "net.resnet50_irn")
+    return importlib.import_module(args.irn_network)
 
 
 def load_backbone_from_cam(model: nn.Module, cam_weights: str | Path) -> None:
@@ -98,12 +92,12 @@ def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, sho
 def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     out_path = irn_weights_path(args)
-    if out_path.is_file() and not getattr(args, "overwrite", False):
+    if out_path.is_file() and not args.overwrite:
         log.info(f"train_irn: {out_path} exists, skipping (pass --overwrite to retrain)")
         return {"skipped": True, "weights": str(out_path)}
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    show = not getattr(args, "no_progress", False)
+    show = not args.no_progress
 
     path_index = PathIndex(args.radius)
     ids = read_ids(args, "train_list")
@@ -120,8 +114,8 @@ def run(args: Any) -> dict[str, Any]:
     max_step = max_steps(len(dataset), args.irn_batch_size, args.irn_num_epoches)
 
     module = irn_module(args)
-    from_cam = getattr(args, "irn_backbone_from_cam", False)
-    train_backbone = getattr(args, "irn_train_backbone", False)
+    from_cam = args.irn_backbone_from_cam
+    train_backbone = args.irn_train_backbone
     if from_cam:
         from net.resnet import ResNet
         model = module.AffinityDisplacementLoss(path_index, backbone=ResNet(args.backbone_depth),
@@ -136,7 +130,7 @@ def run(args: Any) -> dict[str, Any]:
     edge_params, disp_params = model.param_groups()
     optimizer = PolyOptimizer(
         [{"params": edge_params, "lr_mult": 1.0},
-         {"params": disp_params, "lr_mult": getattr(args, "irn_disp_lr_mult", 10.0)}],
+         {"params": disp_params, "lr_mult": args.irn_disp_lr_mult}],
         lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay, max_step=max_step,
         momentum=args.sgd_momentum, power=args.poly_power)
     model = model.to(device)
@@ -184,4 +178,4 @@ def run(args: Any) -> dict[str, Any]:
             "mean_shift": mean_shift}
 
 
-__all__ = ["run", "irn_weights_path", "ir_label_dir", "work_path", "irn_module"]
+__all__ = ["run", "irn_weights_path", "ir_label_dir", "irn_module"]
