@@ -22,13 +22,15 @@ from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml, load_cls_labels,  # noqa: E402
                                      multi_hot)
 from misc.cam_io import load_cam, save_cam  # noqa: E402
-from misc.runtime import confusion, iou_scores  # noqa: E402
-from misc.torchutils import PolyOptimizer, max_steps, poly_lr  # noqa: E402
+from misc.settings import config_path, load_settings  # noqa: E402
 from net.resnet import FixedBatchNorm2d, build_backbone, load_torchvision_weights  # noqa: E402
 from net.resnet50_cam import Net  # noqa: E402
-from step.cam_to_ir_label import combine, unary_from_hard_labels, crf_inference_label  # noqa: E402
+from step.cam_to_ir_label import combine, crf_params  # noqa: E402
 from step.eval_cam import cam_prediction  # noqa: E402
 from step.make_cam import cams_for_image, normalise_channels, stride4_size, strided_up_size  # noqa: E402
+from utils.crf import hard_label_crf, hard_label_unary  # noqa: E402
+from utils.metrics import confusion_of_maps, seen_class_scores  # noqa: E402
+from utils.schedule import PolyOptimizer, max_steps, poly_factor  # noqa: E402
 from voc12 import dataloader as dl  # noqa: E402
 
 
@@ -178,7 +180,7 @@ def test_oracle7_cam_dict_shapes_values_and_file_forms(tmp_path):
 @pytest.mark.parametrize("n,other", [(2, 1.203973), (3, 1.897120), (4, 2.302585)])
 def test_oracle14_unary_energies(n, other):
     labels = np.arange(n).reshape(1, n)
-    u = unary_from_hard_labels(labels, n, 0.7)
+    u = hard_label_unary(labels, n, 0.7)
     assert u.shape == (n, n) and u.dtype == np.float32
     assert np.allclose(np.diag(u), 0.356675, atol=1e-6)
     assert np.allclose(u[~np.eye(n, dtype=bool)], other, atol=1e-6)
@@ -197,7 +199,9 @@ def test_crf_keeps_a_clean_labelling():
     img[:, 15:] = 200
     labels = np.zeros((20, 30), np.int64)
     labels[:, 15:] = 1
-    assert np.array_equal(crf_inference_label(img, labels, 2), labels)
+    crf = crf_params(load_settings(config_path("voc")))  # the reference's crf_* settings
+    assert (crf.gt_prob, crf.iterations) == (0.7, 10)
+    assert np.array_equal(hard_label_crf(img, labels, 2, crf), labels)
 
 
 # ----------------------------------------------------------------------------- schedule (oracles 18, 19)
@@ -215,7 +219,7 @@ def test_oracle19_poly_lr_groups_and_quirk20_momentum():
     b = torch.nn.Parameter(torch.ones(3))
     frozen = torch.nn.Parameter(torch.ones(3))
     opt = PolyOptimizer([{"params": [a, frozen], "lr_mult": 1.0}, {"params": [b], "lr_mult": 10.0}],
-                        lr=0.1, weight_decay=1e-4, max_step=4)
+                        lr=0.1, weight_decay=1e-4, max_step=4, momentum=1e-4, power=0.9)
     assert all(g["momentum"] == 1e-4 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
     seen = []
     for k in range(6):
@@ -226,7 +230,7 @@ def test_oracle19_poly_lr_groups_and_quirk20_momentum():
     for k in range(4):
         want = 0.1 * (1 - k / 4) ** 0.9
         assert seen[k][0] == pytest.approx(want, rel=1e-12) and seen[k][1] == pytest.approx(10 * want, rel=1e-12)
-        assert poly_lr(0.1, k, 4) == pytest.approx(want)
+        assert 0.1 * poly_factor(k, 4, 0.9) == pytest.approx(want)
     assert seen[0] == [0.1, 1.0]
     assert seen[4] == seen[5] == seen[3]  # past max_step the lr stays put
     assert torch.equal(frozen.data, torch.ones(3))  # no grad → no weight decay either
@@ -238,12 +242,12 @@ def test_oracle19_poly_lr_groups_and_quirk20_momentum():
 def test_oracle20_confusion_and_miou():
     gt = np.array([[0, 1], [-1, 1]])
     pred = np.array([[0, 1], [1, 0]])
-    conf = confusion(gt, pred, 2)
+    conf = confusion_of_maps(gt, pred, 2, ignore=-1)
     assert conf.tolist() == [[1, 0], [1, 1]]
-    s = iou_scores(conf)
+    s = seen_class_scores(conf)
     assert s["iou"] == [0.5, 0.5] and s["miou"] == 0.5
     # classes absent from both GT and prediction do not count (nan-mean)
-    assert iou_scores(confusion(gt, pred, 5))["miou"] == 0.5
+    assert seen_class_scores(confusion_of_maps(gt, pred, 5, ignore=-1))["miou"] == 0.5
 
 
 def test_oracle21_eval_cam_threshold_tie_is_background():
@@ -561,14 +565,14 @@ def test_eval_sem_seg_warns_when_cams_win(tmp_path, synthetic_voc, caplog):
 
 def test_seeded_loader_is_reproducible(synthetic_voc):
     from torch.utils.data import DataLoader
-    from misc.torchutils import loader_kwargs, seed_everything
+    from utils.runtime import seeded_loader_kwargs, set_seed
     root = synthetic_voc / "VOC2012"
 
     def batches():
-        seed_everything(5)
+        set_seed(5)
         ds = dl.VOC12ClassificationDataset(root / "ImageSets/Segmentation/train_aug.txt", root, resize_long=(40, 80),
                                            hor_flip=True, crop_size=32, crop_method="random")
-        loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True, **loader_kwargs(5, 0))
+        loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True, **seeded_loader_kwargs(5, 0))
         return [(b["name"], b["img"]) for b in loader]
 
     a, b = batches(), batches()

@@ -23,7 +23,7 @@ for _p in (str(IRN), str(REPO)):
 from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
 from datasets.readers import DataError  # noqa: E402
 from datasets.prepare.cls_labels import save_cls_labels  # noqa: E402
-from misc.runtime import StreamingConfusion, confusion, fg_on_gt_background, iou_scores  # noqa: E402
+from utils.metrics import StreamingConfusion, confusion_of_maps, fg_on_gt_background, seen_class_scores  # noqa: E402
 from voc12.source import CocoSource, VOCSource, data_source  # noqa: E402
 
 SIZE = (64, 64)
@@ -219,9 +219,9 @@ def test_streaming_confusion_equals_one_shot():
         stream.add(gt, pred)
         gts.append(gt.reshape(-1))
         preds.append(pred.reshape(-1))
-    once = confusion(np.concatenate(gts), np.concatenate(preds), 81)
+    once = confusion_of_maps(np.concatenate(gts), np.concatenate(preds), 81, ignore=-1)
     assert stream.matrix.shape == (81, 81) and np.array_equal(stream.matrix, once) and stream.images == 3
-    assert stream.scores() == iou_scores(once)
+    assert stream.scores() == seen_class_scores(once)
     conf = np.array([[5, 2, 1], [0, 3, 0], [1, 0, 4]])  # rows GT, cols prediction
     assert fg_on_gt_background(conf) == pytest.approx(3 / 10)
     assert fg_on_gt_background(np.diag([4, 0, 0])) is None

@@ -17,7 +17,7 @@ for _p in (str(REPO), str(IRN)):
 
 from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 from misc import runtime  # noqa: E402
-from misc.errors import DeviceError  # noqa: E402
+from utils.errors import DeviceError  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -242,7 +242,7 @@ def test_coco_root_and_labels(tmp_path, capsys):
 
 def test_error_types_are_the_projects():
     from misc.cam_io import CamFileError
-    from misc.errors import DeviceError, MissingInputError, OptionError, WeightsError, spawned_error
+    from utils.errors import DeviceError, MissingInputError, OptionError, WeightsError, spawned_error
     from step.gen_mask import ScoreFileError
     from voc12.source import LabelDataError
     assert issubclass(CamFileError, DataError) and issubclass(ScoreFileError, DataError)

@@ -1,4 +1,5 @@
-"""Saved score map -> label map at full resolution, with an optional dense CRF (spec second-stage §7).
+"""Saved score map -> label map at full resolution, with an optional dense CRF (spec second-stage §7);
+the first stage's seed CRF on hard labels (spec §9) shares the CRF itself (``mean_field``).
 
 Only numpy, OpenCV and pydensecrf: test.py's worker processes import this module, so it
 stays free of torch (a torch import per worker costs seconds and hundreds of MB).
@@ -17,6 +18,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -77,18 +79,16 @@ def crf_image(image: np.ndarray, legacy: bool, legacy_mean: Sequence[float]) -> 
     return np.ascontiguousarray(np.trunc(shifted).astype(np.int64) & 255, dtype=np.uint8)
 
 
-def dense_crf(prob: np.ndarray, image: np.ndarray, crf: Any) -> np.ndarray:
-    """Mean-field marginals (C, H, W) float32 of the dense CRF over ``prob`` (C, H, W).
+def mean_field(unary: np.ndarray, image: np.ndarray, crf: Any) -> np.ndarray:
+    """Mean-field marginals (C, H, W) float32 of the dense CRF with energies ``unary`` (C, H*W)
+    over ``image`` (HxWx3 uint8): a Gaussian (smoothness) and a bilateral (appearance) Potts
+    kernel. ``crf`` carries ``iterations``, ``gaussian_sxy``, ``gaussian_compat``,
+    ``bilateral_sxy``, ``bilateral_srgb`` and ``bilateral_compat``: the second stage's
+    ``test.crf``, the first stage's ``HardLabelCrf``."""
+    import pydensecrf.densecrf as dcrf  # only the CRF's callers need pydensecrf installed
 
-    ``crf`` carries the config's ``test.crf`` fields; ``image`` is HxWx3 uint8 (see ``crf_image``).
-    """
-    import pydensecrf.densecrf as dcrf
-
-    c, h, w = prob.shape
-    if image.shape[:2] != (h, w):
-        raise ValueError(f"CRF image is {image.shape[1]}x{image.shape[0]} but the map is {w}x{h} (width x height)")
-    # The floor keeps -log finite; it is pydensecrf's unary_from_softmax default, the reference's call.
-    unary = -np.log(np.clip(prob, crf.prob_clip, 1.0)).reshape(c, -1)
+    c = unary.shape[0]
+    h, w = image.shape[:2]
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     d.addPairwiseGaussian(sxy=crf.gaussian_sxy, compat=crf.gaussian_compat)
@@ -96,6 +96,48 @@ def dense_crf(prob: np.ndarray, image: np.ndarray, crf: Any) -> np.ndarray:
                            rgbim=np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]),
                            compat=crf.bilateral_compat)
     return np.asarray(d.inference(crf.iterations), dtype=np.float32).reshape(c, h, w)
+
+
+def dense_crf(prob: np.ndarray, image: np.ndarray, crf: Any) -> np.ndarray:
+    """Mean-field marginals (C, H, W) float32 of the dense CRF over ``prob`` (C, H, W).
+
+    ``crf`` carries the config's ``test.crf`` fields; ``image`` is HxWx3 uint8 (see ``crf_image``).
+    """
+    c, h, w = prob.shape
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"CRF image is {image.shape[1]}x{image.shape[0]} but the map is {w}x{h} (width x height)")
+    # The floor keeps -log finite; it is pydensecrf's unary_from_softmax default, the reference's call.
+    return mean_field(-np.log(np.clip(prob, crf.prob_clip, 1.0)).reshape(c, -1), image, crf)
+
+
+@dataclass(frozen=True)
+class HardLabelCrf:
+    """The first stage's seed CRF (spec §9; its crf_* settings): each pixel's hard label at
+    probability ``gt_prob``, the other labels sharing the rest, and the kernels ``mean_field``
+    reads."""
+    gt_prob: float
+    iterations: int
+    gaussian_sxy: float
+    gaussian_compat: float
+    bilateral_sxy: float
+    bilateral_srgb: float
+    bilateral_compat: float
+
+
+def hard_label_unary(labels: np.ndarray, n_labels: int, gt_prob: float) -> np.ndarray:
+    """(n_labels, N) float32 energies: −ln gt_prob for the given label, −ln((1−gt_prob)/(n−1)) for
+    the others ("zero is a normal label", pydensecrf's ``unary_from_labels(zero_unsure=False)``)."""
+    if n_labels < 2:
+        raise ValueError("a CRF needs at least two labels")
+    flat = labels.reshape(-1).astype(np.int64)
+    u = np.full((n_labels, flat.size), -np.log((1.0 - gt_prob) / (n_labels - 1)), dtype=np.float32)
+    u[flat, np.arange(flat.size)] = -np.log(gt_prob)
+    return u
+
+
+def hard_label_crf(image: np.ndarray, labels: np.ndarray, n_labels: int, crf: HardLabelCrf) -> np.ndarray:
+    """(H, W) int64 argmax of the CRF's marginals over the hard ``labels`` (H, W) of ``image``."""
+    return np.argmax(mean_field(hard_label_unary(labels, n_labels, crf.gt_prob), image, crf), axis=0)
 
 
 def kept_labels(prob: np.ndarray, threshold: float) -> np.ndarray:

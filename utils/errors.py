@@ -1,8 +1,9 @@
-"""The project's error types and how the command-line tools report them.
+"""The project's error types and how the command-line tools report them (both stages).
 
 Every error a user can act on derives from ``BecoError``: the tools print its one-line
-message and exit with its ``exit_code`` (2 for config and usage errors, 1 for data and
-run errors). Anything else is a bug and keeps its traceback.
+message (main.py and first-stage/irn/run_sample.py: ``error: <message>`` on stderr) and exit
+with its ``exit_code`` (2 for config, option and usage errors, 1 for data and run errors).
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -40,6 +41,25 @@ class InputNotFoundError(BecoError, FileNotFoundError):
     """A file the config names (weights, a checkpoint) does not exist."""
 
 
+# The first stage's own kinds. Some also derive from the built-in type they replaced
+# (FileNotFoundError, RuntimeError), so callers that caught those keep working.
+
+class OptionError(ConfigError):
+    """A command-line option's value its parser cannot check (exit 2); the message names the flag."""
+
+
+class DeviceError(OptionError, RuntimeError):
+    """``--device`` names a device this machine does not have."""
+
+
+class MissingInputError(DataError, FileNotFoundError):
+    """A file a first-stage step reads is absent: weights of an earlier step, an output to export."""
+
+
+class WeightsError(DataError, RuntimeError):
+    """A weights file exists but does not fit the network; the message names the file."""
+
+
 # PyTorch re-raises an error of a loader worker as the same type with the worker's whole
 # traceback as its message: "Caught DataError in DataLoader worker process 0.\nOriginal
 # Traceback ...\ndatasets.readers.DataError: <the message>".
@@ -54,3 +74,32 @@ def one_line(error: BaseException) -> str:
         name = type(error).__name__
         text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
     return text
+
+
+# torch.multiprocessing.spawn re-raises a child's error as ProcessRaisedException whose message
+# is the child's traceback; its last line is "<module>.<Type>: <message>".
+_LAST_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+): (.*)$")
+
+
+def _known_names() -> dict[str, int]:
+    """Every BecoError type defined so far, by class name, with its exit code."""
+    names: dict[str, int] = {}
+    todo: list[type[BecoError]] = [BecoError]
+    while todo:
+        cls = todo.pop()
+        names.setdefault(cls.__name__, cls.exit_code)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def spawned_error(error: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) of one of our errors raised in a spawned process (make_cam's and
+    make_sem_seg's shards), else None."""
+    lines = str(error).rstrip().splitlines()
+    if type(error).__name__ != "ProcessRaisedException" or not lines:
+        return None
+    m = _LAST_LINE.match(lines[-1])
+    if m is None:
+        return None
+    code = _known_names().get(m.group(1))
+    return None if code is None else (code, m.group(2))

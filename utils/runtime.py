@@ -1,4 +1,4 @@
-"""Process-wide run settings that change speed, never results: host allocator, autocast, net layout."""
+"""Process-wide run settings: host allocator, autocast, net layout (speed only); determinism and seeding."""
 from __future__ import annotations
 
 import ctypes
@@ -107,10 +107,34 @@ def cpu_info() -> dict[str, Any]:
 
 
 def set_seed(seed: int) -> None:
-    """Python's, NumPy's and torch's global generators from one seed."""
+    """Python's, NumPy's and torch's (all devices) global generators from one seed, in both
+    stages (QUIRK-3 fixed in the first). NumPy takes the seed modulo 2^32, its range (the second
+    stage's seeds are checked to lie in it)."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_worker_from_torch(worker_id: int) -> None:
+    """The first stage's DataLoader ``worker_init_fn``: Python's and NumPy's seeds from the seed
+    torch gives the worker (``base_seed + worker_id``, the base drawn from the loader's generator),
+    so a seeded generator (``seeded_loader_kwargs``) makes the workers repeat. The second stage
+    seeds its workers by rank and id instead (datasets/segmentation.seed_worker_fn, spec §2)."""
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def seeded_loader_kwargs(seed: int, num_workers: int) -> dict[str, Any]:
+    """The first stage's DataLoader keyword arguments that decide its order and augmentation:
+    a shuffling generator seeded with ``seed`` and ``seed_worker_from_torch``."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    kw: dict[str, Any] = {"num_workers": num_workers, "generator": generator,
+                          "worker_init_fn": seed_worker_from_torch}
+    if num_workers > 0:
+        kw["persistent_workers"] = False
+    return kw
 
 
 def configure_backends(cfg: Any) -> None:

@@ -85,10 +85,10 @@ for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12,
         sys.path.insert(0, _p)
 
 from misc import settings  # noqa: E402
-from misc.errors import OptionError, RunError  # noqa: E402
 from misc.runtime import LOGGER_NAME  # noqa: E402
 from misc.settings import STEPS  # noqa: E402
 from utils.config import to_yaml  # noqa: E402
+from utils.errors import BecoError, MissingInputError, OptionError, RunError, one_line, spawned_error  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
 # step name -> module under step/ (imported lazily: PART B's steps may be absent)
@@ -244,7 +244,6 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         # `--steps all` includes export; without a target there is nothing to do, say so loudly.
         log.warning("export: no --export_to DIR given, nothing exported")
         return {"skipped": True}
-    from misc.errors import MissingInputError
     from misc.runtime import read_ids
     ids = read_ids(args, "train_list")
     counts: dict[str, Any] = {}
@@ -410,9 +409,10 @@ def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     from misc.preflight import preflight
     log = setup_logging(args)
     from misc.runtime import configure_runtime
-    from misc.torchutils import seed_everything
+    from utils.runtime import set_seed
     runtime = configure_runtime(args.determ, args.torch_threads)  # before any CUDA work (cuBLAS reads its env)
-    seed_everything(args.seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(args.seed))  # string hashing in the spawned shard processes
+    set_seed(args.seed)
     root = args.coco_root if args.dataset == "coco" else args.voc12_root
     log.info(f"run_sample: steps {','.join(args.steps)}; dataset {args.dataset} {root}; work_dir {args.work_dir}")
     log.info("run_sample: " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -430,7 +430,7 @@ def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
         run = runners[name]
         for plan in plans.get(name, []):  # outputs of other settings go (--overwrite) just before the step
             provenance.commit(plan)
-        seed_everything(args.seed)  # each step reproducible on its own, whatever ran before
+        set_seed(args.seed)  # each step reproducible on its own, whatever ran before
         log.info(f"== {name}")
         start = time.perf_counter()
         try:
@@ -461,20 +461,19 @@ def _report(message: str, code: int) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """The command: ``main`` with the project's errors reported in one line (exit 2 for option
     errors, 1 for data and run errors); any other exception keeps its traceback."""
-    from misc.errors import error_types, exit_code, one_line, spawned_error
     try:
         cfg, print_only = read_command(argv)
         if print_only:
             sys.stdout.write(to_yaml(cfg))
             return 0
         args = settings.resolve_paths(settings.to_namespace(cfg))
-    except error_types() as e:
+    except BecoError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return exit_code(e)
+        return e.exit_code
     try:
         run_steps(args, argv)
-    except error_types() as e:
-        return _report(one_line(e), exit_code(e))
+    except BecoError as e:
+        return _report(one_line(e), e.exit_code)
     except Exception as e:
         found = spawned_error(e)  # ours, raised in a make_cam / make_sem_seg shard process
         if found is None:

@@ -30,7 +30,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Sequence
 
-from misc.errors import DataError, OptionError
+from utils.errors import DataError, OptionError
 
 # step -> (role, what) pairs it reads; "val" only with --cam_val_loss
 NEEDS: dict[str, tuple[tuple[str, str], ...]] = {

@@ -1,4 +1,4 @@
-"""Runtime plumbing shared by the steps: logger, progress bars, device, work splitting, metrics."""
+"""Runtime plumbing shared by the steps: logger, progress bars, device, work splitting."""
 from __future__ import annotations
 
 import gc
@@ -10,7 +10,6 @@ from typing import Any, Iterable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from utils.metrics import confusion_matrix
 from utils.runtime import cpu_info, set_deterministic
 
 LOGGER_NAME = "first_stage"
@@ -50,7 +49,7 @@ def _checked_device(name: str | torch.device, gpu_count: int) -> torch.device:
     """``--device`` on a machine with ``gpu_count`` CUDA devices; DeviceError for one it lacks."""
     if name == "auto":
         return torch.device("cuda" if gpu_count else "cpu")
-    from misc.errors import DeviceError
+    from utils.errors import DeviceError
     try:
         dev = torch.device(name)
     except RuntimeError as e:
@@ -222,57 +221,6 @@ def first_item(batch: list) -> Any:
     return batch[0]
 
 
-def confusion(gt: np.ndarray, pred: np.ndarray, n_classes: int, ignore: int = -1) -> np.ndarray:
-    """(n, n) int64 counts ``conf[gt, pred]`` over pixels whose gt is not ``ignore``."""
-    if gt.shape != pred.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
-    return confusion_matrix(torch.from_numpy(np.ascontiguousarray(pred)).long(),
-                            torch.from_numpy(np.ascontiguousarray(gt)).long(), n_classes,
-                            ignore_index=ignore).numpy()
-
-
-def iou_scores(conf: np.ndarray) -> dict[str, Any]:
-    """chainercv's rule (§8): IoU_c = tp/(row + col − tp); mIoU = nan-mean over all classes
-    (background included), so classes absent from both GT and prediction do not count."""
-    conf = np.asarray(conf, dtype=np.float64)
-    tp = np.diag(conf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = tp / (conf.sum(0) + conf.sum(1) - tp)
-    valid = ~np.isnan(iou)
-    return {"miou": float(np.nanmean(iou)) if valid.any() else float("nan"),
-            "iou": [None if np.isnan(v) else float(v) for v in iou]}
-
-
-def fg_on_gt_background(conf: np.ndarray) -> float | None:
-    """Share of the predicted-foreground pixels whose GT is background (§16.2 eval_cam):
-    ``Σ_{c>0} conf[0, c] / Σ_{c>0} Σ_i conf[i, c]``; None without foreground predictions."""
-    conf = np.asarray(conf, dtype=np.float64)
-    fg = conf[:, 1:].sum()
-    return float(conf[0, 1:].sum() / fg) if fg > 0 else None
-
-
-class StreamingConfusion:
-    """A confusion matrix accumulated image by image (QUIRK-18: no list of maps in memory).
-
-    ``add(gt, pred)`` counts ``conf[gt, pred]`` over pixels whose gt is not ``ignore`` (−1: the
-    readers' void); the class count is the data set's label count (VOC 21, COCO 81).
-    """
-
-    def __init__(self, n_classes: int, ignore: int = -1):
-        self.n_classes = int(n_classes)
-        self.ignore = ignore
-        self.matrix = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
-        self.images = 0
-
-    def add(self, gt: np.ndarray, pred: np.ndarray) -> "StreamingConfusion":
-        self.matrix += confusion(gt, pred, self.n_classes, self.ignore)
-        self.images += 1
-        return self
-
-    def scores(self) -> dict[str, Any]:
-        return iou_scores(self.matrix)
-
-
 def _source(args: Any):
     from voc12.source import data_source
     return data_source(args)
@@ -295,7 +243,7 @@ def eval_ids(args: Any) -> list[str]:
     return _source(args).ids("eval")
 
 
-__all__ = ["get_logger", "progress", "resolve_device", "round_robin", "confusion", "iou_scores", "read_ids",
-           "eval_ids", "LOGGER_NAME", "StreamingConfusion", "fg_on_gt_background", "inference_parts",
+__all__ = ["get_logger", "progress", "resolve_device", "round_robin", "read_ids",
+           "eval_ids", "LOGGER_NAME", "inference_parts",
            "worker_share", "run_on_devices", "training_gpus", "wrap_for_training", "shard_workers",
            "set_deterministic", "configure_runtime", "runtime_facts", "save_torch", "KERNEL_ENV"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from misc.errors import OptionError
+from utils.errors import OptionError
 from utils.config import apply_overrides, build_dataclass, load_yaml
 
 REPO = Path(__file__).resolve().parents[3]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.errors import MissingInputError, WeightsError
+from utils.errors import MissingInputError, WeightsError
 
 
 class FixedBatchNorm2d(nn.BatchNorm2d):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datasets.prepare.cls_labels import FG_CLASSES
-from misc.errors import MissingInputError, WeightsError
+from utils.errors import MissingInputError, WeightsError
 from net.resnet import ResNet, build_backbone
 
 # Former constant, kept importable: VOC's class count (the default of ``n_classes``).

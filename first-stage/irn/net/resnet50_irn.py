@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.errors import MissingInputError, WeightsError
+from utils.errors import MissingInputError, WeightsError
 from misc.indexing import PathIndex, edge_to_affinity
 from net.resnet import ResNet, build_backbone
 

@@ -5,13 +5,13 @@ plane — high threshold (``conf_fg_thres``) for confident foreground, low thres
 (``conf_bg_thres``) for confident background — combined into 0 / class / 255 (ignore) and
 saved as ``<ir_label_out_dir>/<id>.png``. An image without any class (COCO) gets an all-zero
 label (all confident background, no CRF). The CRF runs in ``num_workers`` processes; ids
-already written are skipped unless ``--overwrite``. Thresholds: ``--conf_fg_thres`` /
-``--conf_bg_thres``, whose defaults depend on the data set (VOC 0.30 / 0.05, COCO 0.35 / 0.10).
+already written are skipped unless ``--overwrite``. Thresholds: ``conf_fg_thres`` /
+``conf_bg_thres`` (voc.yaml 0.30 / 0.05, coco.yaml 0.35 / 0.10); the CRF is the second stage's
+(utils/crf.py ``hard_label_crf``) with the ``crf_*`` settings.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +19,11 @@ import numpy as np
 
 from misc.cam_io import CamFileError, load_cam
 from misc.runtime import eval_ids, get_logger, progress, read_ids
+from utils.crf import HardLabelCrf, hard_label_crf
 from utils.io import save_png
 from voc12.source import SEED_IGNORE, data_source
 
 IGNORE = SEED_IGNORE
-
-
-@dataclass(frozen=True)
-class CRFParams:
-    """Dense-CRF settings (§9; defaults = reference)."""
-    gt_prob: float = 0.7
-    iters: int = 10
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    bi_sxy: float = 50.0
-    bi_srgb: float = 5.0
-    bi_compat: float = 10.0
-
-
-def unary_from_hard_labels(labels: np.ndarray, n_labels: int, gt_prob: float) -> np.ndarray:
-    """(n_labels, N) float32 energies: −ln gt_prob for the given label, −ln((1−gt_prob)/(n−1)) for
-    the others ("zero is a normal label", pydensecrf's ``unary_from_labels(zero_unsure=False)``)."""
-    if n_labels < 2:
-        raise ValueError("a CRF needs at least two labels")
-    flat = labels.reshape(-1).astype(np.int64)
-    u = np.full((n_labels, flat.size), -np.log((1.0 - gt_prob) / (n_labels - 1)), dtype=np.float32)
-    u[flat, np.arange(flat.size)] = -np.log(gt_prob)
-    return u
-
-
-def crf_inference_label(img: np.ndarray, labels: np.ndarray, n_labels: int, p: CRFParams = CRFParams()) -> np.ndarray:
-    """2-D fully connected CRF on hard labels → argmax of the final marginals, (H, W) int64."""
-    import pydensecrf.densecrf as dcrf  # QUIRK-1: only this step needs pydensecrf
-    h, w = img.shape[:2]
-    d = dcrf.DenseCRF2D(w, h, n_labels)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_hard_labels(labels, n_labels, p.gt_prob)))
-    d.addPairwiseGaussian(sxy=p.gauss_sxy, compat=p.gauss_compat)
-    d.addPairwiseBilateral(sxy=p.bi_sxy, srgb=p.bi_srgb, rgbim=np.array(img, dtype=np.uint8, order="C"),
-                           compat=p.bi_compat)
-    q = d.inference(p.iters)
-    return np.argmax(np.asarray(q).reshape(n_labels, h, w), axis=0)
 
 
 def combine(fg_conf: np.ndarray, bg_conf: np.ndarray) -> np.ndarray:
@@ -68,16 +33,17 @@ def combine(fg_conf: np.ndarray, bg_conf: np.ndarray) -> np.ndarray:
     return out
 
 
-def seed_pass(img: np.ndarray, high_res: np.ndarray, keys: np.ndarray, threshold: float, p: CRFParams) -> np.ndarray:
+def seed_pass(img: np.ndarray, high_res: np.ndarray, keys: np.ndarray, threshold: float,
+              crf: HardLabelCrf) -> np.ndarray:
     """Constant plane ``threshold`` first, argmax, CRF over K+1 labels, mapped to class ids."""
     planes = np.concatenate([np.full((1,) + high_res.shape[1:], threshold, dtype=np.float32), high_res], 0)
     hard = np.argmax(planes, axis=0)
     label_of = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1])
-    return label_of[crf_inference_label(img, hard, label_of.size, p)]
+    return label_of[hard_label_crf(img, hard, label_of.size, crf)]
 
 
 def ir_label_for(img: np.ndarray, cam: dict[str, np.ndarray], fg_thres: float, bg_thres: float,
-                 p: CRFParams = CRFParams(), item_id: str = "?") -> np.ndarray:
+                 crf: HardLabelCrf, item_id: str = "?") -> np.ndarray:
     high_res, keys = cam["high_res"], cam["keys"]
     if high_res.shape[1:] != img.shape[:2]:
         raise CamFileError(f"id '{item_id}': high_res CAM {high_res.shape[1:]} differs from the image "
@@ -85,8 +51,8 @@ def ir_label_for(img: np.ndarray, cam: dict[str, np.ndarray], fg_thres: float, b
     if keys.size == 0:
         # No class: everything is confident background (the reference's COCO rule; a CRF needs ≥ 2 labels).
         return np.zeros(img.shape[:2], dtype=np.uint8)
-    fg = seed_pass(img, high_res, keys, fg_thres, p)
-    bg = seed_pass(img, high_res, keys, bg_thres, p)
+    fg = seed_pass(img, high_res, keys, fg_thres, crf)
+    bg = seed_pass(img, high_res, keys, bg_thres, crf)
     return combine(fg, bg)
 
 
@@ -107,9 +73,10 @@ def _process(item_id: str) -> str:
     return item_id
 
 
-def crf_params(args: Any) -> CRFParams:
-    return CRFParams(args.crf_gt_prob, args.crf_iters, args.crf_gauss_sxy, args.crf_gauss_compat,
-                     args.crf_bi_sxy, args.crf_bi_srgb, args.crf_bi_compat)
+def crf_params(args: Any) -> HardLabelCrf:
+    """The seed CRF of the crf_* settings."""
+    return HardLabelCrf(args.crf_gt_prob, args.crf_iters, args.crf_gauss_sxy, args.crf_gauss_compat,
+                        args.crf_bi_sxy, args.crf_bi_srgb, args.crf_bi_compat)
 
 
 def run(args: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from misc.cam_io import CamFileError, load_cam
-from misc.runtime import StreamingConfusion, eval_ids, fg_on_gt_background, get_logger, iou_scores, progress
+from misc.runtime import eval_ids, get_logger, progress
+from utils.metrics import StreamingConfusion, fg_on_gt_background, seen_class_scores
 from voc12.dataloader import VOC12GTDataset
 from voc12.source import data_source
 
@@ -58,6 +59,6 @@ def run(args: Any) -> dict[str, Any]:
         log.info("eval_cam: predicted-foreground pixels that are GT background: "
                  + ("-" if share is None else f"{100 * share:.2f} %"))
     if sweep:
-        out["cam_miou_sweep"] = {f"{t:g}": iou_scores(c.matrix)["miou"] for t, c in zip(sweep, sweep_conf)}
+        out["cam_miou_sweep"] = {f"{t:g}": seen_class_scores(c.matrix)["miou"] for t, c in zip(sweep, sweep_conf)}
         log.info("eval_cam: threshold sweep " + " ".join(f"{k}:{100 * v:.1f}" for k, v in out["cam_miou_sweep"].items()))
     return out

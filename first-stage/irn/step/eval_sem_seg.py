@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from misc.errors import DataError
-from misc.runtime import StreamingConfusion, eval_ids, fg_on_gt_background, get_logger, progress
+from misc.runtime import eval_ids, get_logger, progress
 from step.make_sem_seg_labels import sem_seg_dir
+from utils.errors import DataError
+from utils.metrics import StreamingConfusion, fg_on_gt_background
 from voc12.dataloader import IGNORE, VOC12GTDataset
 from voc12.source import DataSource, VOCSource, data_source
 

@@ -48,7 +48,7 @@ from misc.preflight import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
 from misc.settings import config_path, load_settings  # noqa: E402
 from models.checkpoint import read_torch_file  # noqa: E402
-from utils.errors import CheckpointError, DataError  # noqa: E402
+from utils.errors import BecoError, CheckpointError, DataError, one_line  # noqa: E402
 from utils.io import save_png  # noqa: E402
 from voc12.source import VOC_STATS_GT_DIRS  # noqa: E402
 
@@ -351,12 +351,11 @@ __all__ = ["run", "main", "margins", "confidence_mask", "keep_count", "load_scor
 
 def cli(argv: list[str] | None = None) -> int:
     """The standalone command: the project's errors in one line on stderr (exit 1, options 2)."""
-    from misc.errors import error_types, exit_code, one_line
     try:
         main(argv)
-    except error_types() as e:
+    except BecoError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return exit_code(e)
+        return e.exit_code
     return 0
 
 

@@ -15,10 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from misc.errors import OptionError
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
-from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps
+from utils.errors import OptionError
 from utils.io import save_json
+from utils.runtime import seeded_loader_kwargs
+from utils.schedule import PolyOptimizer, max_steps
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDataset
 from voc12.source import data_source
 
@@ -68,7 +69,7 @@ def run(args: Any) -> dict[str, Any]:
         raise OptionError(f"train_cam: {len(dataset)} training images < batch size {args.cam_batch_size}; "
                          "lower --cam_batch_size")
     loader = DataLoader(dataset, batch_size=args.cam_batch_size, shuffle=True, drop_last=True,
-                        pin_memory=device.type == "cuda", **loader_kwargs(args.seed, args.num_workers))
+                        pin_memory=device.type == "cuda", **seeded_loader_kwargs(args.seed, args.num_workers))
     max_step = max_steps(len(dataset), args.cam_batch_size, args.cam_num_epoches)
 
     model = build_cam_net(args)
@@ -89,7 +90,7 @@ def run(args: Any) -> dict[str, Any]:
                                              crop_method="top_left", cls_labels_file=args.cls_labels)
         if len(val_set) >= args.cam_batch_size:
             val_loader = DataLoader(val_set, batch_size=args.cam_batch_size, shuffle=False, drop_last=True,
-                                    **loader_kwargs(args.seed, args.num_workers))
+                                    **seeded_loader_kwargs(args.seed, args.num_workers))
         else:
             log.info(f"train_cam: {len(val_set)} val images < batch size; no validation loss")
 

@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from misc.errors import MissingInputError, OptionError, WeightsError
 from misc.indexing import PathIndex
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
-from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
+from utils.errors import MissingInputError, OptionError, WeightsError
+from utils.runtime import seeded_loader_kwargs, set_seed
+from utils.schedule import PolyOptimizer, max_steps
 from voc12.affinity import VOC12AffinityDataset, reduced_size
 from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
 from voc12.source import data_source
@@ -76,7 +77,7 @@ def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, sho
         log.warning(f"train_irn: {len(dataset)} infer_list images < batch {args.irn_batch_size}; "
                     "mean-shift calibration uses the incomplete batch")
     loader = DataLoader(dataset, batch_size=args.irn_batch_size, shuffle=False, drop_last=drop_last,
-                        **loader_kwargs(args.seed, args.num_workers))
+                        **seeded_loader_kwargs(args.seed, args.num_workers))
     model.eval()
     model.mean_shift.running_mean.zero_()  # calibrate the raw displacement (m still 0, as the reference)
     means = []
@@ -95,7 +96,7 @@ def run(args: Any) -> dict[str, Any]:
     if out_path.is_file() and not args.overwrite:
         log.info(f"train_irn: {out_path} exists, skipping (pass --overwrite to retrain)")
         return {"skipped": True, "weights": str(out_path)}
-    seed_everything(args.seed)
+    set_seed(args.seed)
     device = resolve_device(args.device)
     show = not args.no_progress
 
@@ -110,7 +111,7 @@ def run(args: Any) -> dict[str, Any]:
         raise OptionError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
                          "lower --irn_batch_size")
     loader = DataLoader(dataset, batch_size=args.irn_batch_size, shuffle=True, drop_last=True,
-                        pin_memory=device.type == "cuda", **loader_kwargs(args.seed, args.num_workers))
+                        pin_memory=device.type == "cuda", **seeded_loader_kwargs(args.seed, args.num_workers))
     max_step = max_steps(len(dataset), args.irn_batch_size, args.irn_num_epoches)
 
     module = irn_module(args)

@@ -10,7 +10,7 @@ The helpers reproduce the reference's semantics exactly (spec §4.3): PIL resamp
 random crop that places small images at a random offset in the canvas, etc.
 Randomness comes from a ``numpy.random.Generator`` passed in; datasets create theirs
 lazily per process from ``torch.initial_seed()`` so that a seeded DataLoader (see
-``misc.torchutils.loader_kwargs``) gives reproducible augmentation.
+``utils.runtime.seeded_loader_kwargs``) gives reproducible augmentation.
 
 Ids are strings everywhere (QUIRK-8).
 """
