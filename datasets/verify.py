@@ -1,4 +1,5 @@
-"""Read every file of a data set before training starts (``data.verify: full``).
+"""Read every file of a data set before training starts (``data.verify: full``); the first
+stage's preflight is the last section (``first_stage_preflight``).
 
 Building a ``TrainSet`` / ``EvalSet`` only checks that each file exists; its content is
 checked when a loader worker reads it. A truncated validation image or a ground truth
@@ -38,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -479,4 +480,146 @@ def preflight(sets: list[tuple[Dataset, str]], info) -> None:
                      f"{f', {info.world_size} ranks' if info.distributed else ''})")
 
 
-__all__ = ["verify", "preflight", "load_cache", "CACHE_NAME", "REPORT_NAME", "CACHE_VERSION"]
+# ----------------------------------------------------------------------------- the first stage's preflight
+#
+# Before any first-stage step starts (first-stage/irn/run_sample.py), the data the chosen steps
+# read is checked in full through the run's source (its ids, images, image-level labels and
+# ground truth), so a missing or broken file stops the run in seconds, naming the option or the
+# first bad id, its file and how many ids fail, instead of a loader worker finding it mid-training:
+#
+#     the data root      --voc12_root / --coco_root exists (a data error, exit 1)
+#     train_cam          images and image-level labels of the train list; of the val list too
+#                        with cam_val_loss (the default)
+#     make_cam           images and image-level labels of the train list
+#     cam_to_ir_label, make_sem_seg   images of the train list
+#     train_irn          images of the train and infer lists
+#     eval_cam, eval_sem_seg          ground truth of the evaluation ids
+#
+# Image-level labels: VOC cls_labels.json (--cls_labels) or, for ids it lacks, the XML annotation,
+# which must exist and parse; COCO the cls_labels_<split>2014.json of each id. Images without any
+# class (COCO has a few hundred) are reported then: count and first ids in the log (a warning),
+# under "preflight" in summary.json, every id in <work_dir>/logs/no_class_ids.txt; gen_mask and
+# export count them again in their own summary entries.
+
+# step -> (role, what) pairs it reads; "val" only with the CAM validation loss
+FIRST_STAGE_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "train_cam": (("train", "images"), ("train", "labels"), ("val", "images"), ("val", "labels")),
+    "make_cam": (("train", "images"), ("train", "labels")),
+    "cam_to_ir_label": (("train", "images"),),
+    "train_irn": (("train", "images"), ("infer", "images")),
+    "make_sem_seg": (("train", "images"),),
+    "eval_cam": (("eval", "gt"),),
+    "eval_sem_seg": (("eval", "gt"),),
+}
+NO_DATA_STEPS = ("gen_mask", "export")  # read no image of the data set (gen_mask's GT statistics are optional)
+SHOWN_IDS = 5          # ids named in the log line
+SUMMARY_IDS = 10       # ids kept in summary.json
+NO_CLASS_LIST = "no_class_ids.txt"
+
+ROOT_FLAGS = {"voc": "--voc12_root", "coco": "--coco_root"}
+ROOT_HINTS = {"voc": "the VOC2012 folder: JPEGImages/, Annotations/, ImageSets/Segmentation/, SegmentationClass/",
+              "coco": "tools/prepare_coco.py's tree: train2014/, val2014/, mask/, lists/, cls_labels_*.json"}
+
+
+def data_root(args: Any) -> tuple[str, Path]:
+    """(flag, path) of a first-stage run's data root."""
+    return ROOT_FLAGS[args.dataset], Path(args.coco_root if args.dataset == "coco" else args.voc12_root)
+
+
+def check_root(args: Any) -> None:
+    flag, root = data_root(args)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "not found"
+        raise DataError(f"data root {what}: {flag} {root} ({ROOT_HINTS[args.dataset]})")
+
+
+def needs(args: Any, steps: Sequence[str]) -> dict[str, list[str]]:
+    """role -> what to check ("images", "labels", "gt"), in role order, for the chosen steps."""
+    out: dict[str, list[str]] = {}
+    for step in steps:
+        for role, what in FIRST_STAGE_NEEDS.get(step, ()):
+            if role == "val" and not args.cam_val_loss:
+                continue
+            if what not in out.setdefault(role, []):
+                out[role].append(what)
+    order = ("train", "val", "infer", "eval")
+    return {r: out[r] for r in order if r in out}
+
+
+def _in_list(source: Any, role: str, error: DataError) -> DataError:
+    """The error with its list named first (same type, so a LabelError stays one)."""
+    return type(error)(f"{role} list {source.list_path(role)}: {error}")
+
+
+def first_stage_preflight(args: Any, source: Any, steps: Sequence[str], log: Any) -> dict[str, Any]:
+    """Check what ``steps`` read through ``source`` (the run's data source); returns the report
+    (checked roles, the ids without class) that summary.json keeps under "preflight"."""
+    if any(s not in NO_DATA_STEPS for s in steps):
+        check_root(args)
+    report: dict[str, Any] = {"checked": {}}
+    no_class: list[str] | None = None
+    for role, whats in needs(args, steps).items():
+        ids = source.ids(role)  # a missing or empty list fails here, naming it
+        try:
+            if "images" in whats:
+                source.check_images(ids)
+            if "labels" in whats:
+                empty = source.check_labels(ids)
+                if role == "train":
+                    no_class = empty
+            if "gt" in whats:
+                source.check_gt(ids)
+        except DataError as e:
+            raise _in_list(source, role, e) from None
+        report["checked"][role] = {"list": str(source.list_path(role)), "ids": len(ids), "checked": whats}
+    if no_class is None and any(s in steps for s in ("gen_mask", "export")):
+        no_class = known_no_class(source, source.ids("train"))
+        if no_class is None:
+            log.info("preflight: image-level labels of the train list unavailable; gen_mask counts the images "
+                     "without class from the score files")
+    if no_class is not None:
+        report.update(no_class_report(no_class))
+        if no_class:
+            policy = policy_text(args.no_class_mask, args.mask_thd)
+            log.warning(f"preflight: {no_class_sentence(len(no_class), policy, future=True)}; ids {shown(no_class)}")
+            path = Path(args.log_dir) / NO_CLASS_LIST
+            path.write_text("".join(f"{i}\n" for i in no_class))
+            report["no_class_list"] = str(path)
+    return report
+
+
+def known_no_class(source: Any, ids: Sequence[str]) -> list[str] | None:
+    """The ids without any class from the image-level labels; None when they cannot be read
+    (outputs exported without the data set's labels)."""
+    try:
+        return source.check_labels(ids)
+    except DataError:
+        return None
+
+
+def no_class_report(ids: Sequence[str]) -> dict[str, Any]:
+    return {"no_class_images": len(ids), "no_class_ids": list(ids[:SUMMARY_IDS])}
+
+
+def shown(ids: Sequence[str], n: int = SHOWN_IDS) -> str:
+    return ", ".join(ids[:n]) + (f" ... ({len(ids) - n} more)" if len(ids) > n else "")
+
+
+def policy_text(mode: str, thd: float) -> str:
+    """What the masks of images without class mark, for a --no_class_mask value and --mask_thd."""
+    if mode == "zero":
+        return "their masks mark no pixel reliable (--no_class_mask zero)"
+    share = "half" if thd == 0.5 else f"{100 * thd:g} %"
+    return f"their masks mark a seeded random {share} of their pixels reliable (--no_class_mask {mode})"
+
+
+def no_class_sentence(n: int, policy: str, future: bool = False) -> str:
+    """"N images have no class: their pseudo-labels are all background and <policy>"."""
+    have = "has" if n == 1 else "have"
+    are = "will be" if future else "are"
+    return f"{n} image{'' if n == 1 else 's'} {have} no class: their pseudo-labels {are} all background and {policy}"
+
+
+__all__ = ["verify", "preflight", "load_cache", "CACHE_NAME", "REPORT_NAME", "CACHE_VERSION", "first_stage_preflight",
+           "known_no_class", "no_class_report", "no_class_sentence", "policy_text", "shown", "FIRST_STAGE_NEEDS",
+           "NO_CLASS_LIST"]

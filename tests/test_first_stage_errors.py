@@ -26,9 +26,11 @@ for _p in (str(IRN), str(REPO)):
         sys.path.insert(0, _p)
 
 import run_sample  # noqa: E402
+from datasets.verify import first_stage_preflight  # noqa: E402
 from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
 from datasets.prepare.cls_labels import LabelError, save_cls_labels  # noqa: E402
 from utils.errors import ConfigError, DataError  # noqa: E402
+from voc12.source import data_source  # noqa: E402
 
 TRAIN = ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]
 VAL = ["2008_000001", "2008_000002"]
@@ -151,6 +153,11 @@ def test_cli_raises_what_is_not_ours_and_reports_config_errors_of_a_step(voc, tm
 # ----------------------------------------------------------------------------- preflight
 
 
+def preflight(args, steps, log):
+    """The first stage's preflight as run_sample.py runs it: through the run's data source."""
+    return first_stage_preflight(args, data_source(args), steps, log)
+
+
 def test_missing_annotation_is_found_before_training(voc, tmp_path, capsys):
     work = tmp_path / "work"
     (voc / "Annotations" / "2007_000002.xml").unlink()
@@ -192,7 +199,6 @@ def test_val_list_and_images_are_checked_too(voc, tmp_path, capsys):
 
 
 def test_cls_labels_file_spares_the_xml(voc, tmp_path):
-    from misc.preflight import preflight
     import logging
     save_cls_labels(voc / "cls_labels.json", {"2007_000001": [7], "2007_000002": [11], "2007_000003": [],
                                               "2007_000004": [14]})
@@ -327,7 +333,6 @@ def steps_metrics(work: Path) -> dict:
 
 def test_no_class_count_before_training(voc, tmp_path):
     import logging
-    from misc.preflight import preflight
     args = run_sample.parse_args(_argv(voc, tmp_path / "work"))
     report = preflight(args, ["train_cam"], logging.getLogger("test"))
     assert (report["no_class_images"], report["no_class_ids"]) == (1, [NO_CLASS])
@@ -464,7 +469,7 @@ def test_a_radius_below_two_is_refused_when_its_step_runs(voc, tmp_path, flag, s
 def test_the_crop_rule_is_what_the_network_and_the_path_index_do():
     """Accepted exactly when IRN's output map equals the label map and the path index has a window."""
     from misc.indexing import PathIndex
-    from misc.preflight import irn_crop_problem
+    from misc.settings import irn_crop_problem
     from net.resnet50_irn import Net
     from voc12.affinity import reduced_size
     net = Net(18).eval()

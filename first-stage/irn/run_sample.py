@@ -47,7 +47,7 @@ conf_bg_thres 0.10 (VOC 0.30 / 0.05). IRN inference runs on the unpadded image
 make_cam and make_sem_seg use one process per visible GPU (or --cpu_shards on the CPU),
 cam_to_ir_label --num_workers CRF processes; results do not depend on the split.
 
-Before the first step the data the chosen steps read is checked in full (misc/preflight.py):
+Before the first step the data the chosen steps read is checked in full (datasets/verify.py):
 the data root (--voc12_root / --coco_root), every id's image and image-level labels (VOC: the
 Annotations XML exists and parses, or --cls_labels holds the id; COCO: cls_labels_<split>2014.json)
 of the train and val lists, the infer list's images, the evaluation ids' ground truth. A bad
@@ -84,12 +84,17 @@ for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12,
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from datasets.verify import (first_stage_preflight, known_no_class, no_class_report, no_class_sentence,  # noqa: E402
+                             policy_text, shown)
 from misc import settings  # noqa: E402
-from misc.runtime import LOGGER_NAME  # noqa: E402
+from misc.runtime import LOGGER_NAME, configure_runtime, read_ids  # noqa: E402
 from misc.settings import STEPS  # noqa: E402
+from utils import provenance  # noqa: E402
 from utils.config import to_yaml  # noqa: E402
-from utils.errors import BecoError, MissingInputError, OptionError, RunError, one_line, spawned_error  # noqa: E402
+from utils.errors import BecoError, MissingInputError, RunError, one_line, spawned_error  # noqa: E402
 from utils.io import save_json  # noqa: E402
+from utils.runtime import set_seed  # noqa: E402
+from voc12.source import data_source  # noqa: E402
 
 # step name -> module under step/ (imported lazily: PART B's steps may be absent)
 STEP_MODULES: dict[str, str] = {
@@ -108,42 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     return settings.build_parser(__doc__)
 
 
-# --no_class_mask skip: why it is refused (the export cannot leave ids out of the second stage's list).
-SKIP_REFUSED = (
-    "--no_class_mask skip cannot be honoured: the second stage trains on every id of its own list "
-    "(VOC: ImageSets/Segmentation/train_aug.txt of the VOC root; COCO: every image of train2014/, or "
-    "lists/train2014.txt with data.list_dir lists) and stops at an id without a pseudo-label and a mask, so "
-    "the export cannot leave images out. Remove those ids from --train_list and from the second stage's list "
-    "instead (a run lists them in <work_dir>/logs/no_class_ids.txt), or use random_half (default) or zero")
-
-
-def check_options(args: argparse.Namespace) -> None:
-    """Values the types cannot check; an OptionError (exit 2) names the flag."""
-    at_least = {"max_images": 1, "cpu_shards": 1, "num_workers": 0, "cam_batch_size": 1, "irn_batch_size": 1,
-                "cam_crop_size": 1, "irn_crop_size": 1, "cam_num_epoches": 1, "irn_num_epoches": 1}
-    for name, low in at_least.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise OptionError(f"--{name} must be >= {low}, got {value}")
-    if not 0.0 < args.mask_thd <= 1.0:
-        raise OptionError(f"--mask_thd must be in (0, 1], got {args.mask_thd}")
-    if len(args.cam_resize_long) != 2 or args.cam_resize_long[0] > args.cam_resize_long[1]:
-        raise OptionError(f"--cam_resize_long: expected MIN,MAX with MIN <= MAX, got {list(args.cam_resize_long)}")
-    if not args.cam_scales:
-        raise OptionError("--cam_scales: expected at least one scale")
-    if args.no_class_mask == "skip":
-        raise OptionError(SKIP_REFUSED)
-    from misc.preflight import check_path_options
-    check_path_options(args)
-    from misc.runtime import resolve_device
-    resolve_device(args.device)  # DeviceError (an OptionError) for a device this machine lacks
-
-
 def read_command(argv: list[str] | None = None) -> tuple[settings.FirstStageCfg, bool]:
     """(the resolved settings, whether --print-config asks only to print them); checked."""
     command = build_parser().parse_intermixed_args(argv)  # key=value pairs may come before or after flags
     cfg = settings.resolve_config(command)
-    check_options(settings.to_namespace(cfg))
+    settings.check_options(settings.to_namespace(cfg))
     return cfg, command.print_config
 
 
@@ -244,7 +218,6 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         # `--steps all` includes export; without a target there is nothing to do, say so loudly.
         log.warning("export: no --export_to DIR given, nothing exported")
         return {"skipped": True}
-    from misc.runtime import read_ids
     ids = read_ids(args, "train_list")
     counts: dict[str, Any] = {}
     for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
@@ -266,9 +239,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _exported_no_class(args: argparse.Namespace, ids: list[str], log: logging.Logger) -> dict[str, Any]:
     """Count and name the exported images without class; their policy read off their masks."""
-    from misc.preflight import known_no_class, no_class_report, no_class_sentence, policy_text, shown
-    from step.gen_mask import no_class_policy_of, read_mask_png
-    empty = known_no_class(args, ids)
+    from step.gen_mask import no_class_policy_of, read_mask_png  # a step module: loaded when a step needs it
+    empty = known_no_class(data_source(args), ids)
     if empty is None:
         log.warning("export: image-level labels of the train list unavailable: cannot tell which exported images "
                     "have no class")
@@ -325,7 +297,6 @@ STEP_PROVENANCE: dict[str, dict[str, Any]] = {
 
 def _output_places(args: argparse.Namespace, step: str) -> list[tuple[Path, tuple[str, ...], str]]:
     """(folder, output globs, record file name) of each place ``step`` writes to."""
-    from utils.provenance import RECORD_NAME
     places = []
     for option, pattern in STEP_PROVENANCE[step]["outputs"]:
         path = Path(getattr(args, option))
@@ -333,15 +304,14 @@ def _output_places(args: argparse.Namespace, step: str) -> list[tuple[Path, tupl
             places.append((path.parent, (path.name,), f"_provenance.{step}.json"))
         elif step == "export":  # two folders the second stage reads, each with its own record
             folder, glob = pattern.split("/")
-            places.append((path / folder, (glob,), RECORD_NAME))
+            places.append((path / folder, (glob,), provenance.RECORD_NAME))
         else:
-            places.append((path, (pattern,), RECORD_NAME))
+            places.append((path, (pattern,), provenance.RECORD_NAME))
     return places
 
 
 def _upstream_identity(args: argparse.Namespace, step: str, made: dict[str, dict]) -> dict[str, Any]:
     """An earlier step's identity: its record as this run makes it, or as its folder holds it."""
-    from utils import provenance
     if step in made:
         return {"record": provenance.digest(made[step])}
     folder, globs, name = _output_places(args, step)[0]
@@ -351,7 +321,6 @@ def _upstream_identity(args: argparse.Namespace, step: str, made: dict[str, dict
 def step_records(args: argparse.Namespace, steps: list[str]) -> dict[str, dict]:
     """The record of each chosen step (eval steps write nothing and have none), in step order,
     so a step's record holds the records its upstream steps get in this same run."""
-    from utils import provenance
     root = args.coco_root if args.dataset == "coco" else args.voc12_root
     made: dict[str, dict] = {}
     for step in STEPS:
@@ -371,7 +340,6 @@ def step_records(args: argparse.Namespace, steps: list[str]) -> dict[str, dict]:
 def plan_steps(args: argparse.Namespace, steps: list[str]) -> dict[str, list]:
     """Every chosen step's output places checked before the first step runs: a step whose
     outputs were made otherwise stops the run here (OutputExistsError naming both records)."""
-    from utils import provenance
     if "export" in steps and args.export_to is None:
         steps = [s for s in steps if s != "export"]  # export without a target writes nothing
     records = step_records(args, steps)
@@ -406,10 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
-    from misc.preflight import preflight
     log = setup_logging(args)
-    from misc.runtime import configure_runtime
-    from utils.runtime import set_seed
     runtime = configure_runtime(args.determ, args.torch_threads)  # before any CUDA work (cuBLAS reads its env)
     os.environ.setdefault("PYTHONHASHSEED", str(args.seed))  # string hashing in the spawned shard processes
     set_seed(args.seed)
@@ -422,10 +387,9 @@ def run_steps(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     log.info("run_sample: runtime " + ", ".join(f"{k} {v}" for k, v in runtime.items() if v not in (None, {}, [])))
     record_runtime(args.summary_path, runtime)
     runners = {name: step_runner(name) for name in args.steps}  # a missing step module fails before any work
-    record_preflight(args.summary_path, preflight(args, args.steps, log))
+    record_preflight(args.summary_path, first_stage_preflight(args, data_source(args), args.steps, log))
     plans = plan_steps(args, args.steps)
     results: dict[str, Any] = {}
-    from utils import provenance
     for name in args.steps:
         run = runners[name]
         for plan in plans.get(name, []):  # outputs of other settings go (--overwrite) just before the step

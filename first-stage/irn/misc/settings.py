@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import typing
 from dataclasses import dataclass
@@ -466,5 +467,97 @@ def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-__all__ = ["FirstStageCfg", "KEYS", "STEPS", "build_parser", "load_settings", "resolve_config", "to_namespace", "resolve_paths",
-           "config_path", "str2bool", "step_list"]
+# ----------------------------------------------------------------------------- values the types cannot check
+
+
+# --no_class_mask skip: why it is refused (the export cannot leave ids out of the second stage's list).
+SKIP_REFUSED = (
+    "--no_class_mask skip cannot be honoured: the second stage trains on every id of its own list "
+    "(VOC: ImageSets/Segmentation/train_aug.txt of the VOC root; COCO: every image of train2014/, or "
+    "lists/train2014.txt with data.list_dir lists) and stops at an id without a pseudo-label and a mask, so "
+    "the export cannot leave images out. Remove those ids from --train_list and from the second stage's list "
+    "instead (a run lists them in <work_dir>/logs/no_class_ids.txt), or use random_half (default) or zero")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Values the types cannot check; an OptionError (exit 2) names the flag."""
+    at_least = {"max_images": 1, "cpu_shards": 1, "num_workers": 0, "cam_batch_size": 1, "irn_batch_size": 1,
+                "cam_crop_size": 1, "irn_crop_size": 1, "cam_num_epoches": 1, "irn_num_epoches": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise OptionError(f"--{name} must be >= {low}, got {value}")
+    if not 0.0 < args.mask_thd <= 1.0:
+        raise OptionError(f"--mask_thd must be in (0, 1], got {args.mask_thd}")
+    if len(args.cam_resize_long) != 2 or args.cam_resize_long[0] > args.cam_resize_long[1]:
+        raise OptionError(f"--cam_resize_long: expected MIN,MAX with MIN <= MAX, got {list(args.cam_resize_long)}")
+    if not args.cam_scales:
+        raise OptionError("--cam_scales: expected at least one scale")
+    if args.no_class_mask == "skip":
+        raise OptionError(SKIP_REFUSED)
+    check_path_options(args)
+    # Here, not at the top: the device and path checks import torch and the step modules, which
+    # --help and a settings file's check (tools/demo.py) do without.
+    from misc.runtime import resolve_device
+    resolve_device(args.device)  # DeviceError (an OptionError) for a device this machine lacks
+
+
+def _path_reach(flag: str, radius: int) -> int:
+    # The path index's own reach and its rule for the radius, so the option check cannot drift from it.
+    from misc.indexing import _reach
+    try:
+        return _reach(radius)
+    except ValueError as e:
+        raise OptionError(f"{flag}: {e}") from None
+
+
+def _crop_maps(crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(IRN's output map, its affinity labels' map) of a square training crop."""
+    # The stem's and max-pool's ceil(H/4): IRN's output size, as make_cam's.
+    from step.make_cam import stride4_size
+    from voc12.affinity import reduced_size
+    return stride4_size(crop, crop), reduced_size(crop)
+
+
+def _crop_works(crop: int, reach: int) -> bool:
+    out, labels = _crop_maps(crop)
+    # PathIndex.window: every path from a source stays inside the map, reach rows below it and
+    # reach columns either side, so the map needs 2 reach + 1 columns.
+    return out == labels and labels[1] >= 2 * reach + 1
+
+
+def irn_crop_problem(crop: int, radius: int) -> str | None:
+    """Why train_irn cannot train on ``crop`` with paths of ``radius``, naming the crops and
+    radii that would; None when it can."""
+    reach = _path_reach("--radius", radius)
+    out, labels = _crop_maps(crop)
+    if labels[1] < 2 * reach + 1:
+        smallest = next(c for c in itertools.count(crop + 1) if _crop_works(c, reach))
+        largest = 1  # the reach grows with the radius: the largest that fits is below the first that does not
+        while largest + 1 < radius and _crop_works(crop, _path_reach("--radius", largest + 1)):
+            largest += 1
+        return (f"--irn_crop_size {crop} is too small for --radius {radius}: IRN trains on the crop's stride-4 map "
+                f"({labels[0]}x{labels[1]}), and paths of radius {radius} need it at least {2 * reach + 1} wide; use "
+                f"--irn_crop_size >= {smallest}" + (f" or --radius <= {largest}" if largest >= 2 else ""))
+    if out != labels:
+        below = next((c for c in range(crop - 1, 0, -1) if _crop_works(c, reach)), None)
+        above = next(c for c in itertools.count(crop + 1) if _crop_works(c, reach))
+        return (f"--irn_crop_size {crop}: IRN's stride-4 map of a {crop}-pixel crop is {out[0]}x{out[1]}, its "
+                f"affinity labels {labels[0]}x{labels[1]} (crop/4 rounded half to even); use --irn_crop_size "
+                + (f"{below} or {above}" if below else f"{above}"))
+    return None
+
+
+def check_path_options(args: Any) -> None:
+    """The radii and the IRN crop of the steps that will run, before any step: each failed only
+    in its own step (train_irn after three steps, make_sem_seg after five)."""
+    if "train_irn" in args.steps:
+        problem = irn_crop_problem(args.irn_crop_size, args.radius)
+        if problem:
+            raise OptionError(problem)
+    if "make_sem_seg" in args.steps:
+        _path_reach("--rw_radius", args.rw_radius)
+
+
+__all__ = ["FirstStageCfg", "KEYS", "STEPS", "build_parser", "load_settings", "resolve_config", "to_namespace",
+           "resolve_paths", "config_path", "str2bool", "step_list", "check_options", "irn_crop_problem", "SKIP_REFUSED"]

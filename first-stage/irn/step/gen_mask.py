@@ -44,7 +44,7 @@ if __name__ == "__main__":  # standalone: make first-stage/irn and the repo impo
         if _p not in sys.path:
             sys.path.insert(0, _p)
 
-from misc.preflight import no_class_sentence, policy_text, shown  # noqa: E402
+from datasets.verify import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
 from misc.settings import config_path, load_settings  # noqa: E402
 from models.checkpoint import read_torch_file  # noqa: E402
