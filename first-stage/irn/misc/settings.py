@@ -199,8 +199,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class _Group:
     """``add_argument`` for a settings key: its flag only overrides (no default of its own), its
-    choices are the key's (``FirstStageCfg``), and its help ends with the values of voc.yaml and,
-    where it differs, coco.yaml."""
+    type and choices are the key's (``FirstStageCfg``), and its help ends with the values of
+    voc.yaml and, where it differs, coco.yaml."""
 
     def __init__(self, group: argparse._ArgumentGroup, shipped: dict[str, dict]):
         self.group, self.shipped = group, shipped
@@ -213,8 +213,9 @@ class _Group:
             kw.setdefault("type", _flag_type(key))
         if typing.get_origin(HINTS[key]) is Literal:
             kw["choices"] = typing.get_args(HINTS[key])
+        default = self.shipped[DEFAULT_DATASET][key]
         values = [f"{name}.yaml: {_shown(raw[key])}" for name, raw in self.shipped.items()
-                  if name == "voc" or raw[key] != self.shipped["voc"][key]]
+                  if name == DEFAULT_DATASET or raw[key] != default]
         kw["help"] = f"{kw.get('help', '')} ({'; '.join(values)})".lstrip()
         return self.group.add_argument(flag, default=argparse.SUPPRESS, **kw)
 
