@@ -337,7 +337,7 @@ def _worked_example() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
 
 def test_gen_mask_worked_example(tmp_path):
     from datasets.readers import read_mask
-    from step.gen_mask import confidence_mask, margins, save_mask
+    from datasets.handoff import confidence_mask, margins, save_mask
     score, pred, _ = _worked_example()
     assert pred.tolist() == [[5, 5, 0], [5, 12, 0]]
     np.testing.assert_allclose(margins(score).numpy(), [[0.65, 0.10, 0.05], [0.05, 0.75, 0.20]], atol=1e-6)
@@ -357,7 +357,7 @@ def test_gen_mask_worked_example(tmp_path):
 @pytest.mark.parametrize("tie_mode", ["original", "zero"])
 @pytest.mark.parametrize("seed", range(4))
 def test_gen_mask_counts_and_ranking(seed, tie_mode):
-    from step.gen_mask import confidence_mask, margins
+    from datasets.handoff import confidence_mask, margins
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, 4))
     raw = rng.random((k, 17, 23)).astype(np.float32)
@@ -377,7 +377,8 @@ def test_gen_mask_counts_and_ranking(seed, tie_mode):
 
 
 def test_score_file_round_trip_and_reference_layout(tmp_path):
-    from step.gen_mask import confidence_mask, load_score
+    from datasets.handoff import confidence_mask
+    from step.gen_mask import load_score
     from step.make_sem_seg_labels import save_score
     score, pred, keys = _worked_example()
     path = save_score(tmp_path / "a.pt", torch.from_numpy(pred), score, torch.from_numpy(keys))

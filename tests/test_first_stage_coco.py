@@ -249,7 +249,8 @@ def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
 
 
 def test_no_class_mask_is_full_size_seeded_and_optional(tmp_path):
-    from step.gen_mask import generate_masks, no_class_mask, read_mask_png
+    from datasets.handoff import no_class_mask
+    from step.gen_mask import generate_masks, read_mask_png
     from step.make_sem_seg_labels import save_score
     a = no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3)
     assert a.shape == (5, 7) and int(a.sum()) == 35 // 2

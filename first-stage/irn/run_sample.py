@@ -78,6 +78,7 @@ for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12,
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from misc.errors import OptionError, RunError  # noqa: E402
 from misc.runtime import LOGGER_NAME  # noqa: E402
 from utils.io import save_json  # noqa: E402
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--work_dir", type=Path, default=Path("data/first_stage"), help="every output goes under this (created)")
     a("--steps", type=step_list, default="all", help=f"comma list of {', '.join(STEPS)}; or all")
     a("--export_to", type=Path, default=None,
-      help="export step: copy sem_seg → DIR/irn_pseudo_label and mask_irn → DIR/irn_mask")
+      help=f"export step: copy sem_seg → DIR/{PSEUDO_LABEL_DIR} and mask_irn → DIR/{MASK_DIR}")
     a("--seed", type=int, default=0, help="seeds Python, numpy, torch and loader workers (QUIRK-3 fix)")
     a("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     a("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
@@ -492,12 +493,12 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     from misc.runtime import read_ids
     ids = read_ids(args, "train_list")
     counts: dict[str, Any] = {}
-    for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
+    for src_dir, name in ((args.sem_seg_out_dir, PSEUDO_LABEL_DIR), (args.mask_out_dir, MASK_DIR)):
         missing = [i for i in ids if not (Path(src_dir) / f"{i}.png").is_file()]
         if missing:
             raise MissingInputError(f"export: {len(missing)} of {len(ids)} files missing in {src_dir}, e.g. id "
                                     f"'{missing[0]}': {Path(src_dir) / (missing[0] + '.png')}")
-    for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
+    for src_dir, name in ((args.sem_seg_out_dir, PSEUDO_LABEL_DIR), (args.mask_out_dir, MASK_DIR)):
         dst = Path(args.export_to) / name
         dst.mkdir(parents=True, exist_ok=True)
         for i in ids:
@@ -563,7 +564,7 @@ STEP_PROVENANCE: dict[str, dict[str, Any]] = {
                                   "score_fp16")},
     "gen_mask": {"outputs": (("mask_out_dir", "*.png"),), "after": ("make_sem_seg",), "lists": ("train_list",),
                  "files": ("cls_labels",), "settings": ("mask_thd", "margin_tie_mode", "no_class_mask", "seed")},
-    "export": {"outputs": (("export_to", "irn_pseudo_label/*.png"), ("export_to", "irn_mask/*.png")),
+    "export": {"outputs": (("export_to", f"{PSEUDO_LABEL_DIR}/*.png"), ("export_to", f"{MASK_DIR}/*.png")),
                "after": ("make_sem_seg", "gen_mask"), "lists": ("train_list",), "files": (), "settings": ()},
 }
 
