@@ -714,6 +714,53 @@ def test_nvlabs_filter_drops_only_the_classifier() -> None:
     assert set(segformer.checkpoint_filter_fn(sd)) == {"patch_embed1.proj.weight", "block1.0.attn.q.weight"}
 
 
+# ====================================================== the first stage's ResNet (IRN's, spec §5)
+
+def irn_reference_state(depth: int) -> Dict[str, Tensor]:
+    """The initial backbone the first stage has always drawn, stated plainly: torchvision's
+    layout (its convs in its module order, classifier left out), each conv drawn once by
+    PyTorch's default init as it is constructed, then every conv Kaiming-normal (fan_out, ReLU)
+    in module order; every norm the identity with fresh statistics. Call right after seeding."""
+    import torchvision
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, f"resnet{depth}")()
+    convs = [(n, m.weight.shape) for n, m in tv.named_modules() if isinstance(m, nn.Conv2d)]
+    for _, shape in convs:
+        nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+    drawn = {f"{n}.weight": nn.init.kaiming_normal_(torch.empty(shape), mode="fan_out", nonlinearity="relu")
+             for n, shape in convs}
+    fresh_norm = {"weight": torch.ones, "bias": torch.zeros, "running_mean": torch.zeros, "running_var": torch.ones}
+    state = {}
+    for key, meta in tv.state_dict().items():  # torchvision's order, which the saved files keep
+        kind = key.rsplit(".", 1)[1]
+        if key.startswith("fc."):
+            continue
+        state[key] = (drawn[key] if key in drawn else torch.tensor(0) if kind == "num_batches_tracked"
+                      else fresh_norm[kind](meta.shape))
+    return state
+
+
+@pytest.mark.parametrize("depth,bn_mode", [(18, "batch"), (34, "fixed"), (50, "fixed")])
+def test_first_stage_backbone_draws_the_weights_it_always_drew(depth: int, bn_mode: str) -> None:
+    """Bit for bit, from-scratch runs start where they always started: same tensors under the
+    same names, and the RNG left where the heads built after the backbone expect it."""
+    import sys
+    import warnings
+    sys.path.insert(0, str(REPO / "first-stage" / "irn"))
+    from net.resnet import build_backbone
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = build_backbone(depth, None, bn_mode).state_dict()
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    expected = irn_reference_state(depth)
+    assert torch.equal(torch.get_rng_state(), after)
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+
+
 # ================================================================ optimiser and its groups
 
 def _nets(n: int = 2) -> list[nn.Module]:
