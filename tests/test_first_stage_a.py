@@ -24,8 +24,10 @@ from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml
 from misc.cam_io import load_cam, save_cam  # noqa: E402
 from misc.runtime import confusion, iou_scores  # noqa: E402
 from misc.torchutils import PolyOptimizer, max_steps, poly_lr  # noqa: E402
-from net.resnet import FixedBatchNorm2d, build_backbone, load_torchvision_weights  # noqa: E402
-from net.resnet50_cam import Net  # noqa: E402
+from models.checkpoint import CheckpointMismatchError  # noqa: E402
+from models.resnet import FixedBatchNorm2d  # noqa: E402
+from net.backbone import backbone_filter, build_backbone, checkpoint_filter_fn, file_state, resnet  # noqa: E402
+from net.resnet50_cam import CAM, Net, load_cam_weights  # noqa: E402
 from step.cam_to_ir_label import combine, unary_from_hard_labels, crf_inference_label  # noqa: E402
 from step.eval_cam import cam_prediction  # noqa: E402
 from step.make_cam import cams_for_image, normalise_channels, stride4_size, strided_up_size  # noqa: E402
@@ -55,7 +57,7 @@ def test_oracle5_sizes():
     # CAM map sizes, by running the backbone on the meta device (shapes only, no compute).
     with _no_weights_warning():
         net = build_backbone(18).to("meta")
-    cams = [tuple(net(torch.empty(1, 3, h, w, device="meta")).shape[2:]) for h, w in sizes]
+    cams = [tuple(net(torch.empty(1, 3, h, w, device="meta"))["layer4"].shape[2:]) for h, w in sizes]
     assert cams == [(24, 32), (12, 16), (36, 47), (47, 63)]
 
 
@@ -66,14 +68,16 @@ def test_oracle6_cam_network_shapes_and_backbone_layout():
     assert tuple(net.features(x).shape) == (2, 2048, 32, 32)
     assert tuple(net(x).shape) == (2, 20)
     b = net.backbone
-    assert b.out_channels == {"conv1": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    assert b.stem_layer.out_channels == 64
+    assert b.out_channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
     assert tuple(b.layer4[0].conv2.stride) == (1, 1) and tuple(b.layer4[0].downsample[0].stride) == (1, 1)
     assert all(m.dilation == (1, 1) for m in b.modules() if isinstance(m, torch.nn.Conv2d))
-    assert not b.conv1.weight.requires_grad and not b.bn1.weight.requires_grad
+    assert not b.stem_layer.conv1.weight.requires_grad and not b.stem_layer.bn1.weight.requires_grad
     assert b.layer3[0].conv1.weight.requires_grad
     with _no_weights_warning():
         small = build_backbone(18)
-    assert small.out_channels == {"conv1": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+    assert small.stem_layer.out_channels == 64
+    assert small.out_channels == {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 
 
 def test_fixed_batchnorm_never_updates_and_ignores_train_flag():
@@ -91,20 +95,20 @@ def test_fixed_batchnorm_never_updates_and_ignores_train_flag():
 
 
 def test_bn_mode_batch_is_an_ordinary_batchnorm():
-    from net.resnet import set_bn_mode
     with _no_weights_warning():
         net = build_backbone(18, bn_mode="batch")
     bn = net.layer1[0].bn1
+    assert type(bn) is torch.nn.BatchNorm2d
     x = torch.randn(2, 3, 32, 32)
     net.train()
     net(x)
     assert not torch.all(bn.running_mean == 0)  # statistics updated from the batch
-    set_bn_mode(net, "fixed")
-    before = bn.running_mean.clone()
-    net(x)
-    assert torch.equal(bn.running_mean, before)
+    fixed = resnet(18, "fixed").train()
+    before = fixed.layer1[0].bn1.running_mean.clone()
+    fixed(x)
+    assert torch.equal(fixed.layer1[0].bn1.running_mean, before)
     with pytest.raises(ValueError):
-        set_bn_mode(net, "frozen")
+        resnet(18, "frozen")
 
 
 def test_backbone_loads_torchvision_file_strictly(tmp_path):
@@ -117,13 +121,35 @@ def test_backbone_loads_torchvision_file_strictly(tmp_path):
         warnings.simplefilter("error")  # a weights file must not warn
         net = build_backbone(18, path)
     assert torch.equal(net.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
-    assert torch.equal(net.bn1.running_var, tv.bn1.running_var)
+    assert torch.equal(net.stem_layer.bn1.running_var, tv.bn1.running_var)
     bad = tmp_path / "bad.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("layer4.1.")}, bad)
-    with _no_weights_warning():
-        net = build_backbone(18)
-    with pytest.raises(RuntimeError, match="missing"):
-        load_torchvision_weights(net, bad)
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.pth .*missing keys 10: \[layer4\.1\.bn1\.bias"):
+        build_backbone(18, bad)
+    with pytest.raises(FileNotFoundError, match=r"^config key 'backbone_weights': no file .*nope\.pth"):
+        build_backbone(18, tmp_path / "nope.pth")
+
+
+def test_weights_files_keep_their_names_and_load_either_way(tmp_path):
+    """sess/res*_cam.pth keeps torchvision's stem names under backbone. (users' existing files
+    load); a file with the network's own names loads too; IRN's backbone reads a CAM file."""
+    torch.manual_seed(0)
+    cam = Net(backbone=resnet(18), n_classes=3)
+    state = file_state(cam)
+    assert [k for k in state if "conv1" in k][:2] == ["backbone.conv1.weight", "backbone.layer1.0.conv1.weight"]
+    assert "backbone.bn1.running_var" in state and not any("stem_layer" in k for k in state)
+    assert torch.equal(state["backbone.conv1.weight"], cam.backbone.stem_layer.conv1.weight)
+    assert list(checkpoint_filter_fn(state)) == list(cam.state_dict())
+    assert checkpoint_filter_fn(cam.state_dict()).keys() == cam.state_dict().keys()
+    assert list(backbone_filter(state)) == list(cam.backbone.state_dict())
+    state["backbone.bn1.num_batches_tracked"] = torch.tensor(6)  # trained with --backbone_bn batch
+    for name, written in (("file_names", state), ("model_names", cam.state_dict())):
+        torch.save(written, tmp_path / f"{name}.pth")
+        loaded = file_state(load_cam_weights(CAM(backbone=resnet(18), n_classes=3), tmp_path / f"{name}.pth"))
+        assert all(torch.equal(loaded[k], v) for k, v in file_state(cam).items() if not k.endswith("_tracked"))
+        assert int(loaded["backbone.bn1.num_batches_tracked"]) == (6 if name == "file_names" else 0)
+    with pytest.raises(CheckpointMismatchError, match=r"classifier\.weight: checkpoint \(3, 512, 1, 1\) vs model \(4,"):
+        load_cam_weights(CAM(backbone=resnet(18), n_classes=4), tmp_path / "file_names.pth")
 
 
 # ----------------------------------------------------------------------------- CAM files (oracle 7, QUIRK-10)

@@ -249,7 +249,7 @@ def test_rw_scores_background_ties_and_zero_guard():
 
 def test_irn_shapes_loss_and_mean_shift(monkeypatch):
     from net import resnet50_irn as irn
-    from net.resnet import ResNet
+    from net.backbone import resnet
     torch.manual_seed(0)
     model = irn.EdgeDisplacement(18).eval()
     x = torch.randn(2, 3, 50, 70)
@@ -264,7 +264,7 @@ def test_irn_shapes_loss_and_mean_shift(monkeypatch):
     torch.testing.assert_close(disp2, disp - torch.tensor([0.5, -1.0])[:, None, None])
 
     pi = PathIndex(5)
-    net = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18)).train()
+    net = irn.AffinityDisplacementLoss(pi, backbone=resnet(18)).train()
     assert not net.backbone.training
     idx = pi.indices((16, 16))
     label = torch.randint(0, 3, (2, 16, 16))
@@ -289,13 +289,13 @@ def test_irn_train_backbone_option():
     """--irn_train_backbone: the backbone follows train mode, gets gradients and sits in the edge group;
     the default keeps the reference's frozen, eval-mode backbone."""
     from net import resnet50_irn as irn
-    from net.resnet import ResNet
+    from net.backbone import resnet
     torch.manual_seed(2)
     pi = PathIndex(5)
     idx = pi.indices((12, 12))
     label = torch.randint(0, 3, (2, 12, 12))
     labels = [torch.stack(t) for t in zip(*(affinity_labels(label[i], idx) for i in range(2)))]
-    net = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18), train_backbone=True).train()
+    net = irn.AffinityDisplacementLoss(pi, backbone=resnet(18), train_backbone=True).train()
     assert net.backbone.training
     irn.combine_losses(net(torch.randn(2, 3, 48, 48), *labels))["total"].backward()
     edge_p, disp_p = net.param_groups()
@@ -303,24 +303,25 @@ def test_irn_train_backbone_option():
     assert backbone_ids <= {id(p) for p in edge_p} and not backbone_ids & {id(p) for p in disp_p}
     assert net.backbone.layer1[0].conv1.weight.grad is not None
     assert float(net.backbone.layer1[0].conv1.weight.grad.abs().sum()) > 0
-    frozen = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18)).train()
+    frozen = irn.AffinityDisplacementLoss(pi, backbone=resnet(18)).train()
     assert not frozen.backbone.training and not any(p.requires_grad for p in frozen.backbone.parameters())
     assert len(frozen.param_groups()[0]) == len(edge_p) - len(backbone_ids)
 
 
 def test_irn_backbone_from_cam_weights(tmp_path):
     from net import resnet50_irn as irn
-    from net.resnet import ResNet
+    from net.backbone import resnet
     from net.resnet50_cam import Net as CamNet
+    from models.checkpoint import CheckpointMismatchError
     from step.train_irn import load_backbone_from_cam
     torch.manual_seed(1)
-    cam = CamNet(backbone=ResNet(18))
+    cam = CamNet(backbone=resnet(18))
     torch.save(cam.state_dict(), tmp_path / "cam.pth")
-    model = irn.AffinityDisplacementLoss(PathIndex(5), backbone=ResNet(18))
+    model = irn.AffinityDisplacementLoss(PathIndex(5), backbone=resnet(18))
     load_backbone_from_cam(model, tmp_path / "cam.pth")
     assert torch.equal(model.backbone.layer4[0].conv1.weight, cam.backbone.layer4[0].conv1.weight)
-    with pytest.raises(RuntimeError, match="ResNet-34"):
-        load_backbone_from_cam(irn.AffinityDisplacementLoss(PathIndex(5), backbone=ResNet(34)), tmp_path / "cam.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"cam\.pth does not match ResNet .*missing keys 80: \[layer1\.2"):
+        load_backbone_from_cam(irn.AffinityDisplacementLoss(PathIndex(5), backbone=resnet(34)), tmp_path / "cam.pth")
 
 
 # ----------------------------------------------------------------------------- score files and gen_mask (16, 17)

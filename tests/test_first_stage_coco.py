@@ -188,7 +188,7 @@ def test_missing_gt_and_label_files_name_the_id_and_path(tiny_coco, tmp_path):
 
 def test_coco_datasets_and_networks_take_the_class_count(tiny_coco):
     from misc.indexing import PathIndex, affinity_labels
-    from net.resnet import ResNet
+    from net.backbone import resnet
     from net.resnet50_cam import CAM, Net
     from voc12.dataloader import VOC12ClassificationDatasetMSF
     src = CocoSource(tiny_coco)
@@ -196,8 +196,8 @@ def test_coco_datasets_and_networks_take_the_class_count(tiny_coco):
     item = ds[2]
     assert item["name"] == "COCO_train2014_000000000030" and item["size"] == SIZE
     assert item["label"].shape == (80,) and np.flatnonzero(item["label"].numpy()).tolist() == [0, 79]
-    assert tuple(Net(backbone=ResNet(18), n_classes=80).classifier.weight.shape[:2]) == (80, 512)
-    assert CAM(backbone=ResNet(18), n_classes=src.num_classes).num_classes == 80
+    assert tuple(Net(backbone=resnet(18), n_classes=80).classifier.weight.shape[:2]) == (80, 512)
+    assert CAM(backbone=resnet(18), n_classes=src.num_classes).num_classes == 80
     # label id 80 is a class for COCO's bound (81), unknown for VOC's (21).
     idx = PathIndex(5).indices((12, 12))
     lab = np.full((12, 12), 80, np.uint8)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from misc.cam_io import save_cam
 from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, shard_workers, worker_share
+from net.backbone import resnet
 from net.resnet50_cam import load_cam_weights
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDatasetMSF
 from voc12.source import data_source
@@ -62,7 +63,7 @@ def cams_for_image(model: torch.nn.Module, inputs: Sequence[torch.Tensor], size:
 def build_cam_infer_net(args: Any) -> torch.nn.Module:
     module = importlib.import_module(args.cam_network)
     # The trained weights overwrite everything; no ImageNet file needed here (and no warning).
-    backbone = importlib.import_module("net.resnet").ResNet(args.backbone_depth)
+    backbone = resnet(args.backbone_depth)
     model = module.CAM(backbone=backbone, n_classes=data_source(args).num_classes)
     return load_cam_weights(model, args.cam_weights_name).eval()
 

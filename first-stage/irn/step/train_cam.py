@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from misc.errors import OptionError
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps
+from net.backbone import file_state
 from utils.io import save_json
 from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDataset
 from voc12.source import data_source
@@ -122,8 +123,7 @@ def run(args: Any) -> dict[str, Any]:
                                            for k, v in record.items()))
 
     save_json(Path(args.log_dir) / "train_cam.json", {"max_step": max_step, "epochs": history})
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(state, out_path)  # same weights, same bytes
+    save_torch(file_state(model), out_path)  # same weights, same bytes
     log.info(f"train_cam: saved {out_path} ({time.perf_counter() - start:.1f} s)")
     out = {"weights": str(out_path), "max_step": max_step, "final_train_loss": history[-1]["train_loss"],
            "last_batch_loss": last_loss}

@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from misc.errors import MissingInputError, OptionError, WeightsError
+from misc.errors import OptionError
 from misc.indexing import PathIndex
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
+from models.checkpoint import load_pretrained
+from net.backbone import backbone_filter, file_state, resnet
 from voc12.affinity import VOC12AffinityDataset, reduced_size
 from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
 from voc12.source import data_source
@@ -55,18 +57,8 @@ def load_backbone_from_cam(model: nn.Module, cam_weights: str | Path) -> None:
     Not the reference (IRN starts from ImageNet, §5). For runs without ImageNet weights it gives
     IRN's frozen backbone features learnt on the data instead of random ones.
     """
-    path = Path(cam_weights)
-    if not path.is_file():
-        raise MissingInputError(f"--irn_backbone_from_cam: CAM weights not found: {path} (run train_cam first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone:
-        raise WeightsError(f"--irn_backbone_from_cam: {path} holds no 'backbone.*' entries")
-    try:
-        model.backbone.load_state_dict(backbone, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"--irn_backbone_from_cam: the backbone in {path} does not fit "
-                           f"ResNet-{model.backbone.depth}: {e}") from None
+    load_pretrained(model.backbone, cam_weights, backbone_filter, "cam_weights_name",
+                    missing_hint="run the train_cam step first", counters_from_file=True)
 
 
 def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, show: bool) -> list[float]:
@@ -123,8 +115,7 @@ def run(args: Any) -> dict[str, Any]:
     from_cam = getattr(args, "irn_backbone_from_cam", False)
     train_backbone = getattr(args, "irn_train_backbone", False)
     if from_cam:
-        from net.resnet import ResNet
-        model = module.AffinityDisplacementLoss(path_index, backbone=ResNet(args.backbone_depth),
+        model = module.AffinityDisplacementLoss(path_index, backbone=resnet(args.backbone_depth),
                                                 train_backbone=train_backbone)
         load_backbone_from_cam(model, args.cam_weights_name)
         log.info(f"train_irn: backbone initialised from the CAM network {args.cam_weights_name}")
@@ -174,8 +165,7 @@ def run(args: Any) -> dict[str, Any]:
 
     mean_shift = _calibrate_mean_shift(model, args, device, show)
     log.info(f"train_irn: mean shift (dy, dx) = ({mean_shift[0]:.4f}, {mean_shift[1]:.4f})")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(state, out_path)  # same weights, same bytes
+    save_torch(file_state(model), out_path)  # same weights, same bytes
     seconds = time.perf_counter() - start
     log.info(f"train_irn: saved {out_path} ({seconds:.1f} s)")
     last = history[-1]
