@@ -39,7 +39,8 @@ import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are t
 from datasets.synthetic.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
 from datasets.synthetic.voc import confidence_mask, near_boundary  # noqa: E402
 from utils import provenance  # noqa: E402
-from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import ConfigError, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_png, save_text  # noqa: E402
 from utils.seed_stats import mean_std, paired  # noqa: E402
