@@ -77,7 +77,8 @@ sys.path.append(str(REPO / "benchmarks"))  # last: its script names must not sha
 import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config  # noqa: E402
-from utils.config import Config, load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config  # noqa: E402
 
 MAIN_PY = REPO / "main.py"
 RUN_SAMPLE = REPO / "first-stage" / "irn" / "run_sample.py"

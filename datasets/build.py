@@ -1,6 +1,7 @@
 """The data-set table: a data set is its file (config keys, file layout), its YAML
 (``configs/data/<name>.yaml``) and one line here. Training, testing, ``test.py`` and the
-demo look data sets up by ``data.dataset``; none of them names one."""
+demo look data sets up by ``data.dataset``; none of them names one. The config loader
+checks ``data.dataset`` against this table, which ``engine/config.py`` hands to it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from datasets.readers import SplitFiles
 from utils.voc import VOC_CLASSES
 
 
+# The generators are imported when a synthetic set is made, not with the table: they import
+# torch and OpenCV, and test.py reads this table at start-up (its --help stays fast).
 def _make_synthetic_voc(root: Path, syn: Any, overwrite: bool = False) -> dict:
     from datasets.synthetic.voc import make_synthetic_voc_from_config
     return make_synthetic_voc_from_config(root, syn, overwrite=overwrite)

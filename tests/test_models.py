@@ -17,7 +17,7 @@ from models.checkpoint import CheckpointMismatchError, strip_module_prefix, unwr
 from models.mit import VARIETIES, DropPath, MixVisionTransformer, drop_path_rates
 from models.resnet import BasicBlock, Bottleneck, FixedBatchNorm2d, irn_resnet, plain_stem_filter, plain_stem_key
 from tests.conftest import CPU_CONFIGS, REPO
-from utils.config import load_config
+from engine.config import load_config
 
 BECO = REPO / "configs/beco_voc.yaml"
 CLASSES = 5

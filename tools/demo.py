@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from utils import provenance  # noqa: E402
-from utils.config import Config, load_config, load_yaml  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_text  # noqa: E402
 

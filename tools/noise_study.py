@@ -41,7 +41,8 @@ from datasets.synthetic.label_noise import boundary_errors, error_rate, region_e
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from datasets.synthetic.voc import near_boundary, simulated_mask  # noqa: E402
 from utils import provenance  # noqa: E402
-from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import ConfigError, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_png, save_text  # noqa: E402
 from utils.seed_stats import mean_std, paired  # noqa: E402

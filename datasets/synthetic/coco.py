@@ -46,15 +46,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.coco import (CATEGORIES, CATEGORY_TO_LABEL, SPLITS, cls_labels_name, list_name, split_folder,
-                           stem_of)
+from datasets.coco import (CATEGORIES, CATEGORY_TO_LABEL, NUM_CLASSES, SPLITS, cls_labels_name, coco_files,
+                           list_name, split_folder, stem_of)
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, random_keep, save_mask
 from datasets.prepare.coco import SUMMARY_NAME as PREPARE_SUMMARY_NAME
 from datasets.prepare.coco import annotation_path, prepare_coco
 from datasets.synthetic.voc import (CLASS_STYLES, COLOUR_MODES, _background, _generate, _image_size, _render,
                                     previous_set)
 from utils.errors import OutputExistsError
-from utils.io import save_jpeg, save_json, save_png
+from utils.io import atomic_write, save_jpeg, save_json, save_png
+from utils.metrics import confusion_matrix, segmentation_scores
 
 # Bump when the output changes for the same arguments (a stored tree then counts as other settings).
 GENERATOR_VERSION = 1
@@ -379,8 +380,6 @@ def make_synthetic_coco_from_config(out: str | Path, syn: Any, *, overwrite: boo
 def pseudo_label_scores(root: Path) -> dict:
     """The simulated pseudo-labels against the prepared train ground truth (81 classes, every
     pixel counts), streamed image by image."""
-    from datasets.coco import NUM_CLASSES, coco_files
-    from utils.metrics import confusion_matrix, segmentation_scores
     files = coco_files(root, "train", "lists")
     conf = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for i in files.ids:
@@ -403,7 +402,6 @@ def _empty_scene(k: int, settings: dict[str, Any]) -> tuple[np.ndarray, list, tu
 
 def _save_compact_json(path: Path, obj: Any) -> Path:
     """Instances files are big: no indentation (COCO's own are one line)."""
-    from utils.io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
