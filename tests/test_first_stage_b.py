@@ -24,7 +24,7 @@ for _p in (str(IRN), str(REPO)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from misc.indexing import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
+from datasets.affinity import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
 from misc.random_walk import (dense_affinity, dense_transition, random_walk, rw_to_scores,  # noqa: E402
                               sparse_transition)
 

@@ -187,7 +187,7 @@ def test_missing_gt_and_label_files_name_the_id_and_path(tiny_coco, tmp_path):
 
 
 def test_coco_datasets_and_networks_take_the_class_count(tiny_coco):
-    from misc.indexing import PathIndex, affinity_labels
+    from datasets.affinity import PathIndex, affinity_labels
     from net.resnet import ResNet
     from net.resnet50_cam import CAM, Net
     from voc12.dataloader import VOC12ClassificationDatasetMSF

@@ -463,7 +463,7 @@ def test_a_radius_below_two_is_refused_when_its_step_runs(voc, tmp_path, flag, s
 
 def test_the_crop_rule_is_what_the_network_and_the_path_index_do():
     """Accepted exactly when IRN's output map equals the label map and the path index has a window."""
-    from misc.indexing import PathIndex
+    from datasets.affinity import PathIndex
     from misc.preflight import irn_crop_problem
     from net.resnet50_irn import Net
     from voc12.affinity import reduced_size

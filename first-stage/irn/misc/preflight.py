@@ -127,7 +127,7 @@ def preflight(args: Any, steps: Sequence[str], log: Any) -> dict[str, Any]:
 
 def _path_reach(flag: str, radius: int) -> int:
     # The path index's own reach and its rule for the radius, so the option check cannot drift from it.
-    from misc.indexing import _reach
+    from datasets.affinity import _reach
     try:
         return _reach(radius)
     except ValueError as e:

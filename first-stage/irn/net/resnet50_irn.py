@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from misc.errors import MissingInputError, WeightsError
-from misc.indexing import PathIndex, edge_to_affinity
+from datasets.affinity import PathIndex, edge_to_affinity
 from net.resnet import ResNet, build_backbone
 
 # Part of the loss definition (§11.3): keeps the logs finite and the ratios defined.

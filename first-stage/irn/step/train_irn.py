@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from misc.errors import MissingInputError, OptionError, WeightsError
-from misc.indexing import PathIndex
+from datasets.affinity import PathIndex
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
 from voc12.affinity import VOC12AffinityDataset, reduced_size

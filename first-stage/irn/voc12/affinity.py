@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from misc.indexing import PathIndex, affinity_labels
+from datasets.affinity import PathIndex, affinity_labels
 from voc12.dataloader import TorchvisionNormalize, VOC12SegmentationDataset, rescale
 from voc12.source import DataSource, VOCSource
 
