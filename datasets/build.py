@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from datasets import coco, voc
 from datasets.readers import SplitFiles
+from datasets.sources import CocoSource, DataSource, VOCSource
 from utils.voc import VOC_CLASSES
 
 
@@ -36,6 +37,10 @@ class DatasetEntry:
     make_synthetic: Callable[..., dict]            # (root, data.synthetic, overwrite=False): the embedded set
     synthetic_summary: str                         # the generator's summary file under data.root
     submission_dir: str | None                     # evaluation-server layout of test predictions (None: none)
+    # The first stage (datasets/views.py): its source class (the layout of the files, VOC or
+    # COCO, read with `classes` and `gt_ignore_index`) and its option that names the root.
+    first_stage: Callable[..., DataSource]
+    first_stage_root: str
 
     def class_names(self, num_classes: int) -> list[str]:
         """Names of the first ``num_classes`` labels (the synthetic VOC set uses the first K+1)."""
@@ -46,9 +51,11 @@ class DatasetEntry:
 DATASETS: dict[str, DatasetEntry] = {
     "voc": DatasetEntry(voc.VocDataCfg, voc.files, voc.train_split, VOC_CLASSES, 255, None,
                         _make_synthetic_voc, "synthetic_voc.json",
-                        "results/VOC2012/Segmentation/comp6_test_cls"),
+                        "results/VOC2012/Segmentation/comp6_test_cls",
+                        first_stage=VOCSource, first_stage_root="voc12_root"),
     "coco": DatasetEntry(coco.CocoDataCfg, coco.files, coco.train_split, coco.COCO_CLASSES, None, coco.NUM_CLASSES,
-                         _make_synthetic_coco, "synthetic_coco.json", None),
+                         _make_synthetic_coco, "synthetic_coco.json", None,
+                         first_stage=CocoSource, first_stage_root="coco_root"),
 }
 
 

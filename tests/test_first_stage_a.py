@@ -31,7 +31,9 @@ from net.resnet50_cam import CAM, Net, load_cam_weights  # noqa: E402
 from step.cam_to_ir_label import combine, unary_from_hard_labels, crf_inference_label  # noqa: E402
 from step.eval_cam import cam_prediction  # noqa: E402
 from step.make_cam import cams_for_image, normalise_channels, stride4_size, strided_up_size  # noqa: E402
-from voc12 import dataloader as dl  # noqa: E402
+from datasets import transforms as T  # noqa: E402
+from datasets.readers import DataError  # noqa: E402
+from datasets.views import ClassificationView, SegmentationView, open_source  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,7 +54,7 @@ def test_oracle5_sizes():
     assert stride4_size(333, 500) == (84, 125)
     assert strided_up_size(333, 500) == (336, 512)
     img = np.zeros((375, 500, 3), np.uint8)
-    sizes = [dl.rescale(img, s, 3).shape[:2] for s in (1.0, 0.5, 1.5, 2.0)]
+    sizes = [T.rescale(img, s, 3).shape[:2] for s in (1.0, 0.5, 1.5, 2.0)]
     assert sizes == [(375, 500), (188, 250), (562, 750), (750, 1000)]
     # CAM map sizes, by running the backbone on the meta device (shapes only, no compute).
     with _no_weights_warning():
@@ -285,9 +287,9 @@ def test_oracle21_eval_cam_threshold_tie_is_background():
 
 
 def test_oracle22_rescale_rounding():
-    assert dl.rescale(np.zeros((375, 4), np.uint8), 0.5, 0).shape[0] == 188
-    assert dl.rescale(np.zeros((375, 4), np.uint8), 1.5, 0).shape[0] == 562
-    assert dl.rescale(np.zeros((4, 500), np.uint8), 0.25, 0).shape[1] == 125
+    assert T.rescale(np.zeros((375, 4), np.uint8), 0.5, 0).shape[0] == 188
+    assert T.rescale(np.zeros((375, 4), np.uint8), 1.5, 0).shape[0] == 562
+    assert T.rescale(np.zeros((4, 500), np.uint8), 0.25, 0).shape[1] == 125
 
 
 def test_oracle23_random_crop_placement():
@@ -296,32 +298,32 @@ def test_oracle23_random_crop_placement():
     lab = np.full((300, 400), 3, np.uint8)
     tops, lefts = set(), set()
     for _ in range(400):
-        ct, cb, cl, cr, it, ib, il, ir = dl.random_crop_box(300, 400, 512, rng)
+        ct, cb, cl, cr, it, ib, il, ir = T.random_crop_box(300, 400, 512, rng)
         assert (it, il, ib - it, ir - il) == (0, 0, 300, 400)
         assert 0 <= ct <= 212 and 0 <= cl <= 112 and cb - ct == 300 and cr - cl == 400
         tops.add(ct)
         lefts.add(cl)
     assert min(tops) <= 5 and max(tops) >= 207 and min(lefts) <= 3 and max(lefts) >= 109
-    ci, cl_ = dl.random_crop((img, lab), 512, (0, 255), np.random.default_rng(1))
+    ci, cl_ = T.random_crop((img, lab), 512, (0, 255), np.random.default_rng(1))
     assert ci.shape == (512, 512, 3) and cl_.shape == (512, 512)
     assert (ci == 7).sum() == 300 * 400 * 3 and (ci == 0).sum() == (512 * 512 - 300 * 400) * 3
     assert (cl_ == 3).sum() == 300 * 400 and (cl_ == 255).sum() == 512 * 512 - 300 * 400
     assert np.array_equal(ci[..., 0] == 7, cl_ == 3)  # one shared box
     # a larger input: image offset random, container offset 0
     big = np.arange(600 * 700, dtype=np.int64).reshape(600, 700)
-    ct, cb, cl, cr, it, ib, il, ir = dl.random_crop_box(600, 700, 512, rng)
+    ct, cb, cl, cr, it, ib, il, ir = T.random_crop_box(600, 700, 512, rng)
     assert (ct, cl, cb, cr) == (0, 0, 512, 512) and 0 <= it <= 88 and 0 <= il <= 188
-    out = dl.random_crop(big, 512, 0, np.random.default_rng(2))
+    out = T.random_crop(big, 512, 0, np.random.default_rng(2))
     assert out.shape == (512, 512) and np.all(np.diff(out[0]) == 1)
 
 
 def test_oracle24_nearest_reduction_picks_4i_plus_2():
     y, x = np.mgrid[0:512, 0:512]
     lab = (x // 2).astype(np.uint8)
-    red = dl.rescale(lab, 0.25, 0)
+    red = T.rescale(lab, 0.25, 0)
     assert red.shape == (128, 128)
     assert red[0].tolist() == [(4 * i + 2) // 2 for i in range(128)]
-    red_y = dl.rescale((y // 2).astype(np.uint8), 0.25, 0)
+    red_y = T.rescale((y // 2).astype(np.uint8), 0.25, 0)
     assert red_y[:, 0].tolist() == [(4 * i + 2) // 2 for i in range(128)]
 
 
@@ -330,31 +332,31 @@ def test_geometric_helpers():
     img = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     # random_resize_long: long side in range; a square image scales by W
     for _ in range(20):
-        out = dl.random_resize_long(img, 32, 48, rng)
+        out = T.random_resize_long(img, 32, 48, rng)
         assert 32 <= out.shape[1] <= 48
-    sq = dl.random_resize_long(np.zeros((10, 10, 3), np.uint8), 20, 20, rng)
+    sq = T.random_resize_long(np.zeros((10, 10, 3), np.uint8), 20, 20, rng)
     assert sq.shape[:2] == (20, 20)
     # shared flip decision
     lab = np.arange(30 * 40).reshape(30, 40) % 251
     flips = set()
     for _ in range(30):
-        a, b = dl.random_lr_flip((img, lab.astype(np.uint8)), rng)
+        a, b = T.random_lr_flip((img, lab.astype(np.uint8)), rng)
         f = not np.array_equal(a, img)
         assert np.array_equal(b, np.fliplr(lab).astype(np.uint8) if f else lab.astype(np.uint8))
         flips.add(f)
     assert flips == {True, False}
     # random_scale: one s for both, orders bicubic / nearest
-    a, b = dl.random_scale((img, lab.astype(np.uint8)), (0.5, 1.5), (3, 0), np.random.default_rng(3))
+    a, b = T.random_scale((img, lab.astype(np.uint8)), (0.5, 1.5), (3, 0), np.random.default_rng(3))
     assert a.shape[:2] == b.shape[:2] and set(np.unique(b)) <= set(np.unique(lab))
     # top-left crop
-    t = dl.top_left_crop(np.ones((3, 70), np.float32), 64, 0)
+    t = T.top_left_crop(np.ones((3, 70), np.float32), 64, 0)
     assert t.shape == (64, 64) and t[:3].all() and not t[3:].any()
     # normalisation and CHW
-    n = dl.TorchvisionNormalize()(np.full((1, 1, 3), 255, np.uint8))
-    assert np.allclose(n[0, 0], (1 - np.array(dl.IMAGENET_MEAN)) / np.array(dl.IMAGENET_STD))
-    assert dl.hwc_to_chw(np.zeros((4, 5, 3))).shape == (3, 4, 5)
+    n = T.TorchvisionNormalize()(np.full((1, 1, 3), 255, np.uint8))
+    assert np.allclose(n[0, 0], (1 - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD))
+    assert T.hwc_to_chw(np.zeros((4, 5, 3))).shape == (3, 4, 5)
     # MSF pairs
-    ms = dl.msf_inputs(img, (1.0, 0.5))
+    ms = T.msf_inputs(img, (1.0, 0.5))
     assert ms[0].shape == (2, 3, 30, 40) and ms[1].shape == (2, 3, 15, 20)
     assert np.array_equal(ms[0][1], ms[0][0][..., ::-1])
 
@@ -453,13 +455,13 @@ def test_synthetic_labels_match_ground_truth(synthetic_voc):
 def test_segmentation_dataset_item(synthetic_voc):
     root = synthetic_voc / "VOC2012"
     ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
-    ds = dl.VOC12SegmentationDataset(ids, root / "SegmentationClassAug", 40, root, rescale=(0.5, 1.5),
-                                     hor_flip=True, crop_method="random")
+    ds = SegmentationView(ids, root / "SegmentationClassAug", 40, open_source("voc", root), rescale=(0.5, 1.5),
+                          hor_flip=True, crop_method="random")
     item = ds[0]
     assert item["img"].shape == (3, 40, 40) and item["img"].dtype == np.float32
     assert item["label"].shape == (40, 40) and item["label"].dtype == np.uint8
-    with pytest.raises(dl.DataError, match="'nope'"):
-        dl.VOC12SegmentationDataset(["nope"], root / "SegmentationClassAug", 40, root)
+    with pytest.raises(DataError, match="'nope'"):
+        SegmentationView(["nope"], root / "SegmentationClassAug", 40, open_source("voc", root))
 
 
 # ----------------------------------------------------------------------------- smoke run through the driver
@@ -539,7 +541,8 @@ def test_eval_cam_perfect_cams_give_miou_one(tmp_path, synthetic_voc):
         high = np.stack([(gt == k + 1).astype(np.float32) * 0.9 for k in keys]) if keys.size else \
             np.zeros((0,) + gt.shape, np.float32)
         save_cam(cam_dir / f"{i}.npy", keys, high[:, ::4, ::4], high)
-    args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, cam_out_dir=cam_dir,
+    args = Namespace(dataset="voc", voc12_root=root, chainer_eval_set="train", max_images=None, cls_labels=None,
+                     train_list=None, val_list=None, infer_list=None, cam_out_dir=cam_dir,
                      cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=(0.5, 0.95))
     out = eval_cam.run(args)
     assert out["cam_miou"] == pytest.approx(1.0) and out["images"] == len(ids)
@@ -575,7 +578,8 @@ def test_eval_sem_seg_warns_when_cams_win(tmp_path, synthetic_voc, caplog):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"steps": {"eval_cam": {"metrics": {
         "images": len(ids), "cam_miou": 0.3, "cam_eval_thres": 0.15, "cam_miou_sweep": {"0.4": 0.6}}}}}))
-    args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, sem_seg_out_dir=tmp_path / "sem",
+    args = Namespace(dataset="voc", voc12_root=root, chainer_eval_set="train", max_images=None, cls_labels=None,
+                     train_list=None, val_list=None, infer_list=None, sem_seg_out_dir=tmp_path / "sem",
                      no_progress=True, summary_path=summary)
     with caplog.at_level(logging.INFO):
         out = eval_sem_seg.run(args)
@@ -592,8 +596,8 @@ def test_seeded_loader_is_reproducible(synthetic_voc):
 
     def batches():
         seed_everything(5)
-        ds = dl.VOC12ClassificationDataset(root / "ImageSets/Segmentation/train_aug.txt", root, resize_long=(40, 80),
-                                           hor_flip=True, crop_size=32, crop_method="random")
+        ds = ClassificationView(root / "ImageSets/Segmentation/train_aug.txt", open_source("voc", root),
+                                resize_long=(40, 80), hor_flip=True, crop_size=32, crop_method="random")
         loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True, **loader_kwargs(5, 0))
         return [(b["name"], b["img"]) for b in loader]
 

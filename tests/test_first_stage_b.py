@@ -24,7 +24,7 @@ for _p in (str(IRN), str(REPO)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from misc.indexing import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
+from datasets.affinity import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
 from misc.random_walk import (dense_affinity, dense_transition, random_walk, rw_to_scores,  # noqa: E402
                               sparse_transition)
 
@@ -136,11 +136,11 @@ def test_affinity_labels_partition():
 
 
 def test_affinity_dataset_items(tmp_path):
-    from voc12.affinity import VOC12AffinityDataset
+    from datasets.views import AffinityView, open_source
     root = _tiny_voc(tmp_path)
     ids = (root / "ImageSets/Segmentation/train_aug.txt").read_text().split()
-    ds = VOC12AffinityDataset(ids[:2], root / "SegmentationClass", 512, root, PathIndex(10),
-                              rescale=(0.5, 1.5), hor_flip=True, crop_method="random")
+    ds = AffinityView(ids[:2], root / "SegmentationClass", 512, open_source("voc", root), PathIndex(10),
+                      rescale=(0.5, 1.5), hor_flip=True, crop_method="random")
     item = ds[0]
     assert tuple(item["img"].shape) == (3, 512, 512) and item["label"].shape == (512, 512)
     bg, fg, neg = item["aff_bg_pos_label"], item["aff_fg_pos_label"], item["aff_neg_label"]

@@ -74,7 +74,7 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12, misc) + repo packages
+for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, misc) + repo packages
     if _p not in sys.path:
         sys.path.insert(0, _p)
 

@@ -86,7 +86,7 @@ def _in_list(source: Any, role: str, error: DataError) -> DataError:
 
 def preflight(args: Any, steps: Sequence[str], log: Any) -> dict[str, Any]:
     """Check what ``steps`` read; returns the report (checked roles, the ids without class)."""
-    from voc12.source import data_source
+    from datasets.views import data_source
     if any(s not in NO_DATA_STEPS for s in steps):
         check_root(args)
     source = data_source(args)
@@ -127,7 +127,7 @@ def preflight(args: Any, steps: Sequence[str], log: Any) -> dict[str, Any]:
 
 def _path_reach(flag: str, radius: int) -> int:
     # The path index's own reach and its rule for the radius, so the option check cannot drift from it.
-    from misc.indexing import _reach
+    from datasets.affinity import _reach
     try:
         return _reach(radius)
     except ValueError as e:
@@ -138,7 +138,7 @@ def _crop_maps(crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(IRN's output map, its affinity labels' map) of a square training crop."""
     # The stem's and max-pool's ceil(H/4): IRN's output size, as make_cam's.
     from step.make_cam import stride4_size
-    from voc12.affinity import reduced_size
+    from datasets.views import reduced_size
     return stride4_size(crop, crop), reduced_size(crop)
 
 
@@ -186,7 +186,7 @@ def known_no_class(args: Any, ids: Sequence[str], source: Any = None) -> list[st
     """The ids without any class from the image-level labels; None when they cannot be read
     (outputs exported without the data set's labels)."""
     if source is None:
-        from voc12.source import data_source
+        from datasets.views import data_source
         source = data_source(args)
     try:
         return source.check_labels(ids)

@@ -274,7 +274,7 @@ class StreamingConfusion:
 
 
 def _source(args: Any):
-    from voc12.source import data_source
+    from datasets.views import data_source
     return data_source(args)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.indexing import PathIndex, edge_to_affinity
+from datasets.affinity import PathIndex, edge_to_affinity
 from models.checkpoint import load_pretrained
 from models.resnet import ResNet
 from net.backbone import build_backbone, checkpoint_filter_fn, resnet

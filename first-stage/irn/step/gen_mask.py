@@ -52,7 +52,7 @@ from misc.preflight import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
 from models.checkpoint import read_torch_file  # noqa: E402
 from utils.errors import CheckpointError, DataError  # noqa: E402
-from voc12.source import VOC_STATS_GT_DIRS  # noqa: E402
+from datasets.sources import VOC_STATS_GT_DIRS  # noqa: E402
 
 # Ground truth used for the VOC mask statistics, first one found per id (SBD-augmented labels
 # cover all of train_aug; VOC's own only train/val). COCO: mask/<split>2014/<int id>.png.
@@ -147,8 +147,8 @@ def _voc_gt_reader(voc12_root: Path | None) -> Callable[[str], np.ndarray | None
     """GT for the statistics from a VOC root (SegmentationClassAug, else SegmentationClass)."""
     if voc12_root is None:
         return lambda name: None
-    from voc12.source import VOCSource
-    return VOCSource(voc12_root).stats_gt
+    from datasets.views import open_source
+    return open_source("voc", voc12_root).stats_gt
 
 
 def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float = 0.5,
@@ -213,7 +213,7 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
 def run(args: Any) -> dict[str, Any]:
     from misc.runtime import read_ids
     from step.train_irn import work_path
-    from voc12.source import data_source
+    from datasets.views import data_source
     log = get_logger()
     ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list
     score_root = work_path(args, "score_dir", "result", "score")
@@ -256,11 +256,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
-    from voc12.source import CocoSource, load_id_list
+    from datasets.readers import read_id_list
+    from datasets.views import open_source
     gt_of = None
     if a.dataset == "coco" and a.coco_root is not None:
-        gt_of = CocoSource(a.coco_root).stats_gt
-    out = generate_masks(load_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
+        gt_of = open_source("coco", a.coco_root).stats_gt
+    out = generate_masks(read_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
                          a.voc12_root if a.dataset == "voc" else None, a.overwrite, not a.no_progress,
                          gt_of=gt_of, no_class=a.no_class_mask, seed=a.seed)
     out["no_class_ids"] = out["no_class_ids"][:NO_CLASS_IDS_SHOWN]

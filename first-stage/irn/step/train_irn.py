@@ -19,15 +19,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from datasets.affinity import PathIndex
+from datasets.transforms import TorchvisionNormalize
+from datasets.views import AffinityView, ImageView, data_source, reduced_size
 from misc.errors import OptionError
-from misc.indexing import PathIndex
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from misc.torchutils import PolyOptimizer, loader_kwargs, max_steps, seed_everything
 from models.checkpoint import load_pretrained
 from net.backbone import backbone_filter, file_state, resnet
-from voc12.affinity import VOC12AffinityDataset, reduced_size
-from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
-from voc12.source import data_source
 
 # IRN's data augmentation (§11.2); not a tuning knob of the reference.
 IRN_SCALE_RANGE = (0.5, 1.5)
@@ -65,8 +64,8 @@ def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, sho
     """m = mean over full batches of the per-batch, per-channel mean displacement (§11.4)."""
     log = get_logger()
     ids = read_ids(args, "infer_list")
-    dataset = VOC12ImageDataset(ids, data_source(args), img_normal=TorchvisionNormalize(),
-                                crop_size=args.irn_crop_size, crop_method="top_left")
+    dataset = ImageView(ids, data_source(args), img_normal=TorchvisionNormalize(),
+                        crop_size=args.irn_crop_size, crop_method="top_left")
     drop_last = len(dataset) >= args.irn_batch_size
     if not drop_last:
         # The reference drops incomplete batches; with fewer images than one batch it would
@@ -101,9 +100,9 @@ def run(args: Any) -> dict[str, Any]:
     ids = read_ids(args, "train_list")
     source = data_source(args)
     # Pairs with an id >= the label count (VOC 21, COCO 81: the 255 seeds) are unknown (§16.2).
-    dataset = VOC12AffinityDataset(ids, ir_label_dir(args), args.irn_crop_size, source, path_index,
-                                   num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
-                                   crop_method="random")
+    dataset = AffinityView(ids, ir_label_dir(args), args.irn_crop_size, source, path_index,
+                           num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
+                           crop_method="random")
     if len(dataset) < args.irn_batch_size:
         raise OptionError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
                          "lower --irn_batch_size")
