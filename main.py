@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from utils.config import Config, ConfigError, apply_overrides, build_config, load_yaml, to_yaml
+from engine.config import build_config
+from utils.config import Config, ConfigError, apply_overrides, load_yaml, to_yaml
 from utils.errors import BecoError, RunError, one_line
 
 from utils.logs import log, log_error_to_file, setup_logging
@@ -634,7 +635,7 @@ def resolve_ckpt(cfg: Config, ckpt: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None, spawned: bool = False) -> int:
-    from utils.config import resolve_batch
+    from engine.config import resolve_batch
     from utils.distributed import apply_local_rank_flag, launched_by_torchrun, launched_world_size, slurm_env
     args = parse_args(argv)
     apply_local_rank_flag(args.local_rank)

@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from datasets.build import dataset_entry  # noqa: E402
 from datasets.readers import DataError, SplitFiles, read_image, read_label  # noqa: E402
-from utils.config import Config, ConfigError, CrfCfg, apply_overrides, build_config, load_yaml  # noqa: E402
+from utils.config import Config, ConfigError, CrfCfg, apply_overrides, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.crf import available_cores, parallel_map, postprocess  # noqa: E402
 from utils import provenance  # noqa: E402
@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace, run_dir: Path) -> Config:
+    # Here, not at the top: the config's tables (segmenters, methods) import torch, which
+    # --help and a refused argument do without.
+    from engine.config import build_config
     path = Path(args.config) if args.config else run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"no config at {path}: main.py --test saves one beside the logits folder; "

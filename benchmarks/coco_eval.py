@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.crf import fake_logits  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 from utils.crf import postprocess  # noqa: E402
 from utils.score_maps import load_score_map, save_score_map  # noqa: E402
 

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 from utils.crf import (available_cores, crf_image, crf_predict, kept_labels, parallel_map, softmax,  # noqa: E402
                        upsample_bilinear)
 

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils.config import Config, load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config  # noqa: E402
 
 
 def make_data(cfg: Config, root: Path, train: int, size: list[int] | None) -> Config:

@@ -39,7 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils.config import Config, load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config  # noqa: E402
 
 
 def make_val_set(cfg: Config, root: Path, images: int) -> Config:

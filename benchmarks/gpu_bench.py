@@ -67,7 +67,8 @@ import engine.beco as beco  # noqa: E402  (its globals are wrapped to time the n
 from engine.beco import num_nets, training_step  # noqa: E402
 from engine.inference import build_test_nets, predict_maps  # noqa: E402
 from models import build_model, build_optimizer  # noqa: E402
-from utils.config import Config, load_config, to_dict  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config, to_dict  # noqa: E402
 from utils.distributed import free_port  # noqa: E402
 from utils.runtime import (configure_backends, make_autocast, net_layout, set_seed,  # noqa: E402
                            uses_grad_scaler)

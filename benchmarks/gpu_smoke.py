@@ -75,8 +75,10 @@ sys.path.insert(0, str(REPO))
 sys.path.append(str(REPO / "benchmarks"))  # last: its script names must not shadow anything
 
 import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config  # noqa: E402
-from utils.config import Config, load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config  # noqa: E402
 
 MAIN_PY = REPO / "main.py"
 RUN_SAMPLE = REPO / "first-stage" / "irn" / "run_sample.py"
@@ -453,7 +455,7 @@ class Smoke:
             raise Failed(f"run_sample.py --device {device} exited {rc}: {tail(log)}")
         ids = (voc / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
         problems = []
-        for kind in ("irn_pseudo_label", "irn_mask"):
+        for kind in (PSEUDO_LABEL_DIR, MASK_DIR):
             missing = [i for i in ids if not (out / "export" / kind / f"{i}.png").is_file()]
             n[f"{kind}_written"] = len(ids) - len(missing)
             if missing:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from engine.beco import augment, confident_labels  # noqa: E402
 from engine.mixing import mix_batch  # noqa: E402
 from engine.strong_aug import normalize  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 from utils.runtime import keep_host_memory  # noqa: E402
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.beco import num_nets, training_step  # noqa: E402
 from utils.runtime import keep_host_memory, make_autocast  # noqa: E402
 from models import build_model, build_optimizer  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
 """The data-set table: a data set is its file (config keys, file layout), its YAML
 (``configs/data/<name>.yaml``) and one line here. Training, testing, ``test.py`` and the
-demo look data sets up by ``data.dataset``; none of them names one."""
+demo look data sets up by ``data.dataset``; none of them names one. The config loader
+checks ``data.dataset`` against this table, which ``engine/config.py`` hands to it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,9 +10,12 @@ from typing import Any, Callable
 
 from datasets import coco, voc
 from datasets.readers import SplitFiles
+from datasets.sources import CocoSource, DataSource, VOCSource
 from utils.voc import VOC_CLASSES
 
 
+# The generators are imported when a synthetic set is made, not with the table: they import
+# torch and OpenCV, and test.py reads this table at start-up (its --help stays fast).
 def _make_synthetic_voc(root: Path, syn: Any, overwrite: bool = False) -> dict:
     from datasets.synthetic.voc import make_synthetic_voc_from_config
     return make_synthetic_voc_from_config(root, syn, overwrite=overwrite)
@@ -33,6 +37,10 @@ class DatasetEntry:
     make_synthetic: Callable[..., dict]            # (root, data.synthetic, overwrite=False): the embedded set
     synthetic_summary: str                         # the generator's summary file under data.root
     submission_dir: str | None                     # evaluation-server layout of test predictions (None: none)
+    # The first stage (datasets/views.py): its source class (the layout of the files, VOC or
+    # COCO, read with `classes` and `gt_ignore_index`) and its option that names the root.
+    first_stage: Callable[..., DataSource]
+    first_stage_root: str
 
     def class_names(self, num_classes: int) -> list[str]:
         """Names of the first ``num_classes`` labels (the synthetic VOC set uses the first K+1)."""
@@ -43,9 +51,11 @@ class DatasetEntry:
 DATASETS: dict[str, DatasetEntry] = {
     "voc": DatasetEntry(voc.VocDataCfg, voc.files, voc.train_split, VOC_CLASSES, 255, None,
                         _make_synthetic_voc, "synthetic_voc.json",
-                        "results/VOC2012/Segmentation/comp6_test_cls"),
+                        "results/VOC2012/Segmentation/comp6_test_cls",
+                        first_stage=VOCSource, first_stage_root="voc12_root"),
     "coco": DatasetEntry(coco.CocoDataCfg, coco.files, coco.train_split, coco.COCO_CLASSES, None, coco.NUM_CLASSES,
-                         _make_synthetic_coco, "synthetic_coco.json", None),
+                         _make_synthetic_coco, "synthetic_coco.json", None,
+                         first_stage=CocoSource, first_stage_root="coco_root"),
 }
 
 

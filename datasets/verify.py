@@ -48,6 +48,7 @@ from datasets.build import dataset_entry
 from datasets.readers import DataError, check_sizes, read_image, read_label, read_mask
 from datasets.segmentation import EvalSet, TrainSet
 from utils.crf import available_cores, parallel_map
+from utils.distributed import broadcast_object
 from utils.io import save_json, save_text
 from utils.logs import log
 from utils.voc import IGNORE_INDEX
@@ -460,8 +461,6 @@ def preflight(sets: list[tuple[Dataset, str]], info) -> None:
     mtime, datasets/verify.py): a bad val image is found now, not after an epoch. Every rank
     reads its share of the samples, each with its share of the node's cores; rank 0 decides,
     and every rank stops with its message."""
-    from utils.distributed import broadcast_object
-    from utils.logs import log
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)) if info.distributed else 1
     jobs = max(1, available_cores() // max(local, 1))
     error = None

@@ -125,11 +125,15 @@ def beco_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
 class Method(NamedTuple):
     num_nets: int   # nets built, trained, checkpointed (network1, network2) and averaged at test time
     step: Callable[..., dict[str, torch.Tensor]]
+    # Why the per-process batch must be even, as the config's error says it (None: any size).
+    even_batch_reason: str | None
 
 
+# The one place that knows the methods: the config checks method.name against this table
+# (handed to it by engine/config.py), in this order.
 METHODS: dict[str, Method] = {
-    "beco": Method(2, beco_step),
-    "baseline": Method(1, baseline_step),
+    "beco": Method(2, beco_step, "BECO mixes batch halves"),
+    "baseline": Method(1, baseline_step, None),
 }
 
 

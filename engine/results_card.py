@@ -186,6 +186,7 @@ def _quality_counts(entry: Any, files: Any, split: str, ids: list[str], label_di
     import numpy as np
     import torch
     from tqdm import tqdm
+    from datasets.handoff import precision_counts
     from datasets.readers import read_label, read_mask
     from utils.metrics import confusion_matrix
     out: dict[str, Any] = {"reason": None}
@@ -193,7 +194,7 @@ def _quality_counts(entry: Any, files: Any, split: str, ids: list[str], label_di
         out["reason"] = f"the '{split}' split has no ground truth for every id"
         return out
     conf = torch.zeros(n, n, dtype=torch.long)
-    counts = dict(kept=0, dropped=0, kept_ok=0, dropped_ok=0, void=0, valid=0)
+    counts = dict(kept_valid=0, unkept_valid=0, kept_correct=0, unkept_correct=0, void=0, valid=0)
     masks = mask_dir.is_dir()
     for i in tqdm(ids, desc="pseudo-label quality", leave=False, dynamic_ncols=True, disable=not show):
         gt = np.asarray(read_label(files.gt(i), i, n, "ground truth", entry.gt_ignore_index))
@@ -209,28 +210,26 @@ def _quality_counts(entry: Any, files: Any, split: str, ids: list[str], label_di
         conf += confusion_matrix(torch.from_numpy(np.where(labelled, pl, 0).astype(np.int64)),
                                  torch.from_numpy(target), n)
         if masks:
-            m = np.asarray(read_mask(mask_dir / f"{i}.png", i)) > 0
-            right = labelled & (pl == gt)
-            counts["kept"] += int((labelled & m).sum())
-            counts["dropped"] += int((labelled & ~m).sum())
-            counts["kept_ok"] += int((right & m).sum())
-            counts["dropped_ok"] += int((right & ~m).sum())
+            for key, v in precision_counts(pl, np.asarray(read_mask(mask_dir / f"{i}.png", i)), gt, labelled).items():
+                counts[key] += v
     return {**out, "conf": conf.tolist(), **counts}
 
 
 def _quality_result(where: dict[str, Any], parts: list[dict[str, Any]], masks: bool) -> dict[str, Any]:
     """The card's pseudo-label entry from the summed ``_quality_counts`` of every shard."""
     import torch
+    from datasets.handoff import mask_precision
     from utils.metrics import segmentation_scores
     conf = sum(torch.tensor(part["conf"], dtype=torch.long) for part in parts)
-    c = {k: sum(part[k] for part in parts) for k in ("kept", "dropped", "kept_ok", "dropped_ok", "void", "valid")}
+    c = {k: sum(part[k] for part in parts) for k in ("kept_valid", "unkept_valid", "kept_correct", "unkept_correct",
+                                                   "void", "valid")}
     scores = segmentation_scores(conf)
     out = {**where, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "iou": scores["iou"],
            "void_fraction": c["void"] / max(c["valid"], 1)}
     if masks:
-        out.update(mask_kept_fraction=c["kept"] / max(c["kept"] + c["dropped"], 1),
-                   kept_precision=c["kept_ok"] / max(c["kept"], 1),
-                   dropped_precision=c["dropped_ok"] / max(c["dropped"], 1))
+        precision = mask_precision(c, empty=0.0)
+        out.update(mask_kept_fraction=c["kept_valid"] / max(c["kept_valid"] + c["unkept_valid"], 1),
+                   kept_precision=precision["kept_precision"], dropped_precision=precision["unkept_precision"])
     return out
 
 

@@ -4,7 +4,8 @@ A segmenter is one file (its config dataclass, `build(cfg, num_classes,
 pretrained)` and `checkpoint_filter_fn`), one YAML of its values under
 `configs/model/`, and one line in `MODELS`. Training, testing, benchmarks and
 tests all build through `build_model`; the config loader validates the `model`
-section against the dataclass the section's `name` picks here.
+section against the dataclass the section's `name` picks here (`MODELS`,
+`OPTIMIZERS` and `BACKBONES` reach it through `engine/config.py`).
 
 Every segmenter has a `backbone` submodule (what ImageNet weights initialise)
 and returns a dict with `logits` (input size) and `pre_logits` (its head's
@@ -13,12 +14,12 @@ resolution); everything outside `backbone` is the head, for `head_lr_mult`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import deeplabv2, deeplabv3plus, segformer
+from . import deeplabv2, deeplabv3plus, mit, resnet, segformer
 from .checkpoint import unwrap
 
 
@@ -31,6 +32,14 @@ MODELS: dict[str, ModelEntry] = {
     "deeplabv3plus": ModelEntry(deeplabv3plus.DeepLabV3PlusCfg, deeplabv3plus.build),
     "deeplabv2": ModelEntry(deeplabv2.DeepLabV2Cfg, deeplabv2.build),
     "segformer": ModelEntry(segformer.SegFormerCfg, segformer.build),
+}
+
+
+# model.backbone.<key> -> (family, the family's own table of what it builds): the config loader
+# refuses a ResNet depth or MiT variety outside it, naming the key, before any net is built.
+BACKBONES: dict[str, tuple[str, Mapping[Any, Any]]] = {
+    "depth": ("ResNet", resnet.STAGE_BLOCKS),
+    "variety": ("MiT", mit.VARIETIES),
 }
 
 

@@ -1,9 +1,10 @@
-"""Generic strict loading of foreign (ImageNet) weights into a submodule.
+"""Generic strict loading of weights files into a module, for both stages.
 
-Each segmenter's file owns a pure `checkpoint_filter_fn(state_dict) ->
-state_dict` that renames a foreign file's keys to its own (timm's idea); this
-module holds the small key helpers those filters share and the one loader that
-reads a file, unwraps it, applies a filter and loads strictly. Any key that
+Each segmenter's file, and the first stage's networks, own a pure
+`checkpoint_filter_fn(state_dict) -> state_dict` that renames a file's keys to
+their own (timm's idea); this module holds the small key helpers those filters
+share and the one loader that reads a file, unwraps it, applies a filter and
+loads strictly. Any key that
 does not match, or a shape that differs, is an error naming it, never a
 partial load.
 """
@@ -149,20 +150,26 @@ def load_pretrained(
     path_or_obj: Union[str, "os.PathLike[str]", Mapping[str, Any]],
     filter_fn: FilterFn,
     config_key: str = "",
+    *,
+    missing_hint: str = "set it to null to train from scratch",
+    counters_from_file: bool = False,
 ) -> List[str]:
     """Load foreign weights into `module` strictly; returns the loaded keys.
 
     `path_or_obj` is a file path or an already-loaded checkpoint object;
     `filter_fn` maps its keys to the module's; `config_key` names the setting
-    the path came from in the errors. The file is read with `weights_only=True`,
-    which refuses arbitrary pickled objects (unpickling them could run code);
-    the torchvision, mmcls and NVlabs ImageNet files load with it.
+    the path came from in the errors, `missing_hint` what to do when the file
+    is absent. The file is read with `weights_only=True`, which refuses
+    arbitrary pickled objects (unpickling them could run code); the torchvision,
+    mmcls and NVlabs ImageNet files load with it. BN step counters are never
+    required; the module keeps its own unless `counters_from_file`, which takes
+    those the file has (the first stage has always carried them over).
     """
     if isinstance(path_or_obj, (str, os.PathLike)):
         source = os.fspath(path_or_obj)
         where = f"config key '{config_key}': " if config_key else ""
         if not os.path.isfile(source):
-            raise InputNotFoundError(f"{where}no file {source} (set it to null to train from scratch)")
+            raise InputNotFoundError(f"{where}no file {source} ({missing_hint})")
         try:
             obj = read_torch_file(source)
         except CheckpointError as err:
@@ -170,15 +177,16 @@ def load_pretrained(
     else:
         source, obj = "<in-memory object>", path_or_obj
     try:
-        state_dict = drop_num_batches_tracked(filter_fn(unwrap_state_dict(obj)))
+        mapped = filter_fn(unwrap_state_dict(obj))
     except ValueError as err:
         raise ValueError(f"checkpoint {source}: {err}") from None
+    state_dict = drop_num_batches_tracked(mapped)
     check_state_dict_matches(module, state_dict, source)
-    # BN step counters were dropped on purpose; keep the module's own so the
-    # strict load below sees a complete dict.
+    # The strict load below sees a complete dict: BN step counters from the file
+    # or the module's own.
     full: Dict[str, Tensor] = dict(state_dict)
     for k, v in module.state_dict().items():
         if k.endswith("num_batches_tracked"):
-            full[k] = v
+            full[k] = mapped[k] if counters_from_file and k in mapped else v
     module.load_state_dict(full, strict=True)
     return sorted(state_dict)

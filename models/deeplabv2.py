@@ -15,13 +15,13 @@ reference (QUIRK-S9, broken) is not offered: `test.multi_scale` covers it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Literal, Mapping, Optional, Sequence
+from typing import Dict, Literal, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import StateDict, load_pretrained
-from .resnet import NormName, ResNet, imagenet_resnet_keys
+from .checkpoint import load_pretrained
+from .resnet import NormName, ResNet, plain_stem_filter
 
 
 @dataclass
@@ -88,21 +88,10 @@ class DeepLabV2(nn.Module):
         return out
 
 
-_TORCHVISION_STEM = ("conv1.", "bn1.")
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """ImageNet ResNet weights -> the backbone's names (spec §4.6, QUIRK-S7).
-
-    Accepts torchvision's `resnet101` files (V1 `resnet101-63fe2227.pth` and V2
-    `resnet101-cd907fc2.pth`, the one the reference's README names: flat, stem
-    `conv1`/`bn1`, classifier `fc.*`), an mmcls-style file (`backbone.` prefix,
-    `head.fc.*`, wrapped in `state_dict` or not) and our own names
-    (`stem_layer.conv1`, ...). Only the top-level `conv1.`/`bn1.` keys are the
-    stem; the blocks' `layerN.M.conv1` are untouched.
-    """
-    sd = imagenet_resnet_keys(state_dict)
-    return {(f"stem_layer.{k}" if k.startswith(_TORCHVISION_STEM) else k): v for k, v in sd.items()}
+# ImageNet ResNet weights -> the backbone's names (spec §4.6, QUIRK-S7): torchvision's
+# `resnet101` files (V1 `resnet101-63fe2227.pth` and V2 `resnet101-cd907fc2.pth`, the one the
+# reference's README names), mmcls-style files and our own names.
+checkpoint_filter_fn = plain_stem_filter
 
 
 def build(cfg: DeepLabV2Cfg, num_classes: int, pretrained: bool = True) -> DeepLabV2:
@@ -110,7 +99,8 @@ def build(cfg: DeepLabV2Cfg, num_classes: int, pretrained: bool = True) -> DeepL
     b, d = cfg.backbone, cfg.decoder
     # ResNet-B: the reference's multi_grid and contract_dilation are both off.
     backbone = ResNet(depth=b.depth, output_stride=b.output_stride, stem="plain", avg_down=False, multi_grid=None,
-                      contract_dilation=False, norm_layer=b.norm_layer)
+                      contract_dilation=False, norm_layer=b.norm_layer, dilate=True, conv_init="fan_in",
+                      zero_init_last=True)
     net = DeepLabV2(backbone, num_classes, atrous_rates=d.atrous_rates, init_std=d.init_std,
                     align_corners=cfg.align_corners)
     if pretrained and b.pretrained:

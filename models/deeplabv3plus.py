@@ -210,7 +210,8 @@ def build(cfg: DeepLabV3PlusCfg, num_classes: int, pretrained: bool = True) -> D
     """The network of `cfg`; `pretrained=False` skips the ImageNet file (a checkpoint follows)."""
     b, d = cfg.backbone, cfg.decoder
     backbone = ResNet(depth=b.depth, output_stride=b.output_stride, stem="deep", avg_down=True,
-                      multi_grid=b.multi_grid, contract_dilation=b.contract_dilation, norm_layer=b.norm_layer)
+                      multi_grid=b.multi_grid, contract_dilation=b.contract_dilation, norm_layer=b.norm_layer,
+                      dilate=True, conv_init="fan_in", zero_init_last=True)
     net = DeepLabV3Plus(backbone, num_classes, aspp_channels=d.aspp_channels, aspp_dilations=d.aspp_dilations,
                         low_level_channels=d.low_level_channels, dropout=d.dropout, norm_layer=d.norm_layer,
                         align_corners=cfg.align_corners)

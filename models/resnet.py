@@ -1,5 +1,5 @@
-"""One ResNet family for the second stage's segmenters: dilated, returning its
-stage features (spec second-stage.md §3, segmenters-and-coco.md §4.1).
+"""One ResNet family for both stages, returning its stage features (spec
+second-stage.md §3, segmenters-and-coco.md §4.1; the first stage's spec §5).
 
 Variants by constructor arguments, as timm does:
 
@@ -10,14 +10,20 @@ Variants by constructor arguments, as timm does:
 * the reference's "ResNet-B" (DeepLabV2): `stem="plain"` (torchvision's 7x7
   conv, named `stem_layer.conv1/bn1`) and `avg_down=False` (torchvision's
   strided 1x1 shortcut), i.e. torchvision's V1.5 bottleneck network.
+* IRN's ResNet (the first stage's backbone): the plain stem and shortcut, output
+  stride 16 by dropping layer4's stride without dilating it (`dilate=False`),
+  torchvision's initialisation (`conv_init="fan_out"`, `zero_init_last=False`)
+  and BN that keeps its ImageNet statistics (`norm_layer="FixedBN"`).
 
-Parameter names are `stem_layer.*` and `layer1..layer4.*`; each segmenter's
-`checkpoint_filter_fn` maps foreign ImageNet files onto them.
+Parameter names are `stem_layer.*` and `layer1..layer4.*`; each user's
+checkpoint filter maps foreign ImageNet files onto them (`plain_stem_filter`
+for torchvision's names).
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Literal, Mapping, Optional, Sequence, Type, Union
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import StateDict, drop_keys_with_prefix, strip_prefix
@@ -48,19 +54,32 @@ STEM_WIDTHS = (32, 32, 64)
 _NORM_ALIASES = {
     "BN": "BN",
     "BatchNorm2d": "BN",
+    "FixedBN": "FixedBN",
+    "FixedBatchNorm2d": "FixedBN",
     "SyncBN": "SyncBN",
     "SyncBatchNorm": "SyncBN",
     "GN": "GN",
     "GroupNorm": "GN",
 }
-_NORM_OPTIONS = {"BN": {"eps", "momentum"}, "SyncBN": {"eps", "momentum"}, "GN": {"num_groups", "eps"}}
+_NORM_OPTIONS = {"BN": {"eps", "momentum"}, "FixedBN": {"eps"}, "SyncBN": {"eps", "momentum"},
+                 "GN": {"num_groups", "eps"}}
+
+
+class FixedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its stored statistics and never updates them,
+    in train mode too (IRN's backbone keeps its ImageNet statistics; batches of a few crops
+    would spoil them). Weight and bias stay trainable; the names are BatchNorm2d's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
 
 
 def make_norm_layer(cfg: Union[str, Mapping, NormLayer, None]) -> NormLayer:
     """Turn a norm config into a factory `norm_layer(num_channels) -> nn.Module`.
 
-    Accepts "BN" / "SyncBN" / "GN" (or the torch class names "BatchNorm2d",
-    "SyncBatchNorm", "GroupNorm", which the reference's configs use), a dict
+    Accepts "BN" / "FixedBN" / "SyncBN" / "GN" (or the class names "BatchNorm2d",
+    "FixedBatchNorm2d", "SyncBatchNorm", "GroupNorm", which the reference's configs use), a dict
     such as {"type": "GN", "num_groups": 32}, or an already-built callable.
     None means "BN".
     """
@@ -82,6 +101,8 @@ def make_norm_layer(cfg: Union[str, Mapping, NormLayer, None]) -> NormLayer:
 
     if kind == "BN":
         return lambda channels: nn.BatchNorm2d(channels, **options)
+    if kind == "FixedBN":
+        return lambda channels: FixedBatchNorm2d(channels, **options)
     if kind == "SyncBN":
         return lambda channels: nn.SyncBatchNorm(channels, **options)
     if "num_groups" not in options:
@@ -264,11 +285,13 @@ class ResNet(nn.Module):
     """Dilated ResNet returning its stage features `layer1`..`layer4`.
 
     Every argument but `in_channels` is required: the values live in the
-    segmenter's YAML, not here.
+    segmenter's YAML or its builder, not here.
 
     Args:
         depth: 18, 34 (basic blocks), 50, 101 or 152 (bottlenecks).
-        output_stride: 8 or 16; the deepest stages are dilated instead of strided.
+        output_stride: 8 or 16; the deepest stages are not strided.
+        dilate: dilate the stages that lose their stride (DeepLab), so they keep
+            the receptive field; False leaves them at dilation 1 (IRN's layer4).
         stem: "deep" (ResNet-D, three 3x3 convs) or "plain" (torchvision's 7x7).
         avg_down: average-pool strided shortcuts (ResNet-D) instead of a strided 1x1 conv.
         multi_grid: unit rates for the blocks of layer4, multiplied by that
@@ -278,6 +301,10 @@ class ResNet(nn.Module):
             that do not use multi-grid. Off, every block of a dilated stage, the
             first included, has the stage's dilation (both reference backbones).
         norm_layer: anything `make_norm_layer` accepts.
+        conv_init: Kaiming-normal mode of every conv, "fan_in" (the segmenters'
+            reference) or "fan_out" (torchvision's, IRN's).
+        zero_init_last: zero the last norm of every residual branch, so each
+            block starts as the identity (Goyal et al., 2017).
         in_channels: image channels.
     """
 
@@ -291,6 +318,9 @@ class ResNet(nn.Module):
         multi_grid: Optional[Sequence[int]],
         contract_dilation: bool,
         norm_layer: Union[str, Mapping, NormLayer, None],
+        dilate: bool,
+        conv_init: Literal["fan_in", "fan_out"],
+        zero_init_last: bool,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -300,6 +330,8 @@ class ResNet(nn.Module):
             raise ValueError(f"unsupported output_stride {output_stride}; expected one of {sorted(STAGE_STRIDES)}")
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; expected one of {sorted(STEMS)}")
+        if conv_init not in ("fan_in", "fan_out"):
+            raise ValueError(f"unknown conv_init {conv_init!r}; expected 'fan_in' or 'fan_out'")
         norm = make_norm_layer(norm_layer)
         block: Block = BasicBlock if depth < 50 else Bottleneck
         self.depth = depth
@@ -308,7 +340,8 @@ class ResNet(nn.Module):
         self.stem_layer = STEMS[stem](norm, in_channels)
         channels = self.stem_layer.out_channels
         self.out_channels: Dict[str, int] = {}
-        stages = zip(STAGE_BLOCKS[depth], STAGE_WIDTHS, STAGE_STRIDES[output_stride], STAGE_DILATIONS[output_stride])
+        dilations = STAGE_DILATIONS[output_stride] if dilate else [1, 1, 1, 1]
+        stages = zip(STAGE_BLOCKS[depth], STAGE_WIDTHS, STAGE_STRIDES[output_stride], dilations)
         for index, (num_blocks, width, stride, dilation) in enumerate(stages, start=1):
             grid = multi_grid if index == 4 else None
             layer = self._make_stage(block, channels, width, num_blocks, stride, dilation, grid, contract_dilation,
@@ -317,7 +350,7 @@ class ResNet(nn.Module):
             channels = width * block.expansion
             self.out_channels[f"layer{index}"] = channels
 
-        self.init_weights()
+        self.init_weights(conv_init, zero_init_last)
 
     @staticmethod
     def _make_stage(
@@ -346,14 +379,14 @@ class ResNet(nn.Module):
             blocks.append(block(out_channels, width, 1, d, norm))
         return nn.Sequential(*blocks)
 
-    def init_weights(self) -> None:
-        """Kaiming-normal (fan_in, ReLU) convs, norms to identity, then zero
-        the last norm of each residual branch so every block starts as an
-        identity mapping (Goyal et al., 2017)."""
-        init_conv_and_norm(self)
-        for m in self.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_norm.weight)
+    def init_weights(self, conv_init: Literal["fan_in", "fan_out"], zero_init_last: bool) -> None:
+        """Kaiming-normal (`conv_init`, ReLU) convs, norms to identity, then, if
+        `zero_init_last`, zero the last norm of each residual branch."""
+        init_conv_and_norm(self, conv_init)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_norm.weight)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         feats: Dict[str, Tensor] = {}
@@ -364,6 +397,17 @@ class ResNet(nn.Module):
         return feats
 
 
+def irn_resnet(depth: int, norm_layer: Union[str, Mapping, NormLayer, None]) -> ResNet:
+    """IRN's ResNet, the first stage's backbone (its spec §5): torchvision's network (plain
+    7x7 stem, stride on the bottleneck's 3x3, strided 1x1 shortcuts, torchvision's
+    initialisation) with layer4 neither strided nor dilated -> output stride 16. The first
+    stage's norm is "FixedBN" (the reference) or "BN"; torchvision's ImageNet files load
+    through `plain_stem_filter`."""
+    return ResNet(depth=depth, output_stride=16, stem="plain", avg_down=False, multi_grid=None,
+                  contract_dilation=False, norm_layer=norm_layer, dilate=False, conv_init="fan_out",
+                  zero_init_last=False)
+
+
 def imagenet_resnet_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
     """The part of a ResNet ImageNet checkpoint's renaming that every variant shares:
     mmcls's `backbone.` prefix stripped, the classifier (`fc.*`, mmcls `head.fc.*`)
@@ -372,15 +416,32 @@ def imagenet_resnet_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
     return strip_prefix(drop_keys_with_prefix(state_dict, "fc.", "head.fc."), "backbone.")
 
 
+_TORCHVISION_STEM = ("conv1.", "bn1.")
+
+
+def plain_stem_key(key: str) -> str:
+    """torchvision's top-level stem name (`conv1.*`, `bn1.*`) -> ours (`stem_layer.conv1.*`);
+    every other name (the blocks' `layerN.M.conv1` too) unchanged."""
+    return f"stem_layer.{key}" if key.startswith(_TORCHVISION_STEM) else key
+
+
+def plain_stem_filter(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """ImageNet ResNet weights -> a plain-stem ResNet's names: torchvision's files (V1
+    `resnet50-19c8e357.pth`, V2 `resnet101-cd907fc2.pth`: flat, stem `conv1`/`bn1`,
+    classifier `fc.*`), mmcls-style files (`backbone.` prefix, `head.fc.*`, wrapped in
+    `state_dict` or not) and our own names (`stem_layer.conv1`, ...)."""
+    return {plain_stem_key(k): v for k, v in imagenet_resnet_keys(state_dict).items()}
+
+
 _NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)
 
 
-def init_conv_and_norm(module: nn.Module) -> None:
-    """Reference initialisation: Kaiming-normal (fan_in, ReLU) conv weights
+def init_conv_and_norm(module: nn.Module, conv_init: Literal["fan_in", "fan_out"] = "fan_in") -> None:
+    """Reference initialisation: Kaiming-normal (`conv_init`, ReLU) conv weights
     (conv biases keep PyTorch's default draw), norm weight 1 and bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, a=0, mode=conv_init, nonlinearity="relu")
         elif isinstance(m, _NORM_TYPES) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

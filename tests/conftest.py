@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.config import Config, load_config
+from engine.config import load_config
+from utils.config import Config
 from utils.voc import voc_palette
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BecoError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,7 +8,7 @@ import torch
 
 from losses.beco_loss import baseline_loss, beco_loss
 from tests.conftest import REPO
-from utils.config import load_config
+from engine.config import load_config
 
 
 def _cfg(**over):
@@ -84,7 +84,7 @@ def test_accumulated_micro_batches_give_one_big_batchs_gradients():
     from torch import nn
     from main import accumulate_step
     from tests.conftest import REPO
-    from utils.config import load_config
+    from engine.config import load_config
 
     class TinySeg(nn.Module):
         def __init__(self) -> None:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from utils.config import ConfigError, build_config, load_config, load_yaml, to_dict, to_yaml
+from engine.config import build_config, load_config
+from utils.config import ConfigError, load_yaml, to_dict, to_yaml
 
 BECO = REPO / "configs/beco_voc.yaml"
 
@@ -78,11 +79,19 @@ def test_every_registered_kind_has_its_values_file_and_no_file_is_orphaned():
 
 
 def test_method_names_are_the_method_table():
-    import typing
+    """engine/beco.py's METHODS is the one list of names: the config takes each of them, refuses any
+    other with the table's names in its order, and its even-batch rule is the table's."""
     from engine.beco import METHODS
-    from utils.config import MethodCfg
-    assert set(typing.get_args(typing.get_type_hints(MethodCfg)["name"])) == set(METHODS)
     assert {name: m.num_nets for name, m in METHODS.items()} == {"beco": 2, "baseline": 1}
+    for name in METHODS:
+        assert load_config(BECO, [f"method.name={name}"]).method.name == name
+    for bad in ("BECO", "fixmatch", 1, None, [1]):
+        with pytest.raises(ConfigError) as e:
+            load_config(BECO, [f"method.name={bad if bad is not None else 'null'}"])
+        assert str(e.value) == f"config key 'method.name': {bad!r} is not one of ['beco', 'baseline']"
+    assert {name: m.even_batch_reason for name, m in METHODS.items()} == {
+        "beco": "BECO mixes batch halves", "baseline": None}
+    assert load_config(BECO, ["method.name=baseline", "data.batch_size=3"]).data.batch_size == 3
 
 
 def test_a_child_config_that_changes_the_segmenter_drops_the_old_ones_keys(tmp_path):
@@ -200,7 +209,7 @@ def test_main_rejects_bad_key_with_exit_code_2():
     (16, 4, 1, 4), (16, 8, 1, 2), (16, 1, 4, 4), (16, 2, 2, 4), (16, 1, 1, 16),
 ])
 def test_total_batch_gives_the_per_process_batch(total, world, accum, per_process):
-    from utils.config import resolve_batch
+    from engine.config import resolve_batch
     cfg = load_config(REPO / "configs/beco_voc.yaml", [f"data.total_batch_size={total}", f"train.grad_accum={accum}"])
     assert resolve_batch(cfg, world).data.batch_size == per_process
     unset = load_config(REPO / "configs/beco_voc.yaml")
@@ -216,7 +225,7 @@ def test_total_batch_gives_the_per_process_batch(total, world, accum, per_proces
                "batch halves, so it must be even"),
 ])
 def test_a_total_batch_that_does_not_split_is_refused_with_sizes_that_would(total, world, accum, message):
-    from utils.config import resolve_batch
+    from engine.config import resolve_batch
     cfg = load_config(REPO / "configs/beco_voc.yaml", [f"data.total_batch_size={total}", f"train.grad_accum={accum}"])
     with pytest.raises(ConfigError) as e:
         resolve_batch(cfg, world)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from utils.config import ConfigError, load_config, load_yaml, resolve_batch
+from engine.config import load_config, resolve_batch
+from utils.config import ConfigError, load_yaml
 
 BECO = REPO / "configs/beco_voc.yaml"
 DEMO = REPO / "configs/demo.yaml"

@@ -124,7 +124,8 @@ def test_eval_cam_stops_at_a_nan_cam_naming_it(tmp_path):
         if n == len(ids) - 1:
             high[0, 5, 5] = np.nan  # argmax would take it as the top score: a silent wrong mIoU
         save_cam(cam_dir / f"{i}.npy", np.array([0]), high[:, ::4, ::4], high)
-    args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, cam_out_dir=cam_dir,
+    args = Namespace(dataset="voc", voc12_root=root, chainer_eval_set="train", max_images=None, cls_labels=None,
+                     train_list=None, val_list=None, infer_list=None, cam_out_dir=cam_dir,
                      cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=())
     with pytest.raises(CamFileError, match=rf"CAM file for id '{ids[-1]}' holds NaN/Inf"):
         eval_cam.run(args)
@@ -171,13 +172,13 @@ def test_training_and_evaluation_refuse_a_list_with_a_duplicate(tmp_path):
 
 
 def test_the_first_stage_refuses_a_list_with_a_duplicate(tmp_path):
-    from voc12.source import VOCSource
+    from datasets.views import open_source
     root = tmp_path / "VOC2012"
     lists = root / "ImageSets/Segmentation"
     lists.mkdir(parents=True)
     (lists / "train_aug.txt").write_text("2007_000001\n2007_000001\n")
     with pytest.raises(DataError, match=r"id '2007_000001' is listed twice in .*train_aug.txt, on lines 1 and 2"):
-        VOCSource(root).ids("train")
+        open_source("voc", root).ids("train")
 
 
 def test_the_first_stage_driver_stops_at_a_duplicate_before_any_step(tmp_path, capsys):

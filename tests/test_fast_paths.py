@@ -22,7 +22,7 @@ from engine.mixing import boundary_band, choose_paste_masks, mix_batch
 from engine.strong_aug import (blur_batch, blur_taps, gaussian_kernel1d, hsv_u8_to_rgb, rgb_to_hsv_u8, shift_hsv,
                                strong_augment)
 from tests.conftest import REPO
-from utils.config import load_config
+from engine.config import load_config
 from utils.voc import IGNORE_INDEX
 
 

@@ -23,15 +23,19 @@ from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml
                                      multi_hot)
 from misc.cam_io import load_cam, save_cam  # noqa: E402
 from misc.settings import config_path, load_settings  # noqa: E402
-from net.resnet import FixedBatchNorm2d, build_backbone, load_torchvision_weights  # noqa: E402
-from net.resnet50_cam import Net  # noqa: E402
+from models.checkpoint import CheckpointMismatchError  # noqa: E402
+from models.resnet import FixedBatchNorm2d  # noqa: E402
+from net.backbone import backbone_filter, build_backbone, checkpoint_filter_fn, file_state, resnet  # noqa: E402
+from net.resnet50_cam import CAM, Net, load_cam_weights  # noqa: E402
 from step.cam_to_ir_label import combine, crf_params  # noqa: E402
 from step.eval_cam import cam_prediction  # noqa: E402
 from step.make_cam import cams_for_image, normalise_channels, stride4_size, strided_up_size  # noqa: E402
+from datasets import transforms as T  # noqa: E402
+from datasets.readers import DataError  # noqa: E402
+from datasets.views import ClassificationView, SegmentationView, open_source  # noqa: E402
 from utils.crf import hard_label_crf, hard_label_unary  # noqa: E402
 from utils.metrics import confusion_of_maps, seen_class_scores  # noqa: E402
 from utils.schedule import PolyOptimizer, max_steps, poly_factor  # noqa: E402
-from voc12 import dataloader as dl  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,12 +56,12 @@ def test_oracle5_sizes():
     assert stride4_size(333, 500) == (84, 125)
     assert strided_up_size(333, 500) == (336, 512)
     img = np.zeros((375, 500, 3), np.uint8)
-    sizes = [dl.rescale(img, s, 3).shape[:2] for s in (1.0, 0.5, 1.5, 2.0)]
+    sizes = [T.rescale(img, s, 3).shape[:2] for s in (1.0, 0.5, 1.5, 2.0)]
     assert sizes == [(375, 500), (188, 250), (562, 750), (750, 1000)]
     # CAM map sizes, by running the backbone on the meta device (shapes only, no compute).
     with _no_weights_warning():
         net = build_backbone(18).to("meta")
-    cams = [tuple(net(torch.empty(1, 3, h, w, device="meta")).shape[2:]) for h, w in sizes]
+    cams = [tuple(net(torch.empty(1, 3, h, w, device="meta"))["layer4"].shape[2:]) for h, w in sizes]
     assert cams == [(24, 32), (12, 16), (36, 47), (47, 63)]
 
 
@@ -68,14 +72,16 @@ def test_oracle6_cam_network_shapes_and_backbone_layout():
     assert tuple(net.features(x).shape) == (2, 2048, 32, 32)
     assert tuple(net(x).shape) == (2, 20)
     b = net.backbone
-    assert b.out_channels == {"conv1": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    assert b.stem_layer.out_channels == 64
+    assert b.out_channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
     assert tuple(b.layer4[0].conv2.stride) == (1, 1) and tuple(b.layer4[0].downsample[0].stride) == (1, 1)
     assert all(m.dilation == (1, 1) for m in b.modules() if isinstance(m, torch.nn.Conv2d))
-    assert not b.conv1.weight.requires_grad and not b.bn1.weight.requires_grad
+    assert not b.stem_layer.conv1.weight.requires_grad and not b.stem_layer.bn1.weight.requires_grad
     assert b.layer3[0].conv1.weight.requires_grad
     with _no_weights_warning():
         small = build_backbone(18)
-    assert small.out_channels == {"conv1": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+    assert small.stem_layer.out_channels == 64
+    assert small.out_channels == {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 
 
 def test_fixed_batchnorm_never_updates_and_ignores_train_flag():
@@ -93,20 +99,20 @@ def test_fixed_batchnorm_never_updates_and_ignores_train_flag():
 
 
 def test_bn_mode_batch_is_an_ordinary_batchnorm():
-    from net.resnet import set_bn_mode
     with _no_weights_warning():
         net = build_backbone(18, bn_mode="batch")
     bn = net.layer1[0].bn1
+    assert type(bn) is torch.nn.BatchNorm2d
     x = torch.randn(2, 3, 32, 32)
     net.train()
     net(x)
     assert not torch.all(bn.running_mean == 0)  # statistics updated from the batch
-    set_bn_mode(net, "fixed")
-    before = bn.running_mean.clone()
-    net(x)
-    assert torch.equal(bn.running_mean, before)
+    fixed = resnet(18, "fixed").train()
+    before = fixed.layer1[0].bn1.running_mean.clone()
+    fixed(x)
+    assert torch.equal(fixed.layer1[0].bn1.running_mean, before)
     with pytest.raises(ValueError):
-        set_bn_mode(net, "frozen")
+        resnet(18, "frozen")
 
 
 def test_backbone_loads_torchvision_file_strictly(tmp_path):
@@ -119,13 +125,35 @@ def test_backbone_loads_torchvision_file_strictly(tmp_path):
         warnings.simplefilter("error")  # a weights file must not warn
         net = build_backbone(18, path)
     assert torch.equal(net.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
-    assert torch.equal(net.bn1.running_var, tv.bn1.running_var)
+    assert torch.equal(net.stem_layer.bn1.running_var, tv.bn1.running_var)
     bad = tmp_path / "bad.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("layer4.1.")}, bad)
-    with _no_weights_warning():
-        net = build_backbone(18)
-    with pytest.raises(RuntimeError, match="missing"):
-        load_torchvision_weights(net, bad)
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.pth .*missing keys 10: \[layer4\.1\.bn1\.bias"):
+        build_backbone(18, bad)
+    with pytest.raises(FileNotFoundError, match=r"^config key 'backbone_weights': no file .*nope\.pth"):
+        build_backbone(18, tmp_path / "nope.pth")
+
+
+def test_weights_files_keep_their_names_and_load_either_way(tmp_path):
+    """sess/res*_cam.pth keeps torchvision's stem names under backbone. (users' existing files
+    load); a file with the network's own names loads too; IRN's backbone reads a CAM file."""
+    torch.manual_seed(0)
+    cam = Net(backbone=resnet(18), n_classes=3)
+    state = file_state(cam)
+    assert [k for k in state if "conv1" in k][:2] == ["backbone.conv1.weight", "backbone.layer1.0.conv1.weight"]
+    assert "backbone.bn1.running_var" in state and not any("stem_layer" in k for k in state)
+    assert torch.equal(state["backbone.conv1.weight"], cam.backbone.stem_layer.conv1.weight)
+    assert list(checkpoint_filter_fn(state)) == list(cam.state_dict())
+    assert checkpoint_filter_fn(cam.state_dict()).keys() == cam.state_dict().keys()
+    assert list(backbone_filter(state)) == list(cam.backbone.state_dict())
+    state["backbone.bn1.num_batches_tracked"] = torch.tensor(6)  # trained with --backbone_bn batch
+    for name, written in (("file_names", state), ("model_names", cam.state_dict())):
+        torch.save(written, tmp_path / f"{name}.pth")
+        loaded = file_state(load_cam_weights(CAM(backbone=resnet(18), n_classes=3), tmp_path / f"{name}.pth"))
+        assert all(torch.equal(loaded[k], v) for k, v in file_state(cam).items() if not k.endswith("_tracked"))
+        assert int(loaded["backbone.bn1.num_batches_tracked"]) == (6 if name == "file_names" else 0)
+    with pytest.raises(CheckpointMismatchError, match=r"classifier\.weight: checkpoint \(3, 512, 1, 1\) vs model \(4,"):
+        load_cam_weights(CAM(backbone=resnet(18), n_classes=4), tmp_path / "file_names.pth")
 
 
 # ----------------------------------------------------------------------------- CAM files (oracle 7, QUIRK-10)
@@ -263,9 +291,9 @@ def test_oracle21_eval_cam_threshold_tie_is_background():
 
 
 def test_oracle22_rescale_rounding():
-    assert dl.rescale(np.zeros((375, 4), np.uint8), 0.5, 0).shape[0] == 188
-    assert dl.rescale(np.zeros((375, 4), np.uint8), 1.5, 0).shape[0] == 562
-    assert dl.rescale(np.zeros((4, 500), np.uint8), 0.25, 0).shape[1] == 125
+    assert T.rescale(np.zeros((375, 4), np.uint8), 0.5, 0).shape[0] == 188
+    assert T.rescale(np.zeros((375, 4), np.uint8), 1.5, 0).shape[0] == 562
+    assert T.rescale(np.zeros((4, 500), np.uint8), 0.25, 0).shape[1] == 125
 
 
 def test_oracle23_random_crop_placement():
@@ -274,32 +302,32 @@ def test_oracle23_random_crop_placement():
     lab = np.full((300, 400), 3, np.uint8)
     tops, lefts = set(), set()
     for _ in range(400):
-        ct, cb, cl, cr, it, ib, il, ir = dl.random_crop_box(300, 400, 512, rng)
+        ct, cb, cl, cr, it, ib, il, ir = T.random_crop_box(300, 400, 512, rng)
         assert (it, il, ib - it, ir - il) == (0, 0, 300, 400)
         assert 0 <= ct <= 212 and 0 <= cl <= 112 and cb - ct == 300 and cr - cl == 400
         tops.add(ct)
         lefts.add(cl)
     assert min(tops) <= 5 and max(tops) >= 207 and min(lefts) <= 3 and max(lefts) >= 109
-    ci, cl_ = dl.random_crop((img, lab), 512, (0, 255), np.random.default_rng(1))
+    ci, cl_ = T.random_crop((img, lab), 512, (0, 255), np.random.default_rng(1))
     assert ci.shape == (512, 512, 3) and cl_.shape == (512, 512)
     assert (ci == 7).sum() == 300 * 400 * 3 and (ci == 0).sum() == (512 * 512 - 300 * 400) * 3
     assert (cl_ == 3).sum() == 300 * 400 and (cl_ == 255).sum() == 512 * 512 - 300 * 400
     assert np.array_equal(ci[..., 0] == 7, cl_ == 3)  # one shared box
     # a larger input: image offset random, container offset 0
     big = np.arange(600 * 700, dtype=np.int64).reshape(600, 700)
-    ct, cb, cl, cr, it, ib, il, ir = dl.random_crop_box(600, 700, 512, rng)
+    ct, cb, cl, cr, it, ib, il, ir = T.random_crop_box(600, 700, 512, rng)
     assert (ct, cl, cb, cr) == (0, 0, 512, 512) and 0 <= it <= 88 and 0 <= il <= 188
-    out = dl.random_crop(big, 512, 0, np.random.default_rng(2))
+    out = T.random_crop(big, 512, 0, np.random.default_rng(2))
     assert out.shape == (512, 512) and np.all(np.diff(out[0]) == 1)
 
 
 def test_oracle24_nearest_reduction_picks_4i_plus_2():
     y, x = np.mgrid[0:512, 0:512]
     lab = (x // 2).astype(np.uint8)
-    red = dl.rescale(lab, 0.25, 0)
+    red = T.rescale(lab, 0.25, 0)
     assert red.shape == (128, 128)
     assert red[0].tolist() == [(4 * i + 2) // 2 for i in range(128)]
-    red_y = dl.rescale((y // 2).astype(np.uint8), 0.25, 0)
+    red_y = T.rescale((y // 2).astype(np.uint8), 0.25, 0)
     assert red_y[:, 0].tolist() == [(4 * i + 2) // 2 for i in range(128)]
 
 
@@ -308,31 +336,31 @@ def test_geometric_helpers():
     img = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     # random_resize_long: long side in range; a square image scales by W
     for _ in range(20):
-        out = dl.random_resize_long(img, 32, 48, rng)
+        out = T.random_resize_long(img, 32, 48, rng)
         assert 32 <= out.shape[1] <= 48
-    sq = dl.random_resize_long(np.zeros((10, 10, 3), np.uint8), 20, 20, rng)
+    sq = T.random_resize_long(np.zeros((10, 10, 3), np.uint8), 20, 20, rng)
     assert sq.shape[:2] == (20, 20)
     # shared flip decision
     lab = np.arange(30 * 40).reshape(30, 40) % 251
     flips = set()
     for _ in range(30):
-        a, b = dl.random_lr_flip((img, lab.astype(np.uint8)), rng)
+        a, b = T.random_lr_flip((img, lab.astype(np.uint8)), rng)
         f = not np.array_equal(a, img)
         assert np.array_equal(b, np.fliplr(lab).astype(np.uint8) if f else lab.astype(np.uint8))
         flips.add(f)
     assert flips == {True, False}
     # random_scale: one s for both, orders bicubic / nearest
-    a, b = dl.random_scale((img, lab.astype(np.uint8)), (0.5, 1.5), (3, 0), np.random.default_rng(3))
+    a, b = T.random_scale((img, lab.astype(np.uint8)), (0.5, 1.5), (3, 0), np.random.default_rng(3))
     assert a.shape[:2] == b.shape[:2] and set(np.unique(b)) <= set(np.unique(lab))
     # top-left crop
-    t = dl.top_left_crop(np.ones((3, 70), np.float32), 64, 0)
+    t = T.top_left_crop(np.ones((3, 70), np.float32), 64, 0)
     assert t.shape == (64, 64) and t[:3].all() and not t[3:].any()
     # normalisation and CHW
-    n = dl.TorchvisionNormalize()(np.full((1, 1, 3), 255, np.uint8))
-    assert np.allclose(n[0, 0], (1 - np.array(dl.IMAGENET_MEAN)) / np.array(dl.IMAGENET_STD))
-    assert dl.hwc_to_chw(np.zeros((4, 5, 3))).shape == (3, 4, 5)
+    n = T.TorchvisionNormalize()(np.full((1, 1, 3), 255, np.uint8))
+    assert np.allclose(n[0, 0], (1 - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD))
+    assert T.hwc_to_chw(np.zeros((4, 5, 3))).shape == (3, 4, 5)
     # MSF pairs
-    ms = dl.msf_inputs(img, (1.0, 0.5))
+    ms = T.msf_inputs(img, (1.0, 0.5))
     assert ms[0].shape == (2, 3, 30, 40) and ms[1].shape == (2, 3, 15, 20)
     assert np.array_equal(ms[0][1], ms[0][0][..., ::-1])
 
@@ -431,13 +459,13 @@ def test_synthetic_labels_match_ground_truth(synthetic_voc):
 def test_segmentation_dataset_item(synthetic_voc):
     root = synthetic_voc / "VOC2012"
     ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
-    ds = dl.VOC12SegmentationDataset(ids, root / "SegmentationClassAug", 40, root, rescale=(0.5, 1.5),
-                                     hor_flip=True, crop_method="random")
+    ds = SegmentationView(ids, root / "SegmentationClassAug", 40, open_source("voc", root), rescale=(0.5, 1.5),
+                          hor_flip=True, crop_method="random")
     item = ds[0]
     assert item["img"].shape == (3, 40, 40) and item["img"].dtype == np.float32
     assert item["label"].shape == (40, 40) and item["label"].dtype == np.uint8
-    with pytest.raises(dl.DataError, match="'nope'"):
-        dl.VOC12SegmentationDataset(["nope"], root / "SegmentationClassAug", 40, root)
+    with pytest.raises(DataError, match="'nope'"):
+        SegmentationView(["nope"], root / "SegmentationClassAug", 40, open_source("voc", root))
 
 
 # ----------------------------------------------------------------------------- smoke run through the driver
@@ -517,7 +545,8 @@ def test_eval_cam_perfect_cams_give_miou_one(tmp_path, synthetic_voc):
         high = np.stack([(gt == k + 1).astype(np.float32) * 0.9 for k in keys]) if keys.size else \
             np.zeros((0,) + gt.shape, np.float32)
         save_cam(cam_dir / f"{i}.npy", keys, high[:, ::4, ::4], high)
-    args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, cam_out_dir=cam_dir,
+    args = Namespace(dataset="voc", voc12_root=root, chainer_eval_set="train", max_images=None, cls_labels=None,
+                     train_list=None, val_list=None, infer_list=None, cam_out_dir=cam_dir,
                      cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=(0.5, 0.95))
     out = eval_cam.run(args)
     assert out["cam_miou"] == pytest.approx(1.0) and out["images"] == len(ids)
@@ -553,7 +582,8 @@ def test_eval_sem_seg_warns_when_cams_win(tmp_path, synthetic_voc, caplog):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"steps": {"eval_cam": {"metrics": {
         "images": len(ids), "cam_miou": 0.3, "cam_eval_thres": 0.15, "cam_miou_sweep": {"0.4": 0.6}}}}}))
-    args = Namespace(voc12_root=root, chainer_eval_set="train", max_images=None, sem_seg_out_dir=tmp_path / "sem",
+    args = Namespace(dataset="voc", voc12_root=root, chainer_eval_set="train", max_images=None, cls_labels=None,
+                     train_list=None, val_list=None, infer_list=None, sem_seg_out_dir=tmp_path / "sem",
                      no_progress=True, summary_path=summary)
     with caplog.at_level(logging.INFO):
         out = eval_sem_seg.run(args)
@@ -570,8 +600,8 @@ def test_seeded_loader_is_reproducible(synthetic_voc):
 
     def batches():
         set_seed(5)
-        ds = dl.VOC12ClassificationDataset(root / "ImageSets/Segmentation/train_aug.txt", root, resize_long=(40, 80),
-                                           hor_flip=True, crop_size=32, crop_method="random")
+        ds = ClassificationView(root / "ImageSets/Segmentation/train_aug.txt", open_source("voc", root),
+                                resize_long=(40, 80), hor_flip=True, crop_size=32, crop_method="random")
         loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True, **seeded_loader_kwargs(5, 0))
         return [(b["name"], b["img"]) for b in loader]
 

@@ -24,7 +24,7 @@ for _p in (str(IRN), str(REPO)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from misc.indexing import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
+from datasets.affinity import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
 from misc.random_walk import (dense_affinity, dense_transition, random_walk, rw_to_scores,  # noqa: E402
                               sparse_transition)
 
@@ -136,11 +136,11 @@ def test_affinity_labels_partition():
 
 
 def test_affinity_dataset_items(tmp_path):
-    from voc12.affinity import VOC12AffinityDataset
+    from datasets.views import AffinityView, open_source
     root = _tiny_voc(tmp_path)
     ids = (root / "ImageSets/Segmentation/train_aug.txt").read_text().split()
-    ds = VOC12AffinityDataset(ids[:2], root / "SegmentationClass", 512, root, PathIndex(10),
-                              rescale=(0.5, 1.5), hor_flip=True, crop_method="random")
+    ds = AffinityView(ids[:2], root / "SegmentationClass", 512, open_source("voc", root), PathIndex(10),
+                      rescale=(0.5, 1.5), hor_flip=True, crop_method="random")
     item = ds[0]
     assert tuple(item["img"].shape) == (3, 512, 512) and item["label"].shape == (512, 512)
     bg, fg, neg = item["aff_bg_pos_label"], item["aff_fg_pos_label"], item["aff_neg_label"]
@@ -249,7 +249,7 @@ def test_rw_scores_background_ties_and_zero_guard():
 
 def test_irn_shapes_loss_and_mean_shift(monkeypatch):
     from net import resnet50_irn as irn
-    from net.resnet import ResNet
+    from net.backbone import resnet
     torch.manual_seed(0)
     model = irn.EdgeDisplacement(18).eval()
     x = torch.randn(2, 3, 50, 70)
@@ -264,7 +264,7 @@ def test_irn_shapes_loss_and_mean_shift(monkeypatch):
     torch.testing.assert_close(disp2, disp - torch.tensor([0.5, -1.0])[:, None, None])
 
     pi = PathIndex(5)
-    net = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18)).train()
+    net = irn.AffinityDisplacementLoss(pi, backbone=resnet(18)).train()
     assert not net.backbone.training
     idx = pi.indices((16, 16))
     label = torch.randint(0, 3, (2, 16, 16))
@@ -289,13 +289,13 @@ def test_irn_train_backbone_option():
     """--irn_train_backbone: the backbone follows train mode, gets gradients and sits in the edge group;
     the default keeps the reference's frozen, eval-mode backbone."""
     from net import resnet50_irn as irn
-    from net.resnet import ResNet
+    from net.backbone import resnet
     torch.manual_seed(2)
     pi = PathIndex(5)
     idx = pi.indices((12, 12))
     label = torch.randint(0, 3, (2, 12, 12))
     labels = [torch.stack(t) for t in zip(*(affinity_labels(label[i], idx) for i in range(2)))]
-    net = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18), train_backbone=True).train()
+    net = irn.AffinityDisplacementLoss(pi, backbone=resnet(18), train_backbone=True).train()
     assert net.backbone.training
     irn.combine_losses(net(torch.randn(2, 3, 48, 48), *labels))["total"].backward()
     edge_p, disp_p = net.param_groups()
@@ -303,24 +303,25 @@ def test_irn_train_backbone_option():
     assert backbone_ids <= {id(p) for p in edge_p} and not backbone_ids & {id(p) for p in disp_p}
     assert net.backbone.layer1[0].conv1.weight.grad is not None
     assert float(net.backbone.layer1[0].conv1.weight.grad.abs().sum()) > 0
-    frozen = irn.AffinityDisplacementLoss(pi, backbone=ResNet(18)).train()
+    frozen = irn.AffinityDisplacementLoss(pi, backbone=resnet(18)).train()
     assert not frozen.backbone.training and not any(p.requires_grad for p in frozen.backbone.parameters())
     assert len(frozen.param_groups()[0]) == len(edge_p) - len(backbone_ids)
 
 
 def test_irn_backbone_from_cam_weights(tmp_path):
     from net import resnet50_irn as irn
-    from net.resnet import ResNet
+    from net.backbone import resnet
     from net.resnet50_cam import Net as CamNet
+    from models.checkpoint import CheckpointMismatchError
     from step.train_irn import load_backbone_from_cam
     torch.manual_seed(1)
-    cam = CamNet(backbone=ResNet(18))
+    cam = CamNet(backbone=resnet(18))
     torch.save(cam.state_dict(), tmp_path / "cam.pth")
-    model = irn.AffinityDisplacementLoss(PathIndex(5), backbone=ResNet(18))
+    model = irn.AffinityDisplacementLoss(PathIndex(5), backbone=resnet(18))
     load_backbone_from_cam(model, tmp_path / "cam.pth")
     assert torch.equal(model.backbone.layer4[0].conv1.weight, cam.backbone.layer4[0].conv1.weight)
-    with pytest.raises(RuntimeError, match="ResNet-34"):
-        load_backbone_from_cam(irn.AffinityDisplacementLoss(PathIndex(5), backbone=ResNet(34)), tmp_path / "cam.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"cam\.pth does not match ResNet .*missing keys 80: \[layer1\.2"):
+        load_backbone_from_cam(irn.AffinityDisplacementLoss(PathIndex(5), backbone=resnet(34)), tmp_path / "cam.pth")
 
 
 # ----------------------------------------------------------------------------- score files and gen_mask (16, 17)
@@ -337,7 +338,7 @@ def _worked_example() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
 
 def test_gen_mask_worked_example(tmp_path):
     from datasets.readers import read_mask
-    from step.gen_mask import confidence_mask, margins, save_mask
+    from datasets.handoff import confidence_mask, margins, save_mask
     score, pred, _ = _worked_example()
     assert pred.tolist() == [[5, 5, 0], [5, 12, 0]]
     np.testing.assert_allclose(margins(score).numpy(), [[0.65, 0.10, 0.05], [0.05, 0.75, 0.20]], atol=1e-6)
@@ -357,7 +358,7 @@ def test_gen_mask_worked_example(tmp_path):
 @pytest.mark.parametrize("tie_mode", ["original", "zero"])
 @pytest.mark.parametrize("seed", range(4))
 def test_gen_mask_counts_and_ranking(seed, tie_mode):
-    from step.gen_mask import confidence_mask, margins
+    from datasets.handoff import confidence_mask, margins
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, 4))
     raw = rng.random((k, 17, 23)).astype(np.float32)
@@ -377,7 +378,8 @@ def test_gen_mask_counts_and_ranking(seed, tie_mode):
 
 
 def test_score_file_round_trip_and_reference_layout(tmp_path):
-    from step.gen_mask import confidence_mask, load_score
+    from datasets.handoff import confidence_mask
+    from step.gen_mask import load_score
     from step.make_sem_seg_labels import save_score
     score, pred, keys = _worked_example()
     path = save_score(tmp_path / "a.pt", torch.from_numpy(pred), score, torch.from_numpy(keys))

@@ -23,8 +23,9 @@ for _p in (str(IRN), str(REPO)):
 from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
 from datasets.readers import DataError  # noqa: E402
 from datasets.prepare.cls_labels import save_cls_labels  # noqa: E402
+from datasets.sources import CocoSource, VOCSource  # noqa: E402
+from datasets.views import ClassificationView, InferenceView, data_source, open_source  # noqa: E402
 from utils.metrics import StreamingConfusion, confusion_of_maps, fg_on_gt_background, seen_class_scores  # noqa: E402
-from voc12.source import CocoSource, VOCSource, data_source  # noqa: E402
 
 SIZE = (64, 64)
 # (image id, label ids) — sparse label ids 1, 12, 80 (CAM indices 0, 11, 79); id 42 has no class.
@@ -99,7 +100,7 @@ def _stems(split: str, items) -> list[str]:
 
 
 def test_coco_source_ids_names_paths_and_class_count(tiny_coco):
-    src = CocoSource(tiny_coco)
+    src = open_source("coco", tiny_coco)
     assert (src.name, src.num_classes, src.num_labels, src.gt_ignore) == ("coco", 80, 81, None)
     assert src.ids("train") == _stems("train", TRAIN) == src.ids("infer") == src.ids("eval")
     assert src.ids("val") == _stems("val", VAL)
@@ -117,19 +118,19 @@ def test_coco_source_ids_names_paths_and_class_count(tiny_coco):
     assert grey.shape == SIZE + (3,) and np.array_equal(grey[..., 0], grey[..., 2])
     assert src.read_image(stem_of("train", TRUNCATED)).shape == SIZE + (3,)  # tolerated for COCO
     # VOC keeps its strictness for truncated files, and its own class count.
-    from voc12.dataloader import read_rgb
+    from datasets.readers import read_image
     with pytest.raises(DataError, match="truncated"):
-        read_rgb(src.image_path(stem_of("train", TRUNCATED)), "x")
-    voc = VOCSource(tiny_coco)
+        read_image(src.image_path(stem_of("train", TRUNCATED)), "x")
+    voc = open_source("voc", tiny_coco)
     assert (voc.num_classes, voc.num_labels, voc.gt_ignore) == (20, 21, 255)
 
     # Eval split val, --max_images (eval keeps the cut train ids), lists given explicitly.
-    assert CocoSource(tiny_coco, eval_set="val").ids("eval") == _stems("val", VAL)
-    cut = CocoSource(tiny_coco, max_images=3)
+    assert open_source("coco", tiny_coco, eval_set="val").ids("eval") == _stems("val", VAL)
+    cut = open_source("coco", tiny_coco, max_images=3)
     assert cut.ids("train") == _stems("train", TRAIN)[:3] == cut.ids("eval")
     custom = tiny_coco.parent / "mine.txt"
     custom.write_text("COCO_val2014_000000000017\nCOCO_train2014_000000000072\n")
-    mixed = CocoSource(tiny_coco, lists={"train": custom})
+    mixed = open_source("coco", tiny_coco, lists={"train": custom})
     assert mixed.ids("train") == ["COCO_val2014_000000000017", "COCO_train2014_000000000072"]
     assert mixed.labels("COCO_val2014_000000000017") == [0]  # from cls_labels_val2014.json
     custom.write_text("COCO_train2014_000000000072\n2007_000032\n")
@@ -163,7 +164,7 @@ def test_missing_gt_and_label_files_name_the_id_and_path(tiny_coco, tmp_path):
     import shutil
     root = tmp_path / "coco"
     shutil.copytree(tiny_coco, root)
-    src = CocoSource(root)
+    src = open_source("coco", root)
     stem = "COCO_train2014_000000000025"
     (root / "mask" / "train2014" / "25.png").unlink()
     with pytest.raises(DataError, match=f"'{stem}'.*25.png"):
@@ -174,30 +175,28 @@ def test_missing_gt_and_label_files_name_the_id_and_path(tiny_coco, tmp_path):
     del labels["labels"]["COCO_train2014_000000000064"]
     (root / "cls_labels_train2014.json").write_text(json.dumps(labels))
     with pytest.raises(DataError, match="'COCO_train2014_000000000064'.*cls_labels_train2014.json"):
-        CocoSource(root).labels("COCO_train2014_000000000064")
+        open_source("coco", root).labels("COCO_train2014_000000000064")
     (root / "cls_labels_val2014.json").unlink()
     with pytest.raises(DataError, match="'COCO_val2014_000000000005'.*cls_labels_val2014.json"):
-        CocoSource(root).labels("COCO_val2014_000000000005")
-    from voc12.dataloader import VOC12ClassificationDataset
+        open_source("coco", root).labels("COCO_val2014_000000000005")
     with pytest.raises(DataError, match="'COCO_val2014_000000000005'.*cls_labels_val2014.json"):
-        VOC12ClassificationDataset(CocoSource(root).ids("val"), CocoSource(root))
+        ClassificationView(open_source("coco", root).ids("val"), open_source("coco", root))
     (root / "val2014" / "COCO_val2014_000000000017.jpg").unlink()
     with pytest.raises(DataError, match="'COCO_val2014_000000000017'.*COCO_val2014_000000000017.jpg"):
-        VOC12ClassificationDataset(CocoSource(root).ids("val"), CocoSource(root))
+        ClassificationView(open_source("coco", root).ids("val"), open_source("coco", root))
 
 
 def test_coco_datasets_and_networks_take_the_class_count(tiny_coco):
-    from misc.indexing import PathIndex, affinity_labels
-    from net.resnet import ResNet
+    from datasets.affinity import PathIndex, affinity_labels
+    from net.backbone import resnet
     from net.resnet50_cam import CAM, Net
-    from voc12.dataloader import VOC12ClassificationDatasetMSF
-    src = CocoSource(tiny_coco)
-    ds = VOC12ClassificationDatasetMSF(src.ids("train"), src, scales=(1.0, 0.5))
+    src = open_source("coco", tiny_coco)
+    ds = InferenceView(src.ids("train"), src, scales=(1.0, 0.5))
     item = ds[2]
     assert item["name"] == "COCO_train2014_000000000030" and item["size"] == SIZE
     assert item["label"].shape == (80,) and np.flatnonzero(item["label"].numpy()).tolist() == [0, 79]
-    assert tuple(Net(backbone=ResNet(18), n_classes=80).classifier.weight.shape[:2]) == (80, 512)
-    assert CAM(backbone=ResNet(18), n_classes=src.num_classes).num_classes == 80
+    assert tuple(Net(backbone=resnet(18), n_classes=80).classifier.weight.shape[:2]) == (80, 512)
+    assert CAM(backbone=resnet(18), n_classes=src.num_classes).num_classes == 80
     # label id 80 is a class for COCO's bound (81), unknown for VOC's (21).
     idx = PathIndex(5).indices((12, 12))
     lab = np.full((12, 12), 80, np.uint8)
@@ -230,7 +229,7 @@ def test_streaming_confusion_equals_one_shot():
 def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
     from misc.cam_io import save_cam
     from step import eval_cam
-    src = CocoSource(tiny_coco)
+    src = open_source("coco", tiny_coco)
     for stem in src.ids("train"):
         gt = src.read_gt(stem)
         keys = np.array(src.labels(stem), dtype=np.int64)
@@ -238,7 +237,8 @@ def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
             np.zeros((0,) + gt.shape, np.float32)
         save_cam(tmp_path / f"{stem}.npy", keys, high[:, ::4, ::4], high)
     args = Namespace(dataset="coco", coco_root=tiny_coco, chainer_eval_set="train", max_images=None,
-                     cam_out_dir=tmp_path, cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=())
+                     cls_labels=None, train_list=None, val_list=None, infer_list=None, cam_out_dir=tmp_path,
+                     cam_eval_thres=0.15, no_progress=True, cam_eval_sweep=())
     out = eval_cam.run(args)
     assert len(out["cam_iou"]) == 81 and out["cam_miou"] == pytest.approx(1.0) and out["images"] == len(TRAIN)
     assert out["fg_on_gt_background"] == 0.0
@@ -249,7 +249,8 @@ def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
 
 
 def test_no_class_mask_is_full_size_seeded_and_optional(tmp_path):
-    from step.gen_mask import generate_masks, no_class_mask, read_mask_png
+    from datasets.handoff import no_class_mask
+    from step.gen_mask import generate_masks, read_mask_png
     from step.make_sem_seg_labels import save_score
     a = no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3)
     assert a.shape == (5, 7) and int(a.sum()) == 35 // 2

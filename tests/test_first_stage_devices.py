@@ -142,10 +142,10 @@ def test_a_shard_loads_with_its_share_of_workers(step_name, builder, num_workers
 def test_cam_files_do_not_depend_on_shards_or_workers(tiny_voc, tmp_path):
     """make_cam in-process without workers vs 2 spawned shards with a loader worker each."""
     import run_sample
-    from net.resnet import ResNet
+    from net.backbone import resnet
     from net.resnet50_cam import CAM
     torch.manual_seed(0)
-    state = CAM(backbone=ResNet(18), n_classes=20).state_dict()
+    state = CAM(backbone=resnet(18), n_classes=20).state_dict()
     outputs = {}
     for name, extra in (("plain", ["--num_workers", "0"]), ("sharded", ["--num_workers", "2", "--cpu_shards", "2"])):
         work = tmp_path / name

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from datasets.verify import first_stage_preflight  # noqa: E402
 from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
 from datasets.prepare.cls_labels import LabelError, save_cls_labels  # noqa: E402
 from utils.errors import ConfigError, DataError  # noqa: E402
-from voc12.source import data_source  # noqa: E402
+from datasets.views import data_source  # noqa: E402
 
 TRAIN = ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]
 VAL = ["2008_000001", "2008_000002"]
@@ -250,7 +249,7 @@ def test_error_types_are_the_projects():
     from misc.cam_io import CamFileError
     from utils.errors import DeviceError, MissingInputError, OptionError, WeightsError, spawned_error
     from step.gen_mask import ScoreFileError
-    from voc12.source import LabelDataError
+    from datasets.sources import LabelDataError
     assert issubclass(CamFileError, DataError) and issubclass(ScoreFileError, DataError)
     assert issubclass(LabelDataError, DataError) and issubclass(LabelDataError, LabelError)
     assert issubclass(OptionError, ConfigError) and OptionError.exit_code == 2 and DeviceError.exit_code == 2
@@ -363,10 +362,10 @@ def test_gen_mask_summary_counts_without_the_driver(tmp_path):
     assert out["no_class_images"] == 1 and out["no_class_ids"] == ["e"] and out["no_class_masks_of_other_policy"] == 0
 
 
-def test_namespace_without_driver_still_works(voc):
-    """Steps called with a plain Namespace (library use) read labels through the source as before."""
-    from voc12.source import data_source
-    src = data_source(Namespace(voc12_root=voc))
+def test_library_use_without_driver_still_works(voc):
+    """A source opened without the driver's options (library use) reads labels as the steps do."""
+    from datasets.views import open_source
+    src = open_source("voc", voc)
     assert src.labels("2007_000001") == [7] and src.labels(NO_CLASS) == []
     assert src.check_labels(TRAIN) == [NO_CLASS]
 
@@ -468,10 +467,10 @@ def test_a_radius_below_two_is_refused_when_its_step_runs(voc, tmp_path, flag, s
 
 def test_the_crop_rule_is_what_the_network_and_the_path_index_do():
     """Accepted exactly when IRN's output map equals the label map and the path index has a window."""
-    from misc.indexing import PathIndex
+    from datasets.affinity import PathIndex
     from misc.settings import irn_crop_problem
     from net.resnet50_irn import Net
-    from voc12.affinity import reduced_size
+    from datasets.views import reduced_size
     net = Net(18).eval()
     with torch.no_grad():
         maps = {c: tuple(net.edge_and_displacement(torch.zeros(1, 3, c, c))[0].shape[-2:]) for c in range(8, 100)}

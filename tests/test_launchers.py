@@ -103,7 +103,7 @@ def _logged_iterations(run: Path) -> list[dict]:
 @pytest.mark.timeout(600)
 def test_two_nodes_an_empty_validation_shard_and_a_group_sigterm_with_loader_workers(tmp_path):
     cfg = _tiny_config(tmp_path, train=16)  # 8 a rank: 4 iterations
-    _sh(f"python -c \"import sys; sys.path.insert(0, '{REPO}'); from utils.config import load_config; "
+    _sh(f"python -c \"import sys; sys.path.insert(0, '{REPO}'); from engine.config import load_config; "
         f"from datasets.synthetic.voc import make_synthetic_voc_from_config as m; "
         f"m('data/tiny', load_config('{cfg}').data.synthetic)\"", tmp_path)
     # Rank 1 validates nothing and must not leave rank 0 waiting.

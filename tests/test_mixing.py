@@ -12,7 +12,8 @@ import torch
 
 from engine.mixing import boundary_band, choose_paste_masks, mix_batch
 from tests.conftest import REPO
-from utils.config import MethodCfg, load_config
+from engine.config import load_config
+from utils.config import MethodCfg
 
 NUM_CLASSES = 6
 

@@ -15,9 +15,9 @@ from models import MODELS, ResNet, build_model, build_optimizer, load_pretrained
 from models import deeplabv2, deeplabv3plus, segformer
 from models.checkpoint import CheckpointMismatchError, strip_module_prefix, unwrap_state_dict
 from models.mit import VARIETIES, DropPath, MixVisionTransformer, drop_path_rates
-from models.resnet import BasicBlock, Bottleneck
+from models.resnet import BasicBlock, Bottleneck, FixedBatchNorm2d, irn_resnet, plain_stem_filter, plain_stem_key
 from tests.conftest import CPU_CONFIGS, REPO
-from utils.config import load_config
+from engine.config import load_config
 
 BECO = REPO / "configs/beco_voc.yaml"
 CLASSES = 5
@@ -46,13 +46,13 @@ def v3plus(*overrides: str) -> deeplabv3plus.DeepLabV3Plus:
 
 def v1d(**kw) -> ResNet:
     args = dict(depth=18, output_stride=16, stem="deep", avg_down=True, multi_grid=[1, 2, 4],
-                contract_dilation=False, norm_layer="BN")
+                contract_dilation=False, norm_layer="BN", dilate=True, conv_init="fan_in", zero_init_last=True)
     return ResNet(**{**args, **kw})
 
 
 def resnet_b(**kw) -> ResNet:
     args = dict(depth=18, output_stride=8, stem="plain", avg_down=False, multi_grid=None,
-                contract_dilation=False, norm_layer="BN")
+                contract_dilation=False, norm_layer="BN", dilate=True, conv_init="fan_in", zero_init_last=True)
     return ResNet(**{**args, **kw})
 
 
@@ -495,6 +495,8 @@ def test_resnet_refuses_unknown_settings() -> None:
         v1d(output_stride=32)
     with pytest.raises(ValueError, match="stem"):
         v1d(stem="wide")
+    with pytest.raises(ValueError, match="conv_init"):
+        v1d(conv_init="xavier")
 
 
 # ---------------------------------------------------- DeepLabV3+'s ImageNet file (mmcls V1d)
@@ -712,6 +714,124 @@ def test_nvlabs_filter_drops_only_the_classifier() -> None:
     sd = {"patch_embed1.proj.weight": torch.ones(1), "head.weight": torch.ones(1), "head.bias": torch.ones(1),
           "block1.0.attn.q.weight": torch.ones(1)}
     assert set(segformer.checkpoint_filter_fn(sd)) == {"patch_embed1.proj.weight", "block1.0.attn.q.weight"}
+
+
+# ====================================================== the first stage's ResNet (IRN's, spec §5)
+
+def irn_reference_state(depth: int) -> Dict[str, Tensor]:
+    """The initial backbone the first stage has always drawn, stated plainly: torchvision's
+    layout (its convs in its module order, classifier left out), each conv drawn once by
+    PyTorch's default init as it is constructed, then every conv Kaiming-normal (fan_out, ReLU)
+    in module order; every norm the identity with fresh statistics. Call right after seeding."""
+    import torchvision
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, f"resnet{depth}")()
+    convs = [(n, m.weight.shape) for n, m in tv.named_modules() if isinstance(m, nn.Conv2d)]
+    for _, shape in convs:
+        nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+    drawn = {f"{n}.weight": nn.init.kaiming_normal_(torch.empty(shape), mode="fan_out", nonlinearity="relu")
+             for n, shape in convs}
+    fresh_norm = {"weight": torch.ones, "bias": torch.zeros, "running_mean": torch.zeros, "running_var": torch.ones}
+    state = {}
+    for key, meta in tv.state_dict().items():  # torchvision's order, which the saved files keep
+        kind = key.rsplit(".", 1)[1]
+        if key.startswith("fc."):
+            continue
+        state[key] = (drawn[key] if key in drawn else torch.tensor(0) if kind == "num_batches_tracked"
+                      else fresh_norm[kind](meta.shape))
+    return state
+
+
+@pytest.mark.parametrize("depth,norm", [(18, "BN"), (34, "FixedBN"), (50, "FixedBN")])
+def test_irn_resnet_draws_the_weights_the_first_stage_always_drew(depth: int, norm: str) -> None:
+    """Bit for bit, from-scratch runs start where they always started (checked against the first
+    stage's own ResNet before it was replaced by this one): the same tensors, in torchvision's
+    order once the stem takes torchvision's names, and the RNG left where the heads built after
+    the backbone expect it."""
+    torch.manual_seed(5)
+    state = irn_resnet(depth, norm).state_dict()
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    expected = irn_reference_state(depth)
+    assert torch.equal(torch.get_rng_state(), after)
+    assert [plain_stem_key(k) for k in expected] == list(state)
+    for key, value in expected.items():
+        ours = state[plain_stem_key(key)]
+        assert ours.dtype == value.dtype and torch.equal(ours, value), key
+
+
+def test_irn_resnet_layout() -> None:
+    """Output stride 16 by a stride-1 layer4 that is not dilated; torchvision's stem and shortcuts."""
+    bb = irn_resnet(50, "FixedBN").eval()
+    assert all(m.dilation == (1, 1) for m in bb.modules() if isinstance(m, nn.Conv2d))
+    assert [getattr(bb, f"layer{i}")[0].conv2.stride[0] for i in range(1, 5)] == [1, 2, 2, 1]
+    assert [getattr(bb, f"layer{i}")[0].downsample[0].stride[0] for i in range(1, 5)] == [1, 2, 2, 1]
+    assert all(isinstance(m, FixedBatchNorm2d) for m in bb.modules() if isinstance(m, nn.BatchNorm2d))
+    assert bb.stem_layer.out_channels == 64
+    assert bb.out_channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    with torch.no_grad():
+        feats = bb(torch.randn(1, 3, 65, 47))
+    assert feats["layer4"].shape == (1, 2048, 5, 3) and feats["layer1"].shape == (1, 256, 17, 12)
+    # The stride dropped to reach output stride 16 is simply lost, unlike the segmenters' dilation.
+    assert _dilations(resnet_b(depth=50, output_stride=16, dilate=False).layer4) == [1, 1, 1]
+
+
+def test_fixed_batchnorm_normalises_with_its_statistics_in_train_mode_and_keeps_them() -> None:
+    bn = make_norm_layer("FixedBN")(3)
+    assert type(bn) is FixedBatchNorm2d and type(make_norm_layer({"type": "FixedBatchNorm2d", "eps": 1e-3})(3)) \
+        is FixedBatchNorm2d
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0)
+        bn.running_var.fill_(4.0)
+        bn.weight.fill_(2.0)
+    x = torch.randn(4, 3, 5, 5)
+    y = bn.train()(x)
+    assert torch.equal(y, bn.eval()(x))
+    assert torch.allclose(y, 2 * (x - 1.0) / torch.sqrt(torch.tensor(4.0 + 1e-5)))
+    assert torch.all(bn.running_mean == 1.0) and torch.all(bn.running_var == 4.0) and int(bn.num_batches_tracked) == 0
+    y.sum().backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None  # the affine part still learns
+    with pytest.raises(ValueError, match="momentum"):
+        make_norm_layer({"type": "FixedBN", "momentum": 0.1})
+
+
+def torchvision_resnet50_file(seed: int) -> Dict[str, Tensor]:
+    """A state dict with the names and shapes of torchvision's resnet50-19c8e357.pth (the 2017
+    file the first stage's README names: no BN step counters), distinctive values."""
+    import torchvision
+    with torch.device("meta"):
+        names = {k: v.shape for k, v in torchvision.models.resnet50().state_dict().items()
+                 if not k.endswith("num_batches_tracked")}
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(shape, generator=gen) + 0.5 for k, shape in names.items()}
+
+
+def test_first_stage_torchvision_resnet50_file_loads_strictly(tmp_path) -> None:
+    """The first stage's ImageNet file through its path: irn_resnet + plain_stem_filter +
+    load_pretrained, every tensor to its torchvision name, fc dropped, counters kept at 0."""
+    tv = torchvision_resnet50_file(0)
+    path = tmp_path / "resnet50-19c8e357.pth"
+    torch.save(tv, path)
+    net = irn_resnet(50, "FixedBN")
+    loaded = load_pretrained(net, path, plain_stem_filter, "backbone_weights", counters_from_file=True)
+    ours = net.state_dict()
+    assert len(loaded) == len(tv) - 2
+    for key, value in tv.items():
+        if not key.startswith("fc."):
+            assert torch.equal(ours[plain_stem_key(key)], value), key
+    assert all(int(v) == 0 for k, v in ours.items() if k.endswith("num_batches_tracked"))
+    # A newer torchvision file has counters; the first stage takes them, the segmenters keep their own.
+    counted = {**tv, "layer1.0.bn1.num_batches_tracked": torch.tensor(9)}
+    load_pretrained(net, counted, plain_stem_filter, counters_from_file=True)
+    assert int(net.layer1[0].bn1.num_batches_tracked) == 9
+    other = irn_resnet(50, "FixedBN")
+    load_pretrained(other, counted, plain_stem_filter)
+    assert int(other.layer1[0].bn1.num_batches_tracked) == 0
+    broken = {k: v for k, v in tv.items() if not k.startswith("layer4.2.")}
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys 15: \[layer4\.2\.bn1\.bias"):
+        load_pretrained(irn_resnet(50, "FixedBN"), broken, plain_stem_filter)
+    with pytest.raises(FileNotFoundError, match=r"config key 'backbone_weights': no file .*nope\.pth \(run this\)$"):
+        load_pretrained(net, tmp_path / "nope.pth", plain_stem_filter, "backbone_weights", missing_hint="run this")
 
 
 # ================================================================ optimiser and its groups

@@ -18,7 +18,7 @@ from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
 from utils import provenance
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import OutputExistsError
 
 # ----------------------------------------------------------------------------- the record itself

@@ -21,7 +21,7 @@ from PIL import Image
 from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
-from utils.config import load_config
+from engine.config import load_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 NUM_CLASSES = 4

@@ -12,7 +12,7 @@ from PIL import Image
 from datasets.coco import NUM_CLASSES, coco_files
 from datasets.synthetic.coco import make_synthetic_coco
 from datasets.prepare.coco import prepare_coco
-from utils.config import load_config
+from engine.config import load_config
 from utils.crf import postprocess
 from utils.score_maps import (ScoreMapError, bytes_bound, compact, kept_classes, load_score_map,
                               save_score_map)

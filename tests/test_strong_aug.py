@@ -11,7 +11,8 @@ import torch
 from engine.strong_aug import (denormalize, gaussian_blur, gaussian_kernel1d, hsv_u8_to_rgb, normalize,
                                rgb_to_hsv_u8, shift_hsv, strong_augment, to_gray)
 from tests.conftest import REPO
-from utils.config import StrongAugCfg, load_config
+from engine.config import load_config
+from utils.config import StrongAugCfg
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from PIL import Image
 from datasets.synthetic.voc import make_synthetic_voc
 from tests.conftest import REPO
 from utils import provenance
-from utils.config import load_config, to_yaml
+from engine.config import load_config
+from utils.config import to_yaml
 from utils.crf import crf_image, crf_predict, kept_labels, postprocess, softmax, upsample_bilinear
 from utils.io import save_json
 from utils.voc import voc_palette

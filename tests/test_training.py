@@ -88,7 +88,7 @@ def test_amp_on_cpu_uses_bf16_and_trains(syn_root, tmp_path):
 def test_checkpoint_reload_is_bit_identical(syn_root, tmp_path):
     from engine import checkpoint as ckpt_io
     from models import build_model
-    from utils.config import load_config
+    from engine.config import load_config
     r = _run(_args(syn_root, tmp_path, "reload", "train.epochs=1"))
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = load_config(REPO / "configs/demo.yaml", ["data.synthetic=null", "data.num_classes=4"])
@@ -132,7 +132,7 @@ def test_short_run_beats_the_untrained_model(syn_root, tmp_path):
     """Val mIoU after a few epochs is clearly above the same nets' mIoU at initialisation."""
     from engine.evaluate import evaluate
     from main import build_loaders, build_nets, make_autocast, set_seed
-    from utils.config import load_config
+    from engine.config import load_config
     from utils.distributed import init_distributed
     extra = ["train.epochs=4", "method.co_training_start_epoch=2"]
     r = _run(_args(syn_root, tmp_path, "learn", *extra))

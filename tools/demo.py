@@ -36,8 +36,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from utils import provenance  # noqa: E402
-from utils.config import Config, load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import Config  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_text  # noqa: E402
 
@@ -188,7 +190,7 @@ def first_stage_finished(work: Path, export: Path, ids: list[str]) -> bool:
         return False
     steps = json.loads(path.read_text()).get("steps", {})
     done = all(s in steps and not steps[s].get("metrics", {}).get("skipped") for s in _run_sample().STEPS)
-    return done and all((export / d / f"{i}.png").is_file() for d in ("irn_pseudo_label", "irn_mask") for i in ids)
+    return done and all((export / d / f"{i}.png").is_file() for d in (PSEUDO_LABEL_DIR, MASK_DIR) for i in ids)
 
 
 def stage_first_stage(cfg: Config, settings: Path, work: Path, export: Path, seed: int | None) -> dict | str:
@@ -205,8 +207,8 @@ def stage_first_stage(cfg: Config, settings: Path, work: Path, export: Path, see
 
 def second_stage_overrides(out: Path, export: Path, seed: int | None) -> list[str]:
     over = [f"logging.path_base={out}", "logging.run_id=null",
-            f"data.pseudo_label_dir={export.resolve() / 'irn_pseudo_label'}",
-            f"data.mask_dir={export.resolve() / 'irn_mask'}"]
+            f"data.pseudo_label_dir={export.resolve() / PSEUDO_LABEL_DIR}",
+            f"data.mask_dir={export.resolve() / MASK_DIR}"]
     if seed is not None:
         over.append(f"train.seed={seed}")
     return over
@@ -316,8 +318,8 @@ def train_maps(cfg: Config, export: Path, i: str):
     import numpy as np
     from PIL import Image
     return (np.asarray(Image.open(train_files(cfg).gt(i))),
-            np.asarray(Image.open(export / "irn_pseudo_label" / f"{i}.png")),
-            np.asarray(Image.open(export / "irn_mask" / f"{i}.png").convert("L")) > 0)
+            np.asarray(Image.open(export / PSEUDO_LABEL_DIR / f"{i}.png")),
+            np.asarray(Image.open(export / MASK_DIR / f"{i}.png").convert("L")) > 0)
 
 
 def plot_samples(out: Path, cfg_beco: Config, cfg_base: Config, export: Path, n: int) -> Path:

@@ -13,12 +13,13 @@ from pathlib import Path
 # Runnable from any directory without installing the project.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="data root to write (VOC2012/, irn_pseudo_label/, irn_mask/)")
+    p.add_argument("--out", required=True, type=Path, help=f"data root to write (VOC2012/, {PSEUDO_LABEL_DIR}/, {MASK_DIR}/)")
     p.add_argument("--train", type=int, default=200, help="train_aug images (default 200)")
     p.add_argument("--val", type=int, default=50, help="val images (default 50)")
     p.add_argument("--test", type=int, default=20, help="test images, no labels (default 20)")

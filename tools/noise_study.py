@@ -10,7 +10,8 @@ Steps, each skipped when its output is there (a killed study resumes):
 3. one label set per error type, all at one pixel error rate (the first stage's, or a number):
    ``boundary`` (outlines displaced within ``band`` px), ``region`` (false blobs, missed objects,
    class swaps, all beyond ``band`` px from a true boundary), ``first_stage`` (its own labels);
-   each with confidence masks from one rule (datasets.synthetic.voc.confidence_mask);
+   each with confidence masks from one rule (datasets.synthetic.voc.simulated_mask, which applies
+   datasets/handoff.py's);
 4. every method (BECO, the CE baseline, BECO without co-training, BECO without the boundary
    weights) trained on every label set with every seed, through main.py;
 5. the table (val mIoU at the last epoch, mean ± std over seeds; the gain over the baseline,
@@ -37,9 +38,11 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are the demo's)
 from datasets.synthetic.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
-from datasets.synthetic.voc import confidence_mask, near_boundary  # noqa: E402
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
+from datasets.synthetic.voc import near_boundary, simulated_mask  # noqa: E402
 from utils import provenance  # noqa: E402
-from utils.config import ConfigError, load_config, load_yaml  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.config import ConfigError, load_yaml  # noqa: E402
 from utils.errors import BecoError, one_line  # noqa: E402
 from utils.io import read_jsonl, save_json, save_png, save_text  # noqa: E402
 from utils.seed_stats import mean_std, paired  # noqa: E402
@@ -81,12 +84,12 @@ def train_ground_truth(cfg) -> tuple[list[str], list[np.ndarray]]:
 def write_set(folder: Path, ids: list[str], labels: list[np.ndarray], study: dict, seed: int) -> None:
     """Labels and their confidence masks in the layout main.py reads (data.pseudo_label_dir, data.mask_dir)."""
     rng = np.random.default_rng(seed)
-    for sub in ("irn_pseudo_label", "irn_mask"):
+    for sub in (PSEUDO_LABEL_DIR, MASK_DIR):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for item_id, label in zip(ids, labels):
-        save_png(folder / "irn_pseudo_label" / f"{item_id}.png", label.astype(np.uint8))
-        save_png(folder / "irn_mask" / f"{item_id}.png",
-                 confidence_mask(rng, label.astype(np.uint8), study["mask_keep"], study["mask_score_noise"]))
+        save_png(folder / PSEUDO_LABEL_DIR / f"{item_id}.png", label.astype(np.uint8))
+        save_png(folder / MASK_DIR / f"{item_id}.png",
+                 simulated_mask(rng, label.astype(np.uint8), study["mask_keep"], study["mask_score_noise"]))
 
 
 def describe(labels: list[np.ndarray], gts: list[np.ndarray], band: float) -> dict:
@@ -113,7 +116,7 @@ def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> di
     labels_dir = out / "labels"
     stats_path = labels_dir / "stats.json"
     settings = {k: study[k] for k in LABEL_KEYS}
-    own_dir = first_stage_export / "irn_pseudo_label"
+    own_dir = first_stage_export / PSEUDO_LABEL_DIR
     inputs = {"first_stage_labels": provenance.folder_input(own_dir, ("*.png",))} if own_dir.is_dir() else {}
     record = provenance.make_record("tools/noise_study.py labels", inputs, settings)
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
@@ -129,7 +132,7 @@ def make_label_sets(study: dict, cfg, first_stage_export: Path, out: Path) -> di
     ids, gts = train_ground_truth(cfg)
     own = None
     if "first_stage" in study["error_types"] or study["target_rate"] == "first_stage":
-        own = [np.asarray(Image.open(first_stage_export / "irn_pseudo_label" / f"{i}.png")) for i in ids]
+        own = [np.asarray(Image.open(first_stage_export / PSEUDO_LABEL_DIR / f"{i}.png")) for i in ids]
         say(f"first stage's labels: error rate {error_rate(own, gts):.4f}")
     target = error_rate(own, gts) if study["target_rate"] == "first_stage" else float(study["target_rate"])
     say(f"target error rate of every set: {target:.4f}")
@@ -168,8 +171,8 @@ def train(study: dict, method: str, kind: str, seed: int, out: Path) -> float:
     run_dir = out / "runs" / tag
     overrides = [*data_overrides(study), *study["train_overrides"], *spec.get("overrides", []),
                  f"logging.path_base={out / 'runs'}", "logging.run_id=null", f"logging.tag={tag}",
-                 f"data.pseudo_label_dir={(out / 'labels' / kind / 'irn_pseudo_label').resolve()}",
-                 f"data.mask_dir={(out / 'labels' / kind / 'irn_mask').resolve()}", f"train.seed={seed}"]
+                 f"data.pseudo_label_dir={(out / 'labels' / kind / PSEUDO_LABEL_DIR).resolve()}",
+                 f"data.mask_dir={(out / 'labels' / kind / MASK_DIR).resolve()}", f"train.seed={seed}"]
     cfg = load_config(config, overrides)
     if not demo.training_finished(run_dir, cfg.train.epochs):
         say(f"training {tag}")

@@ -8,11 +8,20 @@ number from the code.
 
 Three sections are *tagged*: `data`, `model` and `optim` each name their kind
 (`dataset: coco`, `name: deeplabv2`, `name: adamw`), the kind picks the dataclass
-that declares the section's keys (from the tables in `datasets/build.py` and
-`models/build.py`), and the kind's values come from `configs/<section>/<name>.yaml`
-under whatever the config itself sets. A
+that declares the section's keys, and the kind's values come from
+`configs/<section>/<name>.yaml` under whatever the config itself sets. A
 config (or a `model.name=...` override) that changes the kind starts that
 section afresh from the new kind's file, so keys of the old kind never leak in.
+
+The kinds are not known here. This module is the bottom layer: the data sets
+(`datasets/`), segmenters and optimisers (`models/`) and methods (`engine/`)
+import its section dataclasses, so it imports none of them. Their tables reach it
+as one argument, `Tables`, which `build_config` checks names against;
+`engine/config.py`, above them all, gathers the tables and is where programs load
+configs. The tables are the owners' plain dicts from name to entry, handed over
+as they are: no registration step and no import-order effect, and each name is
+written once, in its owner's table (the method names too: `method.name` is
+checked against `engine/beco.py`'s table, not a second list here).
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Callable, Collection, Literal, Mapping, NamedTuple, Optional, Union
 
 import yaml
 
@@ -33,28 +42,28 @@ from utils.errors import ConfigError  # re-exported: its historical home
 SECTION_DEFAULTS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+class Tables(NamedTuple):
+    """The tables of the layers above, which a config's names are checked against. Each is
+    its owner's own dict, and the fields read here are named beside it."""
+    data: Mapping[str, Any]     # datasets/build.py DATASETS: data.dataset -> entry (.config, .num_classes)
+    model: Mapping[str, Any]    # models/build.py MODELS: model.name -> entry (.config)
+    optim: Mapping[str, Any]    # models/build.py OPTIMIZERS: optim.name -> entry (.config)
+    method: Mapping[str, Any]   # engine/beco.py METHODS: method.name -> entry (.even_batch_reason)
+    # models/build.py BACKBONES: model.backbone.<key> -> (family, the values the family builds)
+    backbone: Mapping[str, tuple[str, Collection[Any]]]
+
+
 @dataclass(frozen=True)
 class Tagged:
-    """Marks a section whose `key` entry picks its dataclass from `table()`."""
+    """Marks a section whose `key` entry picks its dataclass: `Tables.<table>[kind].config`."""
     key: str
-    table: Callable[[], Mapping[str, type]]
+    table: str
 
 
-def _model_table() -> Mapping[str, type]:
-    # Imported when a config is built, not with this module: the segmenter table is the one
-    # place that knows the segmenters, and it imports torch.
-    from models.build import MODELS
-    return {name: entry.config for name, entry in MODELS.items()}
-
-
-def _data_table() -> Mapping[str, type]:
-    from datasets.build import DATASETS
-    return {name: entry.config for name, entry in DATASETS.items()}
-
-
-def _optim_table() -> Mapping[str, type]:
-    from models.build import OPTIMIZERS
-    return {name: entry.config for name, entry in OPTIMIZERS.items()}
+@dataclass(frozen=True)
+class NameIn:
+    """Marks a string that must be a name of `Tables.<table>`."""
+    table: str
 
 
 @dataclass
@@ -120,7 +129,7 @@ class StrongAugCfg:
 
 @dataclass
 class MethodCfg:
-    name: Literal["beco", "baseline"]   # behaviour: engine/beco.py's METHODS table
+    name: Annotated[str, NameIn("method")]   # one of engine/beco.py's METHODS
     threshold: float
     warmup_epochs: int
     co_training: bool
@@ -208,23 +217,31 @@ class TestCfg:
 
 @dataclass
 class Config:
-    data: Annotated[Any, Tagged("dataset", _data_table)]
-    model: Annotated[Any, Tagged("name", _model_table)]
+    data: Annotated[Any, Tagged("dataset", "data")]
+    model: Annotated[Any, Tagged("name", "model")]
     method: MethodCfg
-    optim: Annotated[Any, Tagged("name", _optim_table)]
+    optim: Annotated[Any, Tagged("name", "optim")]
     train: TrainCfg
     dist: DistCfg
     logging: LoggingCfg
     test: TestCfg
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, tables: Tables) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int -> float)."""
     origin = typing.get_origin(tp)
     if origin is Annotated:
         inner, *marks = typing.get_args(tp)
-        tagged = next((m for m in marks if isinstance(m, Tagged)), None)
-        return _build_tagged(value, tagged, key) if tagged else _convert(value, inner, key)
+        for mark in marks:
+            if isinstance(mark, Tagged):
+                return _build_tagged(value, mark, key, tables)
+            if isinstance(mark, NameIn):
+                names = list(getattr(tables, mark.table))
+                # isinstance first: an unhashable value (a list) is refused by the same message.
+                if not (isinstance(value, str) and value in names):
+                    raise ConfigError(f"config key '{key}': {value!r} is not one of {names}")
+                return value
+        return _convert(value, inner, key, tables)
     if origin is Literal:
         allowed = typing.get_args(tp)
         # type() as well as ==, so neither `true` passes for 1 nor 16.0 for 16.
@@ -236,16 +253,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
+        return _convert(value, inner[0], key, tables)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, tables)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, item_tp, f"{key}[{i}]", tables) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
@@ -272,7 +289,7 @@ MOVED_KEYS = {
 }
 
 
-def _build(cls: type, raw: dict, prefix: str) -> Any:
+def _build(cls: type, raw: dict, prefix: str, tables: Tables) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in raw:
@@ -285,14 +302,15 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name not in raw:
             raise ConfigError(f"config key '{key}' is missing")
-        values[name] = _convert(raw[name], hints[name], key)
+        values[name] = _convert(raw[name], hints[name], key, tables)
     return cls(**values)
 
 
 def build_dataclass(cls: type, raw: dict, prefix: str = "") -> Any:
-    """``cls`` (a dataclass of this module's kind: no defaults) from ``raw``: an unknown, missing
-    or mistyped key is a ConfigError naming it. The first stage's settings are built with it."""
-    return _build(cls, raw, prefix)
+    """``cls`` (a dataclass of this module's kind: no defaults, and no tagged section or table
+    name, so no table to check) from ``raw``: an unknown, missing or mistyped key is a
+    ConfigError naming it. The first stage's settings are built with it."""
+    return _build(cls, raw, prefix, Tables({}, {}, {}, {}, {}))
 
 
 def section_defaults(section: str, kind: str) -> dict:
@@ -301,17 +319,17 @@ def section_defaults(section: str, kind: str) -> dict:
     return load_yaml(path) if path.is_file() else {}
 
 
-def _build_tagged(value: Any, tagged: Tagged, key: str) -> Any:
+def _build_tagged(value: Any, tagged: Tagged, key: str, tables: Tables) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
-    table = tagged.table()
+    table = getattr(tables, tagged.table)
     tag_key = f"{key}.{tagged.key}"
     if tagged.key not in value:
         raise ConfigError(f"config key '{tag_key}' is missing (one of {sorted(table)})")
     kind = value[tagged.key]
     if kind not in table:
         raise ConfigError(f"config key '{tag_key}': {kind!r} is not one of {sorted(table)}")
-    return _build(table[kind], _merge(section_defaults(key, kind), value), key)
+    return _build(table[kind].config, _merge(section_defaults(key, kind), value), key, tables)
 
 
 def tagged_sections() -> dict[str, str]:
@@ -496,9 +514,9 @@ ADDED_SECTIONS = ("dist",)
 REFERENCE_CONFIG = SECTION_DEFAULTS_DIR / "beco_voc.yaml"
 
 
-def build_config(raw: dict) -> Config:
-    cfg = _build(Config, upgrade_legacy(raw), "")
-    check_consistency(cfg)
+def build_config(raw: dict, tables: Tables) -> Config:
+    cfg = _build(Config, upgrade_legacy(raw), "", tables)
+    check_consistency(cfg, tables)
     return cfg
 
 
@@ -550,7 +568,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
-def check_consistency(cfg: Config) -> None:
+def check_consistency(cfg: Config, tables: Tables) -> None:
     """Value ranges (``RANGES``) and rules that span keys: caught here so a bad setting fails
     before training."""
     for key, ok, meaning in RANGES:
@@ -573,9 +591,10 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError(f"config key 'optim.betas': expected two values in [0, 1), got {cfg.optim.betas}")
     if hasattr(cfg.optim, "eps") and cfg.optim.eps < 0:
         raise ConfigError(f"config key 'optim.eps': must be >= 0, got {cfg.optim.eps}")
-    _check_backbone(cfg.model)
-    if cfg.method.name == "beco" and cfg.data.batch_size % 2:
-        raise ConfigError("config key 'data.batch_size': BECO mixes batch halves, so it must be even")
+    _check_backbone(cfg.model, tables.backbone)
+    even_batch_reason = tables.method[cfg.method.name].even_batch_reason
+    if even_batch_reason and cfg.data.batch_size % 2:
+        raise ConfigError(f"config key 'data.batch_size': {even_batch_reason}, so it must be even")
     for key, pair in (("data.ratio", cfg.data.ratio), ("method.strong_aug.contrast", cfg.method.strong_aug.contrast)):
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ConfigError(f"config key '{key}': expected [low, high]")
@@ -593,8 +612,7 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError("config key 'data.synthetic.size': expected [height, width]")
     if syn is not None and (len(syn.object_scale) != 2 or not 0 < syn.object_scale[0] <= syn.object_scale[1]):
         raise ConfigError("config key 'data.synthetic.object_scale': expected [low, high] with 0 < low <= high")
-    from datasets.build import dataset_entry
-    entry = dataset_entry(cfg.data.dataset)
+    entry = tables.data[cfg.data.dataset]
     if entry.num_classes is not None and cfg.data.num_classes != entry.num_classes:
         raise ConfigError(f"config key 'data.num_classes': {cfg.data.dataset} has {entry.num_classes} classes "
                           f"(background included), got {cfg.data.num_classes}")
@@ -629,17 +647,9 @@ def _check_blur_kernels(cfg: Config) -> None:
                           f"which the {crop}-pixel crops (data.crop_size) cannot reflect; use kernels <= {2 * crop - 1}")
 
 
-def _backbone_tables() -> dict[str, tuple[str, Mapping[Any, Any]]]:
-    """Backbone key -> (family, the model code's own table of what it builds)."""
-    # Deferred, like _model_table: the models import torch (and this module, through datasets).
-    from models.mit import VARIETIES
-    from models.resnet import STAGE_BLOCKS
-    return {"depth": ("ResNet", STAGE_BLOCKS), "variety": ("MiT", VARIETIES)}
-
-
-def _check_backbone(model: Any) -> None:
+def _check_backbone(model: Any, backbones: Mapping[str, tuple[str, Collection[Any]]]) -> None:
     backbone = getattr(model, "backbone", None)
-    for key, (family, table) in _backbone_tables().items():
+    for key, (family, table) in backbones.items():
         value = getattr(backbone, key, None)
         if value is not None and value not in table:
             raise ConfigError(f"config key 'model.backbone.{key}': {value!r} is not a {family} {key}; "
@@ -659,7 +669,7 @@ def _check_path_base(path_base: str) -> None:
             raise ConfigError(f"config key 'logging.path_base': {path} {where}")
 
 
-def resolve_batch(cfg: Config, world_size: int) -> Config:
+def resolve_batch(cfg: Config, world_size: int, tables: Tables) -> Config:
     """``data.batch_size`` from ``data.total_batch_size`` when that is set: total / (processes x
     ``train.grad_accum``). A total that does not split evenly is refused with the totals and
     process counts that would; so is a ``train.seed`` whose per-process and loader-worker
@@ -680,10 +690,11 @@ def resolve_batch(cfg: Config, world_size: int) -> Config:
             + (f", or run {', '.join(map(str, counts))} process(es)" if counts else "")
             + ", or another train.grad_accum")
     per_process = total // share
-    if cfg.method.name == "beco" and per_process % 2:
+    even_batch_reason = tables.method[cfg.method.name].even_batch_reason
+    if even_batch_reason and per_process % 2:
         raise ConfigError(f"config key 'data.total_batch_size': {total} images over {world_size} process(es) x "
-                          f"{accum} accumulation step(s) gives {per_process} per process, and BECO mixes batch "
-                          f"halves, so it must be even")
+                          f"{accum} accumulation step(s) gives {per_process} per process, and {even_batch_reason}, "
+                          f"so it must be even")
     cfg.data.batch_size = per_process
     return cfg
 
@@ -699,8 +710,8 @@ def _check_derived_seeds(cfg: Config, world_size: int) -> None:
                           f"{seed + offset}, past numpy's {NUMPY_SEED_MAX}; use at most {NUMPY_SEED_MAX - offset}")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    return build_config(apply_overrides(load_yaml(path), overrides or []))
+def load_config(path: str | Path, overrides: list[str] | None, tables: Tables) -> Config:
+    return build_config(apply_overrides(load_yaml(path), overrides or []), tables)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -19,12 +19,11 @@ import multiprocessing as mp
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from utils.score_maps import ScoreMap
+from utils.score_maps import ScoreMap
 
 
 def interpolation_matrix(size_in: int, size_out: int, align_corners: bool) -> np.ndarray:
@@ -173,7 +172,6 @@ def postprocess(logits: "np.ndarray | ScoreMap", image: np.ndarray, crf: Any | N
     ``rest`` plane takes part in the softmax, so its kept labels get their probabilities
     among all C, and only kept labels can be predicted.
     """
-    from utils.score_maps import ScoreMap
     if not isinstance(logits, ScoreMap):
         logits = ScoreMap(np.arange(len(logits)), np.asarray(logits, np.float32), None, len(logits))
     h, w = image.shape[:2]

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from utils.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -113,7 +115,6 @@ def cuda_ordinal(local_rank: int, local_world_size: int | None, visible: int) ->
         return 0
     if local_rank < visible and (local_world_size is None or local_world_size <= visible):
         return local_rank
-    from utils.errors import ConfigError
     procs = local_world_size if local_world_size is not None else local_rank + 1
     raise ConfigError(f"{procs} processes on this node but {visible} GPU(s) visible to each "
                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process "
@@ -144,7 +145,6 @@ def init_distributed(gpu_id: int | None = None, timeout_min: float | None = None
                                     device_id=device if backend == "nccl" else None)
         return DistInfo(rank, world, local_rank, device)
     if gpu_id is not None and not 0 <= gpu_id < torch.cuda.device_count():
-        from utils.errors import ConfigError
         seen = torch.cuda.device_count()
         raise ConfigError(f"--gpu_id {gpu_id}: this machine has {'no GPU' if seen == 0 else f'{seen} GPU(s) (0..{seen - 1})'}"
                           f"{' visible' if os.environ.get('CUDA_VISIBLE_DEVICES') is not None else ''}; "

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import DataError
+from utils.io import atomic_write, save_npy
 
 FORMATS = ("dense", "compact")
 SUFFIX = {"dense": ".npy", "compact": ".npz"}
@@ -91,7 +92,6 @@ def save_score_map(path: Path, logits: np.ndarray, fmt: str, dtype: str, thresho
                    max_classes: int) -> ScoreMap:
     """Write one image's map atomically in ``fmt``, its planes stored as ``dtype``; returns what
     ``load_score_map`` will read back (the rounded values), so a caller needs no re-read."""
-    from utils.io import atomic_write, save_npy
     if fmt == "dense":
         stored = logits.astype(dtype)
         save_npy(path, stored)

@@ -102,9 +102,10 @@ class ClassLabels:
     """
 
     def __init__(self, voc12_root: str | Path, labels_file: str | Path | None = None,
-                 num_classes: int = len(FG_CLASSES)):
+                 class_names: tuple[str, ...] = FG_CLASSES):
         self.root = Path(voc12_root)
-        self.num_classes = num_classes
+        self.class_names = tuple(class_names)  # the XML's names, in CAM index order
+        self.num_classes = len(self.class_names)
         path = Path(labels_file) if labels_file else self.root / DEFAULT_NAME
         if labels_file and not path.is_file():
             raise LabelError(f"class-label file not found: {path}")
@@ -113,7 +114,8 @@ class ClassLabels:
 
     def indices(self, item_id: str) -> list[int]:
         if item_id not in self.table:
-            self.table[item_id] = classes_in_xml(self.root / "Annotations" / f"{item_id}.xml", item_id)
+            self.table[item_id] = classes_in_xml(self.root / "Annotations" / f"{item_id}.xml", item_id,
+                                                 self.class_names)
         return self.table[item_id]
 
     def vector(self, item_id: str) -> np.ndarray:

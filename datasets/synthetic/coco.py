@@ -46,14 +46,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.coco import (CATEGORIES, CATEGORY_TO_LABEL, SPLITS, cls_labels_name, list_name, split_folder,
-                           stem_of)
+from datasets.coco import (CATEGORIES, CATEGORY_TO_LABEL, NUM_CLASSES, SPLITS, cls_labels_name, coco_files,
+                           list_name, split_folder, stem_of)
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, random_keep, save_mask
 from datasets.prepare.coco import SUMMARY_NAME as PREPARE_SUMMARY_NAME
 from datasets.prepare.coco import annotation_path, prepare_coco
 from datasets.synthetic.voc import (CLASS_STYLES, COLOUR_MODES, _background, _generate, _image_size, _render,
                                     previous_set)
 from utils.errors import OutputExistsError
-from utils.io import save_jpeg, save_json, save_png
+from utils.io import atomic_write, save_jpeg, save_json, save_png
+from utils.metrics import confusion_matrix, segmentation_scores
 
 # Bump when the output changes for the same arguments (a stored tree then counts as other settings).
 GENERATOR_VERSION = 1
@@ -163,7 +165,7 @@ def _generated_paths(out: Path, ids: dict[str, list[int]]) -> list[Path]:
             stem = stem_of(split, i)
             paths.append(out / folder / f"{stem}.jpg")
             if split == "train":
-                paths += [out / "irn_pseudo_label" / f"{stem}.png", out / "irn_mask" / f"{stem}.png"]
+                paths += [out / PSEUDO_LABEL_DIR / f"{stem}.png", out / MASK_DIR / f"{stem}.png"]
     return paths
 
 
@@ -314,16 +316,13 @@ def make_synthetic_coco(out: str | Path, *, train: int = 24, val: int = 8, size:
         if split == "train":
             if empty:
                 rng = np.random.default_rng([settings["seed"], k, 1])
-                n = shape[0] * shape[1]
-                flat = np.zeros(n, np.uint8)
-                flat[rng.permutation(n)[: n // 2]] = 255
-                pseudo, mask = np.zeros(shape, np.uint8), flat.reshape(shape)
+                pseudo, mask = np.zeros(shape, np.uint8), random_keep(rng, shape, settings["mask_keep"])
             else:
                 # The mask rule ranks pixels per class region; an injective relabelling
                 # changes no region, so the VOC generator's mask stays valid.
                 pseudo, mask = lut[sample["pseudo"]], sample["mask"]
-            save_png(out / "irn_pseudo_label" / f"{stem}.png", pseudo)
-            save_png(out / "irn_mask" / f"{stem}.png", np.repeat(mask[..., None], 3, axis=2))
+            save_png(out / PSEUDO_LABEL_DIR / f"{stem}.png", pseudo)
+            save_mask(out / MASK_DIR / f"{stem}.png", mask)
 
     next_id = 1
     for split in SPLITS:
@@ -381,12 +380,10 @@ def make_synthetic_coco_from_config(out: str | Path, syn: Any, *, overwrite: boo
 def pseudo_label_scores(root: Path) -> dict:
     """The simulated pseudo-labels against the prepared train ground truth (81 classes, every
     pixel counts), streamed image by image."""
-    from datasets.coco import NUM_CLASSES, coco_files
-    from utils.metrics import confusion_matrix, segmentation_scores
     files = coco_files(root, "train", "lists")
     conf = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for i in files.ids:
-        pseudo = np.array(Image.open(root / "irn_pseudo_label" / f"{i}.png"))
+        pseudo = np.array(Image.open(root / PSEUDO_LABEL_DIR / f"{i}.png"))
         gt = np.array(Image.open(files.gt(i)))
         conf += confusion_matrix(torch.from_numpy(pseudo), torch.from_numpy(gt), NUM_CLASSES)
     scores = segmentation_scores(conf)
@@ -405,7 +402,6 @@ def _empty_scene(k: int, settings: dict[str, Any]) -> tuple[np.ndarray, list, tu
 
 def _save_compact_json(path: Path, obj: Any) -> Path:
     """Instances files are big: no indentation (COCO's own are one line)."""
-    from utils.io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import torch
 
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, keep_most_confident, mask_precision, precision_counts, save_mask
 from utils.errors import OutputExistsError
 from utils.io import save_jpeg, save_json, save_png, save_text
 from utils.metrics import confusion_matrix, segmentation_scores
@@ -408,12 +409,10 @@ def _pseudo_label(rng: np.random.Generator, objects: list[dict[str, Any]], distr
     return label
 
 
-def confidence_mask(rng: np.random.Generator, label: np.ndarray, keep: float, score_noise: float) -> np.ndarray:
-    """gen_mask (first-stage §14) with score = distance to the label's class boundaries + noise.
-
-    Per class present (ascending), its pixels in row-major order, sorted by score
-    descending (stable sort, so ties stay deterministic), first floor(n / (1/keep)) kept.
-    """
+def simulated_mask(rng: np.random.Generator, label: np.ndarray, keep: float, score_noise: float) -> np.ndarray:
+    """(H, W) uint8 0/255: the confidence-mask rule (``datasets.handoff.keep_most_confident``,
+    first-stage §14) ranking by a simulated score, the distance to the label's class boundaries
+    plus noise."""
     h, w = label.shape
     k = np.ones((3, 3), np.uint8)
     boundary = cv2.dilate(label, k) != cv2.erode(label, k)
@@ -427,15 +426,7 @@ def confidence_mask(rng: np.random.Generator, label: np.ndarray, keep: float, sc
         # One label everywhere: nothing but noise to rank by; the smooth part alone
         # keeps the kept half in blobs rather than salt and pepper.
         score = smooth
-    score = score.ravel()
-    flat = label.ravel()
-    mask = np.zeros(flat.shape, np.uint8)
-    for c in np.unique(flat):
-        idx = np.flatnonzero(flat == c)
-        n_keep = int(math.floor(len(idx) / (1.0 / keep)))
-        order = np.argsort(-score[idx], kind="stable")
-        mask[idx[order[:n_keep]]] = 255
-    return mask.reshape(label.shape)
+    return keep_most_confident(score, label, keep) * 255
 
 
 # ----------------------------------------------------------------------------- files
@@ -505,7 +496,7 @@ def _generate(k: int, settings: dict[str, Any], with_label: bool) -> dict[str, A
     if with_label:
         pseudo = _pseudo_label(label_rng, objects, distractors, (h, w), settings["label_noise"])
         out["pseudo"] = pseudo
-        out["mask"] = confidence_mask(label_rng, pseudo, settings["mask_keep"], settings["mask_score_noise"])
+        out["mask"] = simulated_mask(label_rng, pseudo, settings["mask_keep"], settings["mask_score_noise"])
     return out
 
 
@@ -526,7 +517,7 @@ def _output_paths(out: Path, ids: dict[str, list[str]]) -> list[Path]:
             if split != "test":
                 paths += [voc / "SegmentationClass" / f"{i}.png", voc / "SegmentationClassAug" / f"{i}.png"]
             if split == "train":
-                paths += [out / "irn_pseudo_label" / f"{i}.png", out / "irn_mask" / f"{i}.png"]
+                paths += [out / PSEUDO_LABEL_DIR / f"{i}.png", out / MASK_DIR / f"{i}.png"]
     return paths
 
 
@@ -644,8 +635,8 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         if split != "train":
             continue
         pseudo, mask = sample["pseudo"], sample["mask"]
-        save_png(out / "irn_pseudo_label" / f"{item_id}.png", pseudo)
-        save_png(out / "irn_mask" / f"{item_id}.png", np.repeat(mask[..., None], 3, axis=2))
+        save_png(out / PSEUDO_LABEL_DIR / f"{item_id}.png", pseudo)
+        save_mask(out / MASK_DIR / f"{item_id}.png", mask)
         # Statistics against the GT, void ignored.
         conf += confusion_matrix(torch.from_numpy(pseudo), torch.from_numpy(gt), num_classes)
         valid = gt != IGNORE_INDEX
@@ -654,10 +645,8 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         near = near_boundary(gt, 3.0)
         stats["pixels"] += gt.size
         stats["kept"] += int(kept.sum())
-        stats["kept_valid"] += int((kept & valid).sum())
-        stats["kept_correct"] += int((kept & correct).sum())
-        stats["unkept_valid"] += int((~kept & valid).sum())
-        stats["unkept_correct"] += int((~kept & correct).sum())
+        for key, n in precision_counts(pseudo, mask, gt, valid).items():
+            stats[key] += n
         stats["near_valid"] += int((near & valid).sum())
         stats["near_wrong"] += int((near & valid & ~correct).sum())
         stats["far_valid"] += int((~near & valid).sum())
@@ -693,8 +682,7 @@ def make_synthetic_voc(out: str | Path, train: int = 200, val: int = 50, test: i
         "mask": {
             "kept_fraction": ratio(stats["kept"], stats["pixels"]),
             "kept_fraction_per_class": {n: ratio(int(a), int(b)) for n, (a, b) in zip(names, kept_per_class)},
-            "kept_precision": ratio(stats["kept_correct"], stats["kept_valid"]),
-            "unkept_precision": ratio(stats["unkept_correct"], stats["unkept_valid"]),
+            **mask_precision(stats),
         },
     }
     save_json(summary_path, summary)
@@ -741,4 +729,4 @@ def _remove_previous(out: Path, old: dict[str, Any], new: dict[str, Any]) -> Non
             path.unlink()
 
 
-__all__ = ["make_synthetic_voc", "previous_set", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "smooth_field", "confidence_mask", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]
+__all__ = ["make_synthetic_voc", "previous_set", "make_synthetic_voc_from_config", "synthetic_ids", "near_boundary", "smooth_field", "simulated_mask", "CLASS_STYLES", "GENERATOR_VERSION", "SUMMARY_NAME"]

@@ -80,10 +80,12 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, voc12, misc) + repo packages
+for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, misc) + repo packages
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
+from datasets.views import data_source  # noqa: E402
 from datasets.verify import (first_stage_preflight, known_no_class, no_class_report, no_class_sentence,  # noqa: E402
                              policy_text, shown)
 from misc import settings  # noqa: E402
@@ -94,7 +96,6 @@ from utils.config import to_yaml  # noqa: E402
 from utils.errors import BecoError, MissingInputError, RunError, one_line, spawned_error  # noqa: E402
 from utils.io import save_json  # noqa: E402
 from utils.runtime import set_seed  # noqa: E402
-from voc12.source import data_source  # noqa: E402
 
 # step name -> module under step/ (imported lazily: PART B's steps may be absent)
 STEP_MODULES: dict[str, str] = {
@@ -220,12 +221,12 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": True}
     ids = read_ids(args, "train_list")
     counts: dict[str, Any] = {}
-    for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
+    for src_dir, name in ((args.sem_seg_out_dir, PSEUDO_LABEL_DIR), (args.mask_out_dir, MASK_DIR)):
         missing = [i for i in ids if not (Path(src_dir) / f"{i}.png").is_file()]
         if missing:
             raise MissingInputError(f"export: {len(missing)} of {len(ids)} files missing in {src_dir}, e.g. id "
                                     f"'{missing[0]}': {Path(src_dir) / (missing[0] + '.png')}")
-    for src_dir, name in ((args.sem_seg_out_dir, "irn_pseudo_label"), (args.mask_out_dir, "irn_mask")):
+    for src_dir, name in ((args.sem_seg_out_dir, PSEUDO_LABEL_DIR), (args.mask_out_dir, MASK_DIR)):
         dst = Path(args.export_to) / name
         dst.mkdir(parents=True, exist_ok=True)
         for i in ids:
@@ -290,7 +291,7 @@ STEP_PROVENANCE: dict[str, dict[str, Any]] = {
                                   "score_fp16")},
     "gen_mask": {"outputs": (("mask_out_dir", "*.png"),), "after": ("make_sem_seg",), "lists": ("train_list",),
                  "files": ("cls_labels",), "settings": ("mask_thd", "margin_tie_mode", "no_class_mask", "seed")},
-    "export": {"outputs": (("export_to", "irn_pseudo_label/*.png"), ("export_to", "irn_mask/*.png")),
+    "export": {"outputs": (("export_to", f"{PSEUDO_LABEL_DIR}/*.png"), ("export_to", f"{MASK_DIR}/*.png")),
                "after": ("make_sem_seg", "gen_mask"), "lists": ("train_list",), "files": (), "settings": ()},
 }
 

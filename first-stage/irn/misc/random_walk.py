@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from misc.indexing import PathIndex, edge_to_affinity
+from datasets.affinity import PathIndex, edge_to_affinity
 
 RW_MODES = ("sparse", "dense")
 

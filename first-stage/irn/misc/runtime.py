@@ -222,7 +222,7 @@ def first_item(batch: list) -> Any:
 
 
 def _source(args: Any):
-    from voc12.source import data_source
+    from datasets.views import data_source
     return data_source(args)
 
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from utils.errors import OptionError
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
 from utils.config import apply_overrides, build_dataclass, load_yaml
+from utils.errors import OptionError
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO / "configs" / "first_stage"
@@ -263,7 +264,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--work_dir", help="every output goes under this (created)")
     a("--steps", type=step_list, help=f"comma list of {', '.join(STEPS)}; or all")
     a("--export_to",
-      help="export step: copy sem_seg → DIR/irn_pseudo_label and mask_irn → DIR/irn_mask")
+      help=f"export step: copy sem_seg → DIR/{PSEUDO_LABEL_DIR} and mask_irn → DIR/{MASK_DIR}")
     a("--seed", help="seeds Python, numpy, torch and loader workers (QUIRK-3 fix)")
     a("--device", help="auto (CUDA if available), cpu, cuda, cuda:N")
     a("--num_workers", help="data-loader workers and CRF processes; null: cpu_count//2")
@@ -505,7 +506,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def _path_reach(flag: str, radius: int) -> int:
     # The path index's own reach and its rule for the radius, so the option check cannot drift from it.
-    from misc.indexing import _reach
+    from datasets.affinity import _reach
     try:
         return _reach(radius)
     except ValueError as e:
@@ -516,7 +517,7 @@ def _crop_maps(crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(IRN's output map, its affinity labels' map) of a square training crop."""
     # The stem's and max-pool's ceil(H/4): IRN's output size, as make_cam's.
     from step.make_cam import stride4_size
-    from voc12.affinity import reduced_size
+    from datasets.views import reduced_size
     return stride4_size(crop, crop), reduced_size(crop)
 
 

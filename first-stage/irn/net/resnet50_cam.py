@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datasets.prepare.cls_labels import FG_CLASSES
-from utils.errors import MissingInputError, WeightsError
-from net.resnet import ResNet, build_backbone
+from models.checkpoint import load_pretrained
+from models.resnet import ResNet
+from net.backbone import build_backbone, checkpoint_filter_fn
 
 # Former constant, kept importable: VOC's class count (the default of ``n_classes``).
 NUM_CLASSES = len(FG_CLASSES)
@@ -55,12 +56,13 @@ class Net(nn.Module):
         # PyTorch's default conv init (Kaiming-uniform a=√5 → U(±1/√feat)), no bias.
         self.classifier = nn.Conv2d(feat, n_classes, kernel_size=1, bias=False)
         if freeze_until != "none":
-            for p in list(self.backbone.conv1.parameters()) + list(self.backbone.bn1.parameters()):
+            stem = self.backbone.stem_layer
+            for p in list(stem.conv1.parameters()) + list(stem.bn1.parameters()):
                 p.requires_grad_(False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
-        x = b.layer1(b.stem(x))
+        x = b.layer1(b.stem_layer(x))
         x = b.layer2(x)
         if self.freeze_until == "stage2":
             x = x.detach()
@@ -90,14 +92,8 @@ class CAM(Net):
 
 def load_cam_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights saved by train_cam (strict: a depth/class mismatch fails with the file named)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"CAM weights not found: {path} (run the train_cam step first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"CAM weights {path} do not fit this network (backbone depth / classes?): {e}") from None
+    load_pretrained(model, path, checkpoint_filter_fn, "cam_weights_name",
+                    missing_hint="run the train_cam step first", counters_from_file=True)
     return model
 
 

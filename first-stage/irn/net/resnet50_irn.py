@@ -8,9 +8,9 @@ unless ``train_backbone``, a from-scratch aid that is not the reference):
 * the displacement branch: a small top-down decoder → 2 channels (dy, dx) per stride-4 pixel,
   in stride-4 pixel units, followed by the mean-shift calibration.
 
-Input channels of every branch conv follow ``backbone.out_channels`` (ResNet-50: 64, 256, 512,
-1024, 2048; ResNet-18/34: 64, 64, 128, 256, 512); the branch widths (32 / 64, 128, 256) are the
-reference's for every depth, so only the first conv of each block changes size.
+Input channels of every branch conv follow the backbone's stem and stage widths (ResNet-50: 64,
+256, 512, 1024, 2048; ResNet-18/34: 64, 64, 128, 256, 512); the branch widths (32 / 64, 128, 256)
+are the reference's for every depth, so only the first conv of each block changes size.
 
 Forms: ``Net`` (plain forward → logits, displacement), ``AffinityDisplacementLoss`` (training:
 the four-part loss of §11.3 as sums and counts) and ``EdgeDisplacement`` (inference on the
@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.errors import MissingInputError, WeightsError
-from misc.indexing import PathIndex, edge_to_affinity
-from net.resnet import ResNet, build_backbone
+from datasets.affinity import PathIndex, edge_to_affinity
+from models.checkpoint import load_pretrained
+from models.resnet import ResNet
+from net.backbone import build_backbone, checkpoint_filter_fn, resnet
 
 # Part of the loss definition (§11.3): keeps the logs finite and the ratios defined.
 LOG_EPS = 1e-5
@@ -79,7 +80,8 @@ class Net(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(train_backbone)
         ch = self.backbone.out_channels
-        c1, c2, c3, c4, c5 = ch["conv1"], ch["layer1"], ch["layer2"], ch["layer3"], ch["layer4"]
+        c1 = self.backbone.stem_layer.out_channels
+        c2, c3, c4, c5 = ch["layer1"], ch["layer2"], ch["layer3"], ch["layer4"]
         # Boundary branch (32 channels per stage, all brought to stride 4).
         self.edge1 = _block(c1, 32, 4)
         self.edge2 = _block(c2, 32, 4)
@@ -127,7 +129,7 @@ class Net(nn.Module):
         """The five backbone outputs x1..x5, detached as in §11.1 unless the backbone trains."""
         b = self.backbone
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            x1 = b.stem(x)
+            x1 = b.stem_layer(x)
             x2 = b.layer1(x1)
             x3 = b.layer2(x2)
             x4 = b.layer3(x3)
@@ -226,7 +228,7 @@ class EdgeDisplacement(Net):
     """
 
     def __init__(self, depth: int = 50, backbone: ResNet | None = None, pad_to: int | None = None):
-        super().__init__(depth, None, backbone if backbone is not None else ResNet(depth))
+        super().__init__(depth, None, backbone if backbone is not None else resnet(depth))
         self.pad_to = pad_to
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -249,17 +251,13 @@ class EdgeDisplacement(Net):
 def load_irn_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load train_irn's state dict. Extra entries are ignored (the reference also stores path-index
     buffers); every parameter/buffer of ``model`` must be present and fit."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"IRN weights not found: {path} (run the train_irn step first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        missing, _unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise WeightsError(f"IRN weights {path} do not fit this network (backbone depth?): {e}") from None
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing:
-        raise WeightsError(f"IRN weights {path} lack {len(missing)} entries of this network, e.g. {missing[:3]}")
+    own = set(model.state_dict())
+
+    def own_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in checkpoint_filter_fn(state).items() if k in own}
+
+    load_pretrained(model, path, own_entries, "irn_weights_name", missing_hint="run the train_irn step first",
+                    counters_from_file=True)
     return model
 
 

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from datasets.views import GroundTruthView, data_source
 from misc.cam_io import CamFileError, load_cam
 from misc.runtime import eval_ids, get_logger, progress
 from utils.metrics import StreamingConfusion, fg_on_gt_background, seen_class_scores
-from voc12.dataloader import VOC12GTDataset
-from voc12.source import data_source
 
 
 def cam_prediction(high_res: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
@@ -31,7 +30,7 @@ def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     source = data_source(args)
     ids = eval_ids(args)
-    gt_set = VOC12GTDataset(ids, source)
+    gt_set = GroundTruthView(ids, source)
     cam_dir = Path(args.cam_out_dir)
     conf = StreamingConfusion(source.num_labels)
     sweep = [float(t) for t in args.cam_eval_sweep]

@@ -17,15 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from datasets.sources import SEED_IGNORE as IGNORE, DataSource
+from datasets.views import GroundTruthView, data_source
 from misc.runtime import eval_ids, get_logger, progress
 from step.make_sem_seg_labels import sem_seg_dir
 from utils.errors import DataError
 from utils.metrics import StreamingConfusion, fg_on_gt_background
-from voc12.dataloader import IGNORE, VOC12GTDataset
-from voc12.source import DataSource, VOCSource, data_source
-
-# Former constant, kept importable: VOC's label count (the steps use the data source's).
-NUM_LABELS = VOCSource.num_labels
 
 
 def fp_fn_rates(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,10 +39,9 @@ def _nanmean(v: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
 
-def read_prediction(path: Path, name: str, source: DataSource | None = None) -> np.ndarray:
+def read_prediction(path: Path, name: str, source: DataSource) -> np.ndarray:
     """A pseudo-label PNG as int64, 255 → 0; values must be below the source's label count
-    (default VOC's; the reader names the id and file otherwise)."""
-    source = source or VOCSource(".")
+    (the reader names the id and file otherwise)."""
     pred = source.read_label_map(path, name, "pseudo-label").astype(np.int64)
     pred[pred == IGNORE] = 0
     return pred
@@ -82,7 +78,7 @@ def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     source = data_source(args)
     ids = eval_ids(args)
-    gt_set = VOC12GTDataset(ids, source)
+    gt_set = GroundTruthView(ids, source)
     pred_dir = sem_seg_dir(args)
     stream = StreamingConfusion(source.num_labels)
     for idx in progress(range(len(ids)), "eval_sem_seg", enabled=not args.no_progress):
@@ -120,4 +116,4 @@ def run(args: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["run", "compare_with_cams", "fp_fn_rates", "read_prediction", "NUM_LABELS"]
+__all__ = ["run", "compare_with_cams", "fp_fn_rates", "read_prediction"]

@@ -1,5 +1,8 @@
 """Step gen_mask (spec §14): confidence masks for the second stage from the score files.
 
+The rule, its variants and the precision counts live in ``datasets/handoff.py`` (the synthetic
+generators apply the same rule); this step reads the score files and writes the masks.
+
 Per image, with ``score`` (K+1, H, W) and ``pred`` (H, W) from ``<score_dir>/<id>.pt``:
 
 1. margin = top-1 score − top-2 score per pixel. QUIRK-13 (KEEP, ``margin_tie_mode original``):
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,16 +46,15 @@ if __name__ == "__main__":  # standalone: make first-stage/irn and the repo impo
         if _p not in sys.path:
             sys.path.insert(0, _p)
 
+from datasets.handoff import (NO_CLASS_MASKS, TIE_MODES, confidence_mask, keep_count, mask_precision,  # noqa: E402
+                              no_class_mask, precision_counts, save_mask)
+from datasets.sources import VOC_STATS_GT_DIRS  # noqa: E402
 from datasets.verify import no_class_sentence, policy_text, shown  # noqa: E402
 from misc.runtime import get_logger, progress  # noqa: E402
 from misc.settings import config_path, load_settings  # noqa: E402
 from models.checkpoint import read_torch_file  # noqa: E402
 from utils.errors import BecoError, CheckpointError, DataError, one_line  # noqa: E402
-from utils.io import save_png  # noqa: E402
-from voc12.source import VOC_STATS_GT_DIRS  # noqa: E402
 
-TIE_MODES = ("original", "zero")
-NO_CLASS_MASKS = ("random_half", "zero")  # QUIRK-15 fixed: full-size masks, seeded or empty
 # Ground truth used for the VOC mask statistics, first one found per id (SBD-augmented labels
 # cover all of train_aug; VOC's own only train/val). COCO: mask/<split>2014/<int id>.png.
 GT_DIRS = VOC_STATS_GT_DIRS
@@ -117,55 +118,6 @@ def load_score(path: str | Path, item_id: str | None = None) -> dict[str, Any]:
     return {"pred": pred, "score": score, "keys": keys}
 
 
-def margins(score: torch.Tensor, tie_mode: str = "original") -> torch.Tensor:
-    """top-1 − top-2 per pixel of a (K+1, H, W) score stack, in the score's dtype.
-
-    ``original`` (QUIRK-13): every entry equal to the top-1 value is zeroed before top-2, so
-    with a tie the margin is top-1 minus the next distinct value (top-1 itself if none is left).
-    ``zero``: the second-largest entry, ties included (margin 0); a single channel counts its
-    value against 0.
-    """
-    if tie_mode not in TIE_MODES:
-        raise ValueError(f"margin_tie_mode must be one of {TIE_MODES}, got {tie_mode!r}")
-    top1 = score.max(dim=0).values
-    if tie_mode == "original":
-        rest = torch.where(score == top1.unsqueeze(0), torch.zeros_like(score), score)
-        return top1 - rest.max(dim=0).values
-    if score.shape[0] < 2:
-        return top1
-    top2 = score.topk(2, dim=0).values[1]
-    return top1 - top2
-
-
-def keep_count(n: int, thd: float) -> int:
-    """``floor(n / (1/thd))``, the reference's arithmetic (n // 2 for thd 0.5)."""
-    return int(n / (1.0 / thd))
-
-
-def confidence_mask(score: torch.Tensor, pred: np.ndarray, thd: float = 0.5, tie_mode: str = "original") -> np.ndarray:
-    """(H, W) uint8, 1 = confident: per predicted class the ``keep_count`` largest margins."""
-    if not 0.0 < thd <= 1.0:
-        raise ValueError(f"mask_thd must be in (0, 1], got {thd}")
-    m = margins(score, tie_mode).numpy().reshape(-1)
-    flat = np.asarray(pred).reshape(-1)
-    mask = np.zeros(flat.shape, dtype=np.uint8)
-    for c in np.unique(flat):  # ascending class ids
-        idx = np.flatnonzero(flat == c)  # row-major order
-        k = keep_count(idx.size, thd)
-        if k == 0:
-            continue
-        # Stable descending sort: equal margins keep row-major order (QUIRK-14 fixed).
-        order = np.argsort(-m[idx], kind="stable")
-        mask[idx[order[:k]]] = 1
-    return mask.reshape(np.asarray(pred).shape)
-
-
-def save_mask(path: str | Path, mask: np.ndarray) -> Path:
-    """RGB PNG, three equal channels, 0 / 255 — the reference's torchvision-written format."""
-    v = (np.asarray(mask) > 0).astype(np.uint8) * 255
-    return save_png(path, np.repeat(v[..., None], 3, axis=2))
-
-
 def read_mask_png(path: str | Path) -> np.ndarray:
     """(H, W) uint8 0/1 from a mask PNG (any channel count)."""
     from PIL import Image
@@ -192,30 +144,12 @@ def no_class_policy_of(mask: np.ndarray, thd: float = 0.5) -> str | None:
     return "random_half" if kept == keep_count(np.asarray(mask).size, thd) else None
 
 
-def no_class_mask(shape: tuple[int, int], item_id: str, seed: int = 0, mode: str = "random_half",
-                  thd: float = 0.5) -> np.ndarray:
-    """(H, W) uint8 mask of an image without classes (QUIRK-15 fixed).
-
-    ``random_half``: exactly ``keep_count(H·W, thd)`` (floor(N/2) at 0.5) pixels, a permutation
-    drawn from numpy's PCG64 seeded by (``seed``, crc32 of the id), so the same seed and id
-    always give the same mask and every image its own; ``zero``: nothing marked.
-    """
-    if mode not in NO_CLASS_MASKS:
-        raise ValueError(f"no_class_mask must be one of {NO_CLASS_MASKS}, got {mode!r}")
-    h, w = int(shape[0]), int(shape[1])
-    mask = np.zeros(h * w, dtype=np.uint8)
-    if mode == "random_half":
-        rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(item_id.encode("utf-8"))])
-        mask[rng.permutation(h * w)[: keep_count(h * w, thd)]] = 1
-    return mask.reshape(h, w)
-
-
 def _voc_gt_reader(voc12_root: Path | None) -> Callable[[str], np.ndarray | None]:
     """GT for the statistics from a VOC root (SegmentationClassAug, else SegmentationClass)."""
     if voc12_root is None:
         return lambda name: None
-    from voc12.source import VOCSource
-    return VOCSource(voc12_root).stats_gt
+    from datasets.views import open_source
+    return open_source("voc", voc12_root).stats_gt
 
 
 def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float = 0.5,
@@ -263,29 +197,23 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
         if gt is not None:
             if gt.shape != pred.shape:
                 raise DataError(f"id '{name}': ground truth is {gt.shape}, pred is {pred.shape}")
-            valid = gt >= 0
-            correct = valid & (pred == gt)
-            kept = mask > 0
             stats["with_gt"] += 1
-            stats["kept_valid"] += int((kept & valid).sum())
-            stats["kept_correct"] += int((kept & correct).sum())
-            stats["unkept_valid"] += int((~kept & valid).sum())
-            stats["unkept_correct"] += int((~kept & correct).sum())
+            for key, n in precision_counts(pred, mask, gt, gt >= 0).items():
+                stats[key] += n
 
     def ratio(a: int, b: int) -> float | None:
         return a / b if b else None
 
     return {"images": len(ids), "written": stats["written"], "kept_fraction": ratio(stats["kept"], stats["pixels"]),
             "images_with_gt": stats["with_gt"],
-            "kept_precision": ratio(stats["kept_correct"], stats["kept_valid"]),
-            "unkept_precision": ratio(stats["unkept_correct"], stats["unkept_valid"]),
+            **mask_precision(stats),
             "mask_thd": thd, "margin_tie_mode": tie_mode, "no_class_images": len(no_class_ids),
             "no_class_ids": no_class_ids, "no_class_mask": no_class, "no_class_masks_of_other_policy": len(stale)}
 
 
 def run(args: Any) -> dict[str, Any]:
     from misc.runtime import read_ids
-    from voc12.source import data_source
+    from datasets.views import data_source
     log = get_logger()
     ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list
     score_root, mask_root = Path(args.score_dir), Path(args.mask_out_dir)
@@ -332,11 +260,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("mask_thd", "margin_tie_mode", "no_class_mask", "seed"):
         if getattr(a, key) is None:
             setattr(a, key, getattr(settings, key))
-    from voc12.source import CocoSource, load_id_list
+    from datasets.readers import read_id_list
+    from datasets.views import open_source
     gt_of = None
     if a.dataset == "coco" and a.coco_root is not None:
-        gt_of = CocoSource(a.coco_root).stats_gt
-    out = generate_masks(load_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
+        gt_of = open_source("coco", a.coco_root).stats_gt
+    out = generate_masks(read_id_list(a.ids), a.score_dir, a.out_dir, a.mask_thd, a.margin_tie_mode,
                          a.voc12_root if a.dataset == "voc" else None, a.overwrite, not a.no_progress,
                          gt_of=gt_of, no_class=a.no_class_mask, seed=a.seed)
     out["no_class_ids"] = out["no_class_ids"][:NO_CLASS_IDS_SHOWN]
@@ -344,9 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
-__all__ = ["run", "main", "margins", "confidence_mask", "keep_count", "load_score", "save_mask",
-           "read_mask_png", "generate_masks", "ScoreFileError", "TIE_MODES", "NO_CLASS_MASKS", "no_class_mask",
-           "is_no_class", "no_class_policy_of"]
+__all__ = ["run", "main", "load_score", "read_mask_png", "generate_masks", "ScoreFileError", "is_no_class",
+           "no_class_policy_of"]
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datasets.transforms import TorchvisionNormalize
+from datasets.views import InferenceView, data_source
 from misc.cam_io import save_cam
 from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, shard_workers, worker_share
+from net.backbone import resnet
 from net.resnet50_cam import load_cam_weights
-from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDatasetMSF
-from voc12.source import data_source
 
 NORM_EPS = 1e-5  # part of the CAM file definition (§7.2 step 5)
 
@@ -62,7 +63,7 @@ def cams_for_image(model: torch.nn.Module, inputs: Sequence[torch.Tensor], size:
 def build_cam_infer_net(args: Any) -> torch.nn.Module:
     module = importlib.import_module(args.cam_network)
     # The trained weights overwrite everything; no ImageNet file needed here (and no warning).
-    backbone = importlib.import_module("net.resnet").ResNet(args.backbone_depth)
+    backbone = resnet(args.backbone_depth)
     model = module.CAM(backbone=backbone, n_classes=data_source(args).num_classes)
     return load_cam_weights(model, args.cam_weights_name).eval()
 
@@ -72,8 +73,7 @@ def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
     if not mine:
         return
     model = build_cam_infer_net(args).to(device)
-    dataset = VOC12ClassificationDatasetMSF(mine, data_source(args), img_normal=TorchvisionNormalize(),
-                                            scales=args.cam_scales, cls_labels_file=args.cls_labels)
+    dataset = InferenceView(mine, data_source(args), img_normal=TorchvisionNormalize(), scales=args.cam_scales)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=shard_workers(args.num_workers, n_parts))
     out_dir = Path(args.cam_out_dir)

@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from datasets.views import InferenceView, data_source
 from misc.cam_io import CamFileError, load_cam
 from misc.random_walk import random_walk, rw_to_scores
 from misc.runtime import (first_item, get_logger, progress, read_ids, run_on_devices, save_torch, shard_workers,
                           worker_share)
 from step.train_irn import irn_module, irn_weights_path
 from utils.io import save_png
-from voc12.dataloader import TorchvisionNormalize, msf_inputs
-from voc12.source import DataSource, as_source, data_source
 
 _SPARSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -96,32 +95,13 @@ def labels_for_image(model: torch.nn.Module, pair: torch.Tensor, cam: dict[str, 
     return pred, score, keys
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Unpadded single-scale pairs ``[x, fliplr(x)]`` (2, 3, H, W) with ``name`` and ``size``.
-
-    The keys of the random walk come from the CAM files, so no image-level labels are read.
-    """
-
-    def __init__(self, ids: list[str], source: DataSource | str | Path):
-        self.ids = list(ids)
-        self.source = as_source(source)
-        self.normalize = TorchvisionNormalize()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        name = self.ids[idx]
-        img = self.source.read_image(name)
-        return {"name": name, "img": msf_inputs(img, (1.0,), self.normalize)[0], "size": img.shape[:2]}
-
-
 def _work(part: int, n_parts: int, args: Any, ids: list[str]) -> None:
     device, mine = worker_share(args.device, part, n_parts, ids, args.torch_threads)
     if not mine:
         return
     model = build_inference_net(args, device)
-    dataset = PairDataset(mine, data_source(args))
+    # Unpadded single-scale pairs [x, fliplr(x)]; the random walk's keys come from the CAM files.
+    dataset = InferenceView(mine, data_source(args), scales=(1.0,), with_labels=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item,
                                          num_workers=shard_workers(args.num_workers, n_parts))
     sem_dir, sc_dir, c_dir = sem_seg_dir(args), score_dir(args), cam_dir(args)

@@ -15,13 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from datasets.transforms import TorchvisionNormalize
+from datasets.views import ClassificationView, data_source
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
+from net.backbone import file_state
 from utils.errors import OptionError
 from utils.io import save_json
 from utils.runtime import seeded_loader_kwargs
 from utils.schedule import PolyOptimizer, max_steps
-from voc12.dataloader import TorchvisionNormalize, VOC12ClassificationDataset
-from voc12.source import data_source
 
 
 def multilabel_soft_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -61,10 +62,9 @@ def run(args: Any) -> dict[str, Any]:
 
     source = data_source(args)
     train_ids = read_ids(args, "train_list")
-    dataset = VOC12ClassificationDataset(
+    dataset = ClassificationView(
         train_ids, source, resize_long=tuple(args.cam_resize_long), hor_flip=True,
-        crop_size=args.cam_crop_size, crop_method="random", img_normal=TorchvisionNormalize(),
-        cls_labels_file=args.cls_labels)
+        crop_size=args.cam_crop_size, crop_method="random", img_normal=TorchvisionNormalize())
     if len(dataset) < args.cam_batch_size:
         raise OptionError(f"train_cam: {len(dataset)} training images < batch size {args.cam_batch_size}; "
                          "lower --cam_batch_size")
@@ -86,8 +86,7 @@ def run(args: Any) -> dict[str, Any]:
     val_loader = None
     if args.cam_val_loss:
         val_ids = read_ids(args, "val_list")
-        val_set = VOC12ClassificationDataset(val_ids, source, crop_size=args.cam_crop_size,
-                                             crop_method="top_left", cls_labels_file=args.cls_labels)
+        val_set = ClassificationView(val_ids, source, crop_size=args.cam_crop_size, crop_method="top_left")
         if len(val_set) >= args.cam_batch_size:
             val_loader = DataLoader(val_set, batch_size=args.cam_batch_size, shuffle=False, drop_last=True,
                                     **seeded_loader_kwargs(args.seed, args.num_workers))
@@ -123,8 +122,7 @@ def run(args: Any) -> dict[str, Any]:
                                            for k, v in record.items()))
 
     save_json(Path(args.log_dir) / "train_cam.json", {"max_step": max_step, "epochs": history})
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(state, out_path)  # same weights, same bytes
+    save_torch(file_state(model), out_path)  # same weights, same bytes
     log.info(f"train_cam: saved {out_path} ({time.perf_counter() - start:.1f} s)")
     out = {"weights": str(out_path), "max_step": max_step, "final_train_loss": history[-1]["train_loss"],
            "last_batch_loss": last_loss}

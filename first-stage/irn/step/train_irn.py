@@ -19,14 +19,15 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from misc.indexing import PathIndex
+from datasets.affinity import PathIndex
+from datasets.transforms import TorchvisionNormalize
+from datasets.views import AffinityView, ImageView, data_source, reduced_size
 from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
-from utils.errors import MissingInputError, OptionError, WeightsError
+from models.checkpoint import load_pretrained
+from net.backbone import backbone_filter, file_state, resnet
+from utils.errors import OptionError
 from utils.runtime import seeded_loader_kwargs, set_seed
 from utils.schedule import PolyOptimizer, max_steps
-from voc12.affinity import VOC12AffinityDataset, reduced_size
-from voc12.dataloader import TorchvisionNormalize, VOC12ImageDataset
-from voc12.source import data_source
 
 # IRN's data augmentation (§11.2); not a tuning knob of the reference.
 IRN_SCALE_RANGE = (0.5, 1.5)
@@ -50,26 +51,16 @@ def load_backbone_from_cam(model: nn.Module, cam_weights: str | Path) -> None:
     Not the reference (IRN starts from ImageNet, §5). For runs without ImageNet weights it gives
     IRN's frozen backbone features learnt on the data instead of random ones.
     """
-    path = Path(cam_weights)
-    if not path.is_file():
-        raise MissingInputError(f"--irn_backbone_from_cam: CAM weights not found: {path} (run train_cam first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone:
-        raise WeightsError(f"--irn_backbone_from_cam: {path} holds no 'backbone.*' entries")
-    try:
-        model.backbone.load_state_dict(backbone, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"--irn_backbone_from_cam: the backbone in {path} does not fit "
-                           f"ResNet-{model.backbone.depth}: {e}") from None
+    load_pretrained(model.backbone, cam_weights, backbone_filter, "cam_weights_name",
+                    missing_hint="run the train_cam step first", counters_from_file=True)
 
 
 def _calibrate_mean_shift(model: nn.Module, args: Any, device: torch.device, show: bool) -> list[float]:
     """m = mean over full batches of the per-batch, per-channel mean displacement (§11.4)."""
     log = get_logger()
     ids = read_ids(args, "infer_list")
-    dataset = VOC12ImageDataset(ids, data_source(args), img_normal=TorchvisionNormalize(),
-                                crop_size=args.irn_crop_size, crop_method="top_left")
+    dataset = ImageView(ids, data_source(args), img_normal=TorchvisionNormalize(),
+                        crop_size=args.irn_crop_size, crop_method="top_left")
     drop_last = len(dataset) >= args.irn_batch_size
     if not drop_last:
         # The reference drops incomplete batches; with fewer images than one batch it would
@@ -104,9 +95,9 @@ def run(args: Any) -> dict[str, Any]:
     ids = read_ids(args, "train_list")
     source = data_source(args)
     # Pairs with an id >= the label count (VOC 21, COCO 81: the 255 seeds) are unknown (§16.2).
-    dataset = VOC12AffinityDataset(ids, ir_label_dir(args), args.irn_crop_size, source, path_index,
-                                   num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
-                                   crop_method="random")
+    dataset = AffinityView(ids, ir_label_dir(args), args.irn_crop_size, source, path_index,
+                           num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
+                           crop_method="random")
     if len(dataset) < args.irn_batch_size:
         raise OptionError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
                          "lower --irn_batch_size")
@@ -118,8 +109,7 @@ def run(args: Any) -> dict[str, Any]:
     from_cam = args.irn_backbone_from_cam
     train_backbone = args.irn_train_backbone
     if from_cam:
-        from net.resnet import ResNet
-        model = module.AffinityDisplacementLoss(path_index, backbone=ResNet(args.backbone_depth),
+        model = module.AffinityDisplacementLoss(path_index, backbone=resnet(args.backbone_depth),
                                                 train_backbone=train_backbone)
         load_backbone_from_cam(model, args.cam_weights_name)
         log.info(f"train_irn: backbone initialised from the CAM network {args.cam_weights_name}")
@@ -169,8 +159,7 @@ def run(args: Any) -> dict[str, Any]:
 
     mean_shift = _calibrate_mean_shift(model, args, device, show)
     log.info(f"train_irn: mean shift (dy, dx) = ({mean_shift[0]:.4f}, {mean_shift[1]:.4f})")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(state, out_path)  # same weights, same bytes
+    save_torch(file_state(model), out_path)  # same weights, same bytes
     seconds = time.perf_counter() - start
     log.info(f"train_irn: saved {out_path} ({seconds:.1f} s)")
     last = history[-1]

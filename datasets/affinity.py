@@ -9,6 +9,10 @@ All affinity tensors use one channel order, ``search_dst``: directions grouped b
 length (shortest first), generation order inside a group. Everything here is pure index
 arithmetic, shared by IRN training (r = 10 on the 128x128 crop map), the affinity labels of
 the data side and the random walk (r = 5).
+
+It lives in ``datasets/`` because the affinity labels (``datasets/views.py``'s affinity view)
+and IRN's edge-to-affinity (the network and the random walk) must agree on this one channel
+order, and the data side cannot import from ``first-stage/irn``.
 """
 from __future__ import annotations
 

@@ -1,34 +1,35 @@
-"""Where the first stage's data comes from: one small object per run, built from the driver's options.
+"""Where the first stage's data comes from: one small object per run over a registered data set.
 
-A data source answers, for the roles the steps use,
+A data set's entry in ``datasets/build.py`` names its class table, its void value and its
+layout (``first_stage``: one of the classes here); ``datasets.views.open_source`` builds the
+source of a run from it. A source answers, for the roles the steps use,
 
     train   CAM/IRN training, make_cam, cam_to_ir_label, make_sem_seg, gen_mask, export
     val     the CAM training's validation loss
     infer   IRN's mean-shift calibration pass
     eval    eval_cam / eval_sem_seg (and the seed / mask statistics)
 
-the ids (cut to ``--max_images``), and per id the image path, the ground-truth path, the
-image-level labels, plus the class count of the data set:
+the ids (cut to ``--max_images``), and per id the image path, the ground-truth path and the
+image-level labels; the class counts follow from the entry's class table (background first):
 
-| dataset | foreground classes C | label values | GT ignore value | truncated JPEGs |
+| dataset | foreground classes C | label values | GT void value | truncated JPEGs |
 |---|---|---|---|---|
-| ``voc``  | 20 | 21 (0..20) | 255 | refused (as before) |
+| ``voc``  | 20 | 21 (0..20) | 255 | refused |
 | ``coco`` | 80 | 81 (0..80) | none | decoded as far as they go (spec §16.2) |
 
-VOC (``--dataset voc``, the default): ``<voc12_root>/JPEGImages/<id>.jpg``, ground truth
-``SegmentationClass/<id>.png``, lists ``--train_list`` / ``--val_list`` / ``--infer_list``
-(default ``ImageSets/Segmentation/{train_aug,val,train}.txt``), eval split
+VOC layout (``VOCSource``; PASCAL VOC and any set in its layout): ``<root>/JPEGImages/<id>.jpg``,
+ground truth ``SegmentationClass/<id>.png``, lists ``--train_list`` / ``--val_list`` /
+``--infer_list`` (default ``ImageSets/Segmentation/{train_aug,val,train}.txt``), eval split
 ``ImageSets/Segmentation/<chainer_eval_set>.txt``, labels ``--cls_labels`` (default
-``<voc12_root>/cls_labels.json``, else the XML annotations).
+``<root>/cls_labels.json``, else the XML annotations, read with the entry's class names).
 
-COCO (``--dataset coco``): the tree of ``tools/prepare_coco.py`` under ``--coco_root``
-(see ``datasets/coco.py``); ids are file stems (``COCO_train2014_000000000009``) and every
-first-stage output is named by them, the ground truth by the integer image id
-(``mask/train2014/9.png``). Lists default to ``lists/train2014.txt`` (train, infer) and
-``lists/val2014.txt`` (val); the eval split ``--chainer_eval_set`` train (default) / val means
-``lists/<split>2014.txt`` with ``mask/<split>2014`` ground truth. Labels come from
-``cls_labels_<split>2014.json`` of the stem's split (an image may have none), or all from one
-``--cls_labels`` file keyed by stem.
+COCO layout (``CocoSource``): the tree of ``tools/prepare_coco.py`` (see ``datasets/coco.py``);
+ids are file stems (``COCO_train2014_000000000009``) and every first-stage output is named by
+them, the ground truth by the integer image id (``mask/train2014/9.png``). Lists default to
+``lists/train2014.txt`` (train, infer) and ``lists/val2014.txt`` (val); the eval split
+``--chainer_eval_set`` train (default) / val means ``lists/<split>2014.txt`` with
+``mask/<split>2014`` ground truth. Labels come from ``cls_labels_<split>2014.json`` of the
+stem's split (an image may have none), or all from one ``--cls_labels`` file keyed by stem.
 
 Reading goes through ``datasets/readers.py``; every error is a ``DataError`` naming the id and
 the file (a VOC annotation error is a ``LabelDataError``, also a ``LabelError``). The checks
@@ -46,12 +47,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from datasets import coco as coco_meta
-from datasets.readers import DataError, SplitFiles, read_id_list, read_image, read_label
-from datasets.prepare.cls_labels import FG_CLASSES as VOC_FG_CLASSES
 from datasets.prepare.cls_labels import ClassLabels, LabelError, load_cls_labels, multi_hot
+from datasets.readers import DataError, SplitFiles, read_id_list, read_image, read_label
 from utils.voc import IGNORE_INDEX
 
-DATASETS = ("voc", "coco")
 ROLES = ("train", "val", "infer", "eval")
 # The pipeline's own label maps (ir_label seeds) mark "unknown" with this value, for every data set.
 SEED_IGNORE = IGNORE_INDEX
@@ -68,10 +67,6 @@ COCO_GT_DIR = "mask"
 COCO_DEFAULT_SPLITS = {"train": "train", "val": "val", "infer": "train"}
 
 
-# The one id-list reader (an error names the file); the first stage's former name.
-load_id_list = read_id_list
-
-
 class LabelDataError(LabelError, DataError):
     """A missing or malformed annotation / class-label file: a ``datasets.prepare.cls_labels.LabelError``
     that is also the project's DataError (whether or not LabelError itself is one); the message
@@ -84,29 +79,37 @@ def count_note(bad: int, total: int, what: str) -> str:
 
 
 class DataSource(ABC):
-    """Common part; see the module docstring. Subclasses set the class counts and the files."""
+    """Common part; see the module docstring. Subclasses know their layout's files and labels.
 
-    name: str = ""
-    num_classes: int = 0          # foreground classes C: CAM channels, multi-hot length
-    num_labels: int = 0           # label values 0..C of pseudo-labels and ground truth
-    gt_ignore: int | None = None  # void value of the ground truth (None: every pixel counts)
+    ``name``: the data set's key in the registry; ``classes``: its label names, background
+    first; ``gt_ignore``: the void value of its ground truth (None: every pixel counts).
+    """
+
     allow_truncated: bool = False
 
-    def __init__(self, lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
+    def __init__(self, name: str, classes: Sequence[str], gt_ignore: int | None, root: str | Path,
+                 lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
                  max_images: int | None = None, cls_labels: str | Path | None = None):
+        self.name = name
+        self.classes = tuple(classes)
+        self.num_labels = len(self.classes)      # label values 0..C of pseudo-labels and ground truth
+        self.num_classes = self.num_labels - 1   # foreground classes C: CAM channels, multi-hot length
+        self.gt_ignore = gt_ignore
+        self.root = Path(root)
         self.lists = {r: (Path(p) if p else None) for r, p in (lists or {}).items()}
         self.eval_set = eval_set
         self.max_images = max_images
         self.cls_labels = Path(cls_labels) if cls_labels else None
+        self._labels_cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ ids
 
     @abstractmethod
     def list_path(self, role: str) -> Path:
-        """Each data set's own (VOCSource, CocoSource)."""
+        """Each layout's own (VOCSource, CocoSource)."""
 
     def _read_list(self, role: str) -> list[str]:
-        return load_id_list(self.list_path(role))
+        return read_id_list(self.list_path(role))
 
     def ids(self, role: str) -> list[str]:
         """The ids of a role; train/val/infer cut to ``max_images``, eval kept to the cut train ids."""
@@ -124,7 +127,7 @@ class DataSource(ABC):
 
     @abstractmethod
     def files_of(self, item_id: str) -> SplitFiles:
-        """Each data set's own (VOCSource, CocoSource)."""
+        """Each layout's own (VOCSource, CocoSource)."""
 
     def image_path(self, item_id: str) -> Path:
         return self.files_of(item_id).image(item_id)
@@ -154,7 +157,9 @@ class DataSource(ABC):
 
     def read_gt(self, item_id: str) -> np.ndarray:
         """Ground truth as int64 (H, W), the void value (if any) mapped to −1 (chainercv's rule, §8)."""
-        path = self.gt_path(item_id)
+        return self._read_gt_at(self.gt_path(item_id), item_id)
+
+    def _read_gt_at(self, path: Path, item_id: str) -> np.ndarray:
         gt = np.array(read_label(path, item_id, self.num_labels, "ground truth", self.gt_ignore), dtype=np.int64)
         if self.gt_ignore is not None:
             gt[gt == self.gt_ignore] = -1
@@ -202,7 +207,7 @@ class DataSource(ABC):
 
     @abstractmethod
     def describe(self) -> str:
-        """Each data set's own (VOCSource, CocoSource)."""
+        """Each layout's own (VOCSource, CocoSource)."""
 
     def __getstate__(self) -> dict[str, Any]:
         # Label tables are re-read where needed: a spawned process gets a light object.
@@ -212,18 +217,15 @@ class DataSource(ABC):
 
 
 class VOCSource(DataSource):
-    name = "voc"
-    num_classes = len(VOC_FG_CLASSES)
-    num_labels = len(VOC_FG_CLASSES) + 1
-    gt_ignore = IGNORE_INDEX
+    """A tree in PASCAL VOC's layout: VOC itself, or any data set registered with this layout."""
+
     allow_truncated = False  # VOC's strictness: a truncated JPEG is an error
 
-    def __init__(self, root: str | Path, lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
-                 max_images: int | None = None, cls_labels: str | Path | None = None, gt_dir: str = VOC_GT_DIR):
-        super().__init__(lists, eval_set, max_images, cls_labels)
-        self.root = Path(root)
-        self.files = SplitFiles([], self.root / VOC_IMAGE_DIR, self.root / gt_dir)
-        self._labels_cache: dict[str, ClassLabels] = {}
+    def __init__(self, name: str, classes: Sequence[str], gt_ignore: int | None, root: str | Path,
+                 lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
+                 max_images: int | None = None, cls_labels: str | Path | None = None):
+        super().__init__(name, classes, gt_ignore, root, lists, eval_set, max_images, cls_labels)
+        self.files = SplitFiles([], self.root / VOC_IMAGE_DIR, self.root / VOC_GT_DIR)
 
     def list_path(self, role: str) -> Path:
         if role == "eval":
@@ -237,17 +239,14 @@ class VOCSource(DataSource):
         for d in VOC_STATS_GT_DIRS:
             path = self.root / d / f"{item_id}.png"
             if path.is_file():
-                gt = np.array(read_label(path, item_id, self.num_labels, "ground truth", self.gt_ignore),
-                              dtype=np.int64)
-                gt[gt == self.gt_ignore] = -1
-                return gt
+                return self._read_gt_at(path, item_id)
         return None
 
     @property
     def class_labels(self) -> ClassLabels:
         if "table" not in self._labels_cache:
             try:
-                self._labels_cache["table"] = ClassLabels(self.root, self.cls_labels, self.num_classes)
+                self._labels_cache["table"] = ClassLabels(self.root, self.cls_labels, self.classes[1:])
             except LabelDataError:
                 raise
             except (LabelError, ValueError) as e:  # ValueError: a label file that is not JSON
@@ -266,15 +265,12 @@ class VOCSource(DataSource):
             raise LabelDataError(f"annotation for id '{item_id}' is unreadable: "
                                  f"{self.root / 'Annotations' / (item_id + '.xml')} ({e})") from None
 
-    def label_vector(self, item_id: str) -> np.ndarray:
-        return multi_hot(self.labels(item_id), self.num_classes)
-
     def check_labels(self, ids: Sequence[str]) -> list[str]:
         self.class_labels  # noqa: B018 - an explicit --cls_labels file that is missing fails once, here
         return super().check_labels(ids)
 
     def describe(self) -> str:
-        return f"VOC {self.root} ({self.num_classes} classes)"
+        return f"{self.name.upper()} {self.root} ({self.num_classes} classes)"
 
 
 def coco_split_of(stem: str) -> str:
@@ -286,18 +282,16 @@ def coco_split_of(stem: str) -> str:
 
 
 class CocoSource(DataSource):
-    name = "coco"
-    num_classes = coco_meta.NUM_CLASSES - 1  # 80: label id k+1 <-> CAM index k
-    num_labels = coco_meta.NUM_CLASSES       # 81, background included
-    gt_ignore = None                          # crowd regions are background, no void (§16.1)
-    allow_truncated = True                    # the few truncated train2014 JPEGs (§16.2 train_irn)
+    """The COCO 2014 tree of ``tools/prepare_coco.py``: ids are file stems, the ground truth is
+    named by the integer image id, and it has no void value (crowd regions are background, §16.1)."""
 
-    def __init__(self, root: str | Path, lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
+    allow_truncated = True  # the few truncated train2014 JPEGs (§16.2 train_irn)
+
+    def __init__(self, name: str, classes: Sequence[str], gt_ignore: int | None, root: str | Path,
+                 lists: dict[str, str | Path | None] | None = None, eval_set: str = "train",
                  max_images: int | None = None, cls_labels: str | Path | None = None):
-        super().__init__(lists, eval_set, max_images, cls_labels)
-        self.root = Path(root)
+        super().__init__(name, classes, gt_ignore, root, lists, eval_set, max_images, cls_labels)
         self._files: dict[str, SplitFiles] = {}
-        self._labels_cache: dict[str, dict[str, list[int]]] = {}
 
     @property
     def eval_split(self) -> str:
@@ -318,7 +312,7 @@ class CocoSource(DataSource):
         if path == self.root / COCO_LIST_DIR / coco_meta.list_name(split):
             # The prepared tree's list, read and checked (stems of this split) by datasets/coco.py.
             return list(coco_meta.coco_files(self.root, split, COCO_LIST_DIR, COCO_GT_DIR).ids)
-        ids = load_id_list(path)
+        ids = read_id_list(path)
         for i in ids:
             try:
                 coco_split_of(i)
@@ -369,28 +363,5 @@ class CocoSource(DataSource):
         return f"COCO 2014 {self.root} ({self.num_classes} classes)"
 
 
-def as_source(source: "DataSource | str | Path", cls_labels: str | Path | None = None) -> DataSource:
-    """A data source as is, or a VOC root (the datasets' former ``voc12_root`` argument)."""
-    if isinstance(source, DataSource):
-        if cls_labels is not None and isinstance(source, VOCSource) and source.cls_labels != Path(cls_labels):
-            return VOCSource(source.root, source.lists, source.eval_set, source.max_images, cls_labels)
-        return source
-    return VOCSource(source, cls_labels=cls_labels)
-
-
-def data_source(args: Any) -> DataSource:
-    """The data source of a run's options (attributes missing from ``args`` take the driver's defaults)."""
-    dataset = getattr(args, "dataset", None) or "voc"
-    lists = {r: getattr(args, f"{r}_list", None) for r in ("train", "val", "infer")}
-    common = dict(lists=lists, eval_set=getattr(args, "chainer_eval_set", None) or "train",
-                  max_images=getattr(args, "max_images", None), cls_labels=getattr(args, "cls_labels", None))
-    if dataset == "voc":
-        return VOCSource(getattr(args, "voc12_root", None) or "./VOCdevkit/VOC2012", **common)
-    if dataset == "coco":
-        return CocoSource(getattr(args, "coco_root", None) or "data/coco", **common)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-
-
-__all__ = ["DataSource", "VOCSource", "CocoSource", "data_source", "as_source", "load_id_list", "coco_split_of",
-           "DATASETS", "ROLES", "SEED_IGNORE", "VOC_IMAGE_DIR", "VOC_GT_DIR", "DataError", "LabelDataError",
-           "count_note"]
+__all__ = ["DataSource", "VOCSource", "CocoSource", "coco_split_of", "ROLES", "SEED_IGNORE", "VOC_IMAGE_DIR",
+           "VOC_GT_DIR", "VOC_STATS_GT_DIRS", "DataError", "LabelDataError", "count_note"]

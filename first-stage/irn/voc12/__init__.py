@@ -1,1 +1,0 @@
-"""VOC-format data access for the first stage."""
