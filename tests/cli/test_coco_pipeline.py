@@ -71,7 +71,7 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
     # A net trained for 2 iterations from scratch spreads its probability over all 81 classes, so
     # every class is above the compact threshold here: the cap is lifted, and the comparison
     # tests the format and the plumbing. Dropping negligible classes is compared on net-like
-    # maps in tests/test_score_maps.py.
+    # maps in tests/engine/test_score_maps.py.
     _run("main.py", "--config", REPO / "configs/demo_coco.yaml", "--logging_tag", "compact", *common,
          "test.compact_max_classes=81")
     dense, compact = tmp_path / "dense", tmp_path / "compact"

@@ -163,7 +163,7 @@ def _main(root: Path, logs: Path, ckpt: Path, *extra: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def cli():
-    """test.py as a module, as tests/test_test_py.py loads it."""
+    """test.py as a module, as tests/cli/test_test_py.py loads it."""
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     spec = importlib.util.spec_from_file_location("beco_test_cli_provenance", REPO / "test.py")
     module = importlib.util.module_from_spec(spec)
