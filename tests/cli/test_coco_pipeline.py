@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.prepare.coco import prepare_coco
 from datasets.synthetic.coco import make_synthetic_coco
 from tests.conftest import REPO
 
@@ -22,11 +21,8 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.filterwarn
 
 
 @pytest.fixture(scope="module")
-def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    make_synthetic_coco(root, train=8, val=5, size=(48, 64), classes=3, seed=1, colours="class")
-    prepare_coco(root, workers=1, progress=False)
-    return root
+def coco_root(synthetic_set) -> Path:
+    return synthetic_set("coco", prepared=True, train=8, val=5, size=(48, 64), classes=3, seed=1, colours="class")
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
