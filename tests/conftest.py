@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny hand-written VOC tree and a config pointing at it."""
+"""Shared fixtures: the one factory for generated data sets (`synthetic_set`), tiny hand-written
+VOC and COCO trees, and configs pointing at them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets.prepare.coco import prepare_coco
+from datasets.synthetic.coco import make_synthetic_coco
+from datasets.synthetic.voc import make_synthetic_voc
 from engine.config import load_config
 from utils.config import Config
 from utils.voc import voc_palette
@@ -59,6 +63,31 @@ def tiny_config(root: Path, *overrides: str) -> Config:
 def tiny_voc(tmp_path: Path) -> Path:
     return write_tiny_voc(tmp_path / "data", ["2007_000001", "2007_000002", "2007_000003", "2007_000004"],
                           ["2008_000001", "2008_000002"])
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """The one factory for generated data: ``synthetic_set("voc", train=4, val=2, ...)`` -> data root.
+
+    Keyword arguments are the generator's (datasets.synthetic.voc.make_synthetic_voc, or
+    make_synthetic_coco for "coco"; ``prepared=True`` also runs prepare_coco). The same kind and
+    settings give the same folder, made once per session (per xdist worker): tests only read it.
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(kind: str = "voc", *, prepared: bool = False, **settings) -> Path:
+        key = (kind, prepared, tuple(sorted(settings.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"synthetic_{kind}") / "data"
+            if kind == "voc":
+                make_synthetic_voc(root, progress=False, **settings)
+            else:
+                make_synthetic_coco(root, **settings)
+                if prepared:
+                    prepare_coco(root, workers=1, progress=False)
+            made[key] = root
+        return made[key]
+    return make
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ Labels from a float32 compact map are those of the dense float32 one wherever th
 classes are negligible (probability below ``threshold`` everywhere): the arg-max never picks
 a dropped class, and the CRF, which runs over the classes above its own pruning threshold
 anyway (utils/crf.py), sees the same unaries. float16 halves the disk again and can flip a
-pixel where two classes tie to within its rounding (measured in tests/test_coco_pipeline.py).
+pixel where two classes tie to within its rounding (measured in tests/cli/test_coco_pipeline.py).
 
 numpy only: test.py's worker processes import this module.
 """

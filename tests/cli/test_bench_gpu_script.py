@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("train_step", "host_syncs", "ddp", "test_pass", "segmenters", "optimizers")
 # What every training-step row must report (the CPU has no peak memory: a string there).
 TRAIN_METRICS = ("it_s", "img_s", "step_ms", "tflop_per_step", "mfu", "outside_nets_share",

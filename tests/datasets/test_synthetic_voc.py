@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from datasets.synthetic.voc import CLASS_STYLES, make_synthetic_voc, synthetic_ids  # noqa: E402
 from utils.metrics import confusion_matrix, segmentation_scores  # noqa: E402

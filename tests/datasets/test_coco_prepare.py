@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import datasets.prepare.coco as cp  # noqa: E402
 from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, gt_name, image_id_of, stem_of  # noqa: E402
@@ -23,7 +23,7 @@ from datasets.synthetic.coco import coco_categories, uncompressed_rle  # noqa: E
 from datasets.prepare.cls_labels import load_cls_labels  # noqa: E402
 from tools import prepare_coco as cli  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # pycocotools (<= 2.0.8) under numpy 2 warns on every decode; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn:DeprecationWarning")
 CAT_MAP = category_map(coco_categories())

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
 for _p in (str(REPO), str(IRN)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 from misc import runtime  # noqa: E402
 from utils.errors import DeviceError  # noqa: E402
 
@@ -106,10 +105,8 @@ def test_shard_workers(num_workers, n_parts, expected):
 
 
 @pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("devices")
-    make_synthetic_voc(root, train=4, val=1, test=1, size=(32, 40), classes=2, seed=5)
-    return root / "VOC2012"
+def tiny_voc(synthetic_set) -> Path:
+    return synthetic_set("voc", train=4, val=1, test=1, size=(32, 40), classes=2, seed=5) / "VOC2012"
 
 
 def _args(voc: Path, work: Path, *extra: str):

@@ -19,7 +19,7 @@ from datasets.handoff import (MASK_DIR, PSEUDO_LABEL_DIR, confidence_mask, keep_
                               no_class_mask, precision_counts, random_keep, save_mask)
 from datasets.synthetic.voc import simulated_mask
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def spec_mask(score: np.ndarray, pred: np.ndarray, thd: float) -> list[list[int]]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.prepare.coco import prepare_coco
 from datasets.synthetic.coco import make_synthetic_coco
 from tests.conftest import REPO
 
@@ -22,11 +21,8 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.filterwarn
 
 
 @pytest.fixture(scope="module")
-def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    make_synthetic_coco(root, train=8, val=5, size=(48, 64), classes=3, seed=1, colours="class")
-    prepare_coco(root, workers=1, progress=False)
-    return root
+def coco_root(synthetic_set) -> Path:
+    return synthetic_set("coco", prepared=True, train=8, val=5, size=(48, 64), classes=3, seed=1, colours="class")
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -71,7 +67,7 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
     # A net trained for 2 iterations from scratch spreads its probability over all 81 classes, so
     # every class is above the compact threshold here: the cap is lifted, and the comparison
     # tests the format and the plumbing. Dropping negligible classes is compared on net-like
-    # maps in tests/test_score_maps.py.
+    # maps in tests/engine/test_score_maps.py.
     _run("main.py", "--config", REPO / "configs/demo_coco.yaml", "--logging_tag", "compact", *common,
          "test.compact_max_classes=81")
     dense, compact = tmp_path / "dense", tmp_path / "compact"

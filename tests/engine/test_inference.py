@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
 from engine.config import load_config
@@ -27,10 +26,8 @@ OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}",
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("syn_inference") / "data"
-    make_synthetic_voc(root, train=2, val=6, test=2, size=(64, 64), classes=NUM_CLASSES - 1, seed=2)
-    return root
+def syn_root(synthetic_set) -> Path:
+    return synthetic_set("voc", train=2, val=6, test=2, size=(64, 64), classes=NUM_CLASSES - 1, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "tools" / "demo.py"
 
 

@@ -1,7 +1,7 @@
 """Content that reads fine but would give a wrong number: NaN/Inf in a score map or CAM, an id
 listed twice, a label set without foreground or with classes no label uses. Each is refused
 (or, for unused classes, warned about) by the one reader of its format, naming the file and id.
-test.py's own cases are in tests/test_test_py.py, COCO preparation's in tests/test_coco_prepare.py."""
+test.py's own cases are in tests/cli/test_test_py.py, COCO preparation's in tests/datasets/test_coco_prepare.py."""
 from __future__ import annotations
 
 import contextlib

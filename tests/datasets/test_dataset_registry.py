@@ -23,7 +23,7 @@ from datasets.prepare.cls_labels import LabelError
 from datasets.segmentation import EvalSet, TrainSet
 from datasets.sources import VOCSource
 from datasets.views import AffinityView, ClassificationView, GroundTruthView, data_source, open_source
-from utils.config import load_config
+from engine.config import load_config
 
 TOY_CLASSES = ("background", "circle", "square", "triangle")
 TRAIN = ["t_0001", "t_0002", "t_0003", "t_0004"]

@@ -36,10 +36,8 @@ OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}",
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("syn_test_py") / "data"
-    make_synthetic_voc(root, train=2, val=6, test=3, size=(64, 64), classes=NUM_CLASSES - 1, seed=1)
-    return root
+def syn_root(synthetic_set) -> Path:
+    return synthetic_set("voc", train=2, val=6, test=3, size=(64, 64), classes=NUM_CLASSES - 1, seed=1)
 
 
 def _ids(root: Path, split: str) -> list[str]:

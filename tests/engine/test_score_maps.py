@@ -18,7 +18,7 @@ from utils.score_maps import (ScoreMapError, bytes_bound, compact, kept_classes,
                               save_score_map)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _net_like_logits(gt: np.ndarray, rng: np.random.Generator, stride: int = 4) -> np.ndarray:

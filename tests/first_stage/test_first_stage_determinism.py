@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
 for _p in (str(REPO), str(IRN), str(REPO / "tools")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,10 +23,8 @@ def _one_torch_thread(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("determ_voc")
-    make_synthetic_voc(root, train=8, val=2, test=1, size=(48, 64), classes=3, seed=3, progress=False)
-    return root / "VOC2012"
+def tiny_voc(synthetic_set) -> Path:
+    return synthetic_set("voc", train=8, val=2, test=1, size=(48, 64), classes=3, seed=3) / "VOC2012"
 
 
 @pytest.fixture

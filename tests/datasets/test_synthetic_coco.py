@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, image_id_of, stem_of  # noqa: E402
 from datasets.synthetic.coco import (make_synthetic_coco, make_synthetic_coco_from_config,  # noqa: E402

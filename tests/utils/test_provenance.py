@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
 from utils import provenance
@@ -141,10 +140,8 @@ OVERRIDES = ["data.synthetic=null", f"data.num_classes={NUM_CLASSES}", "data.cro
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("syn_provenance") / "data"
-    make_synthetic_voc(root, train=2, val=4, test=0, size=(64, 64), classes=NUM_CLASSES - 1, seed=3)
-    return root
+def syn_root(synthetic_set) -> Path:
+    return synthetic_set("voc", train=2, val=4, test=0, size=(64, 64), classes=NUM_CLASSES - 1, seed=3)
 
 
 def _cfg(root: Path, num_classes: int = NUM_CLASSES):
@@ -163,7 +160,7 @@ def _main(root: Path, logs: Path, ckpt: Path, *extra: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def cli():
-    """test.py as a module, as tests/test_test_py.py loads it."""
+    """test.py as a module, as tests/cli/test_test_py.py loads it."""
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     spec = importlib.util.spec_from_file_location("beco_test_cli_provenance", REPO / "test.py")
     module = importlib.util.module_from_spec(spec)

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from datasets.readers import read_mask
-from datasets.synthetic.voc import make_synthetic_voc
 from tests.conftest import REPO, tiny_config
 from utils.config import ConfigError
 from utils.errors import DataError, one_line
@@ -100,10 +99,8 @@ def test_an_error_in_a_loader_worker_reaches_the_user_as_its_own_line():
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("syn") / "data"
-    make_synthetic_voc(root, train=16, val=4, test=1, size=(48, 48), classes=3, seed=0)
-    return root
+def syn_root(synthetic_set) -> Path:
+    return synthetic_set("voc", train=16, val=4, test=1, size=(48, 48), classes=3, seed=0)
 
 
 def _args(root: Path, logs: Path, tag: str, *extra: str) -> list[str]:

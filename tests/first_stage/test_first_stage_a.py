@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
 for _p in (str(REPO), str(IRN)):
     if _p not in sys.path:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.synthetic.voc import make_synthetic_voc
 from engine import checkpoint as ckpt_io
 from tests.conftest import REPO, eval_nets
 from engine.config import load_config
@@ -24,10 +23,8 @@ OVERRIDES = ["data.synthetic=null", "data.num_classes=4", "data.crop_size=48", "
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("syn_backends") / "data"
-    make_synthetic_voc(root, train=4, val=2, test=0, size=(48, 48), classes=3, seed=1)
-    return root
+def syn_root(synthetic_set) -> Path:
+    return synthetic_set("voc", train=4, val=2, test=0, size=(48, 48), classes=3, seed=1)
 
 
 @pytest.fixture(scope="module")

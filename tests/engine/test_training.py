@@ -1,5 +1,5 @@
 """End-to-end training on tiny synthetic data (CPU): single process (multi-process runs:
-tests/test_launchers.py; kills and resumes: tests/test_reliability.py), AMP, determinism,
+tests/cli/test_launchers.py; kills and resumes: tests/engine/test_reliability.py), AMP, determinism,
 checkpoint formats, non-finite loss, gradient accumulation, learning, and every registered
 segmenter through training, --test and test.py."""
 from __future__ import annotations
