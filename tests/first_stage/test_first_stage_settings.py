@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
 for _p in (str(REPO), str(IRN)):
     if _p not in sys.path:
