@@ -68,7 +68,7 @@ def set_deterministic(enabled: bool) -> None:
     """``--determ`` in both stages: deterministic algorithms wherever PyTorch has them.
 
     On the CPU a run is already bit-reproducible for a fixed machine, thread count and loader
-    worker count (measured, README "Reproducibility"); these switches matter on GPUs, where
+    worker count (measured, docs/reproducibility.md); these switches matter on GPUs, where
     cuDNN's autotuner may pick another convolution algorithm per run and some kernels
     (index_add_, interpolation backward, cuBLAS split-K) accumulate in a run-dependent order.
     warn_only: an op without a deterministic implementation warns instead of stopping the run.

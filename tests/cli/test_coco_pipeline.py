@@ -103,7 +103,7 @@ def test_train_test_and_crf_on_coco_with_compact_maps_equal_to_dense(coco_root, 
 
 
 def test_raw_coco_to_pseudo_labels_to_beco_to_crf(tmp_path):
-    """The README's COCO commands at toy size: instances JSON -> tools/prepare_coco.py ->
+    """The COCO commands of docs/coco.md at toy size: instances JSON -> tools/prepare_coco.py ->
     run_sample.py --dataset coco -> main.py on its exported labels -> --test -> test.py --crf."""
     root = tmp_path / "coco"
     make_synthetic_coco(root, train=8, val=4, size=(48, 64), classes=3, seed=2, colours="class")

@@ -75,7 +75,7 @@ class Net(nn.Module):
         self.backbone = backbone if backbone is not None else build_backbone(depth, weights)
         # The reference freezes the backbone (§11.1). train_backbone is an option for runs without
         # ImageNet weights: the affinity loss then shapes the backbone's features too. (On the
-        # synthetic demo data it did not improve the boundary maps; see the README.)
+        # synthetic demo data it did not improve the boundary maps; see docs/first-stage.md, "Without ImageNet weights: the demo's settings".)
         self.train_backbone = train_backbone
         for p in self.backbone.parameters():
             p.requires_grad_(train_backbone)

@@ -112,7 +112,7 @@ def run(args: Any) -> dict[str, Any]:
         log.info(msg)
         if gains.get("gain_over_best_cam", gains["gain_over_cam"]) <= 0:
             log.warning("eval_sem_seg: the random walk does not beat thresholded CAMs; an IRN trained for too "
-                        "few updates learns objectness instead of boundaries (README, 'Generating pseudo-labels')")
+                        "few updates learns objectness instead of boundaries (docs/first-stage.md, 'What it took: enough IRN updates')")
     return out
 
 
