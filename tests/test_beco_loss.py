@@ -82,7 +82,7 @@ def test_accumulated_micro_batches_give_one_big_batchs_gradients():
     they pair and draw within a batch."""
     import torch
     from torch import nn
-    from main import accumulate_step
+    from engine.trainer import accumulate_step
     from tests.conftest import REPO
     from utils.config import load_config
 
