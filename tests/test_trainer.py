@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine import checkpoint as ckpt_io
-from engine.trainer import Run, save_resumable, train_step
+from engine.trainer import Run, accumulate_step, save_resumable, train_step
 from tests.conftest import REPO
 from utils.config import load_config, to_yaml
 from utils.distributed import DistInfo
@@ -45,6 +45,30 @@ def _batch() -> dict:
     g = torch.Generator().manual_seed(0)
     return {"image": torch.randn(4, 3, 8, 8, generator=g), "label": torch.randint(0, 4, (4, 8, 8), generator=g),
             "mask": torch.randint(0, 2, (4, 8, 8), generator=g)}
+
+
+def test_accumulated_micro_batches_give_one_big_batchs_gradients():
+    """train.grad_accum: 4 images as two micro-batches of 2 give the gradients of one batch of
+    4, for nets without batch statistics (BatchNorm's differ by construction) and a loss that
+    is a mean over pixels of equal-size images; mixing and strong augmentation off, since
+    they pair and draw within a batch."""
+    run = _run()
+    nets, batch = run.nets, _batch()
+
+    def grads(batches):
+        for n in nets:
+            n.zero_grad(set_to_none=True)
+        losses = accumulate_step(nets, batches, 1, run.cfg, run.autocast, torch.device("cpu"), run.scaler)
+        return losses, [p.grad.clone() for n in nets for p in n.parameters()]
+
+    big_losses, big = grads([batch])
+    halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]
+    acc_losses, acc = grads(halves)
+    for a, b in zip(acc, big):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for k in big_losses:
+        torch.testing.assert_close(acc_losses[k], big_losses[k], rtol=1e-6, atol=1e-7)
+    assert big[0].abs().sum() > 0  # the co-training and CE terms both reach the first net
 
 
 def test_train_step_takes_one_optimiser_step_on_the_micro_batches_mean_gradient():
