@@ -1,4 +1,4 @@
-"""Training data pipeline speed: images/s of main.py's training DataLoader, per worker count.
+"""Training data pipeline speed: images/s of the training DataLoader, per worker count.
 
     python benchmarks/data_pipeline.py                         # demo.yaml: 96x128 images, 96 crops, batch 8
     python benchmarks/data_pipeline.py --workers 0 1 2 4 --batches 40
@@ -6,9 +6,10 @@
     python benchmarks/data_pipeline.py --json                  # also one JSON line at the end (benchmarks/run_all.py)
 
 The synthetic VOC-format set of the config's ``data.synthetic`` section is generated (as
-main.py's ``ensure_data`` does, through the data-set table's ``make_synthetic``) under
+engine.build.ensure_data does, through the data-set table's ``make_synthetic``) under
 ``--root`` (default: a temporary folder, removed afterwards) with ``--train`` training
-images, then the training set and loader are built as main.py's ``build_loaders`` does:
+images, then the training set and loader are built by engine.build's ``train_loader``, as
+a training run's ``build_loaders`` builds them for one process on the CPU:
 ``TrainSet`` (read JPEG image + PNG pseudo-label + PNG mask, random resized crop, flip,
 normalise), the seeded epoch sampler, ``drop_last``, ``seed_worker_fn``, no persistent
 workers. The first batch of each loader (worker start-up, prefetch) is timed apart; the
@@ -33,15 +34,18 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from datasets.build import dataset_entry  # noqa: E402
+from datasets.segmentation import TrainSet  # noqa: E402
+from engine.build import train_loader  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from utils.config import Config  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
 
 
 def make_data(cfg: Config, root: Path, train: int, size: list[int] | None) -> Config:
     """Generate the config's synthetic set under ``root`` with ``train`` training images (the
     loader reads only those; val and test get the generator's minimum) and return the config
     pointing at it."""
-    from datasets.build import dataset_entry
     syn = cfg.data.synthetic
     if syn is None:
         raise SystemExit(f"error: the config has no data.synthetic section to generate ({cfg.data.dataset})")
@@ -51,17 +55,13 @@ def make_data(cfg: Config, root: Path, train: int, size: list[int] | None) -> Co
     return dataclasses.replace(cfg, data=data)
 
 
-def train_loader(cfg: Config, workers: int) -> DataLoader:
-    """main.py's training loader for one process (rank 0 of 1) on the CPU."""
-    from datasets.segmentation import TrainSet, seed_worker_fn
-    from main import EpochSampler
+def loader_with(cfg: Config, workers: int) -> DataLoader:
+    """The training loader of one process (rank 0 of 1) on the CPU, with ``workers`` workers."""
     train_set = TrainSet(cfg.data)
     if len(train_set) < cfg.data.batch_size:
         raise SystemExit(f"error: {len(train_set)} training images < batch size {cfg.data.batch_size}")
-    sampler = EpochSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True)
-    return DataLoader(train_set, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=workers, pin_memory=False, worker_init_fn=seed_worker_fn(cfg.train.seed, 0, workers),
-                      persistent_workers=False)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
+    return train_loader(train_set, cfg, DistInfo(0, 1, 0, torch.device("cpu")))
 
 
 def time_loader(loader: DataLoader, batches: int) -> dict:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{'workers':>7}{'first batch s':>15}{'img/s':>9}{'img/s per worker':>18}")
         rows = []
         for w in args.workers:
-            r = time_loader(train_loader(cfg, w), args.batches)
+            r = time_loader(loader_with(cfg, w), args.batches)
             # num_workers 0 loads in the training process itself: one worker's worth.
             r.update(workers=w, img_s_per_worker=r["img_s"] / max(w, 1))
             rows.append(r)

@@ -17,7 +17,7 @@ depend on the weights. Per batch size, after one warm-up batch:
   one forward per net, averaged (``engine.evaluate.average_outputs``);
 - ``msc_flip``: the same with both on, over ``test.scales``: per net 2 x (1 + len(scales))
   forwards (each scale's input resized, its map resized back, pixel-wise max, flip averaged);
-- ``test_loop``: run_test's per-batch body, single-scale: ``predict_maps``, the maps to
+- ``test_loop``: run_test's per-batch work (``score_batch``), single-scale: ``predict_maps``, the maps to
   host memory, one ``save_score_map`` per image (``test.logits_format`` / ``logits_dtype``,
   into a temporary folder), the rounded maps back, the confusion matrix at val_size and the
   per-image one at the original resolution.
@@ -39,14 +39,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from torch.utils.data import DataLoader  # noqa: E402
+
+from datasets.build import dataset_entry  # noqa: E402
+from datasets.segmentation import EvalSet, collate_eval  # noqa: E402
+from engine.inference import _full_resolution_confusion, build_test_nets, predict_maps  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from utils.config import Config  # noqa: E402
+from utils.crf import REST_FLOOR  # noqa: E402
+from utils.metrics import confusion_matrix  # noqa: E402
+from utils.runtime import keep_host_memory, make_autocast  # noqa: E402
+from utils.score_maps import SUFFIX, save_score_map, to_dense  # noqa: E402
 
 
 def make_val_set(cfg: Config, root: Path, images: int) -> Config:
     """Generate the config's synthetic set with ``images`` val images under ``root`` (the
     training split gets the generator's minimum); the config pointing at it, testing 'val'."""
-    from datasets.build import dataset_entry
     syn = cfg.data.synthetic
     if syn is None:
         raise SystemExit(f"error: the config has no data.synthetic section to generate ({cfg.data.dataset})")
@@ -59,9 +67,6 @@ def make_val_set(cfg: Config, root: Path, images: int) -> Config:
 def load_batches(cfg: Config, batch: int) -> tuple[list[dict], float]:
     """The val split as run_test batches it (labels at val_size and at the original size), and
     the seconds reading them took."""
-    from torch.utils.data import DataLoader
-
-    from datasets.segmentation import EvalSet, collate_eval
     dataset = EvalSet(cfg.data, cfg.test.split, with_labels=True, full_labels=True)
     t0 = time.perf_counter()
     batches = list(DataLoader(dataset, batch_size=batch, collate_fn=collate_eval, num_workers=0))
@@ -73,11 +78,7 @@ def with_test(cfg: Config, **changes) -> Config:
 
 
 def test_loop_step(nets: list, batch: dict, cfg: Config, out_dir: Path, autocast) -> None:
-    """engine.inference.run_test's body for one batch of ids whose maps are not saved yet."""
-    from engine.inference import _full_resolution_confusion, predict_maps
-    from utils.crf import REST_FLOOR
-    from utils.metrics import confusion_matrix
-    from utils.score_maps import SUFFIX, save_score_map, to_dense
+    """engine.inference.score_batch's work for one batch of ids whose maps are not saved yet."""
     num_classes, align = cfg.data.num_classes, cfg.model.align_corners
     images = batch["image"]
     with autocast():
@@ -114,9 +115,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_intermixed_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from engine.inference import build_test_nets, predict_maps
-    from utils.runtime import keep_host_memory, make_autocast
-
     cfg = load_config(args.config, args.overrides)
     keep_host_memory(cfg.train.keep_host_memory)  # as run_test does
     device = torch.device("cpu")

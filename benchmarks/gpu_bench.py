@@ -25,10 +25,10 @@ its error and the rest still run):
 5. segmenters: DeepLabV2-R101 and SegFormer-B2 training steps, bf16, B = 4.
 6. optimizers: ``optim.implementation`` default / foreach / fused on the R101 bf16 B = 4 step.
 
-Nets are built as main.py builds them (``models.build_model`` without ImageNet weights,
-``utils.runtime.net_layout``), the iteration is main.train_one_epoch's (``training_step``,
-zero_grad, scaled backward, ``scaler.step``, ``scaler.update``, the loss terms fetched in one transfer),
-and the backends are set by utils.runtime.configure_backends (cuDNN benchmark on, TF32 on). The batch
+Nets are built as a training run builds them (``models.build_model`` without ImageNet weights,
+``utils.runtime.net_layout``), the iteration is the training loop's own ``engine.trainer.train_step``
+(zero_grad, ``training_step``, scaled backward, ``scaler.step``, ``scaler.update``) followed by the
+loss terms fetched in one transfer, and the backends are set by utils.runtime.configure_backends (cuDNN benchmark on, TF32 on). The batch
 is random, pinned on the host as the loader hands it over: no data loading is measured.
 ``--smoke`` keeps every code path but shrinks the work: ResNet-18 / MiT-B0 nets, 64 x 64,
 B = 2, fp32 and bf16 only (fp32 only on a CPU without bfloat16 instructions, which emulates bf16
@@ -50,7 +50,7 @@ import time
 import traceback
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -66,10 +66,11 @@ sys.path.insert(0, str(REPO))
 import engine.beco as beco  # noqa: E402  (its globals are wrapped to time the non-network parts)
 from engine.beco import num_nets, training_step  # noqa: E402
 from engine.inference import build_test_nets, predict_maps  # noqa: E402
+from engine.trainer import Run, train_step  # noqa: E402
 from models import build_model, build_optimizer  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from utils.config import Config, to_dict  # noqa: E402
-from utils.distributed import free_port  # noqa: E402
+from utils.distributed import DistInfo, free_port  # noqa: E402
 from utils.runtime import (configure_backends, make_autocast, net_layout, set_seed,  # noqa: E402
                            uses_grad_scaler)
 
@@ -204,18 +205,40 @@ class PartTimer:
 
 
 @contextmanager
-def instrumented(timer: PartTimer) -> Iterator[list[str]]:
-    """Wrap the non-network functions beco_step calls through engine.beco's globals (the
-    same objects, only timed); yields the names that were missing, restores them after."""
+def instrumented(timer: PartTimer, scaler: torch.amp.GradScaler) -> Iterator[list[str]]:
+    """Wrap the non-network functions beco_step calls through engine.beco's globals, and
+    ``scaler.step`` (the optimiser step train_step takes), the same objects, only timed; yields
+    the names that were missing, restores them after."""
     names = [*OUTSIDE_PARTS, *LOSS_PART]
     saved = {n: getattr(beco, n) for n in names if hasattr(beco, n)}
     try:
         for n, fn in saved.items():
             setattr(beco, n, timer.wrap(n, fn))
+        scaler.step = timer.wrap(OPT_PART, scaler.step)  # an instance attribute over the method
         yield [n for n in names if n not in saved]
     finally:
         for n, fn in saved.items():
             setattr(beco, n, fn)
+        vars(scaler).pop("step", None)
+
+
+@contextmanager
+def syncs_when_the_step_returns(log: list[warnings.WarningMessage]) -> Iterator[list[int]]:
+    """Wrap engine.beco.training_step (train_step calls it through the module) to note how many
+    sync warnings ``log`` holds each time it returns: the ones that came while it ran, as
+    zero_grad before it synchronises nothing."""
+    real = beco.training_step
+    counts: list[int] = []
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        counts.append(len([w for w in log if SYNC_MESSAGE in str(w.message)]))
+        return out
+    beco.training_step = noted
+    try:
+        yield counts
+    finally:
+        beco.training_step = real
 
 
 # Extra warm-up iterations a GradScaler row may take to find a loss scale that does not
@@ -267,8 +290,9 @@ def random_batch(cfg: Config, batch: int, size: int, device: torch.device, seed:
 
 
 class Rig:
-    """Two nets, their optimiser, scaler and autocast for one config, and one iteration as
-    main.train_one_epoch runs it (the scheduler's lr update, plain Python, left out)."""
+    """Two nets, their optimiser, scaler and autocast for one config (an ``engine.trainer.Run``),
+    and one iteration as the training loop runs it (the scheduler's lr update, plain Python,
+    left out)."""
 
     def __init__(self, cfg: Config, device: torch.device, ddp: bool = False):
         configure_backends(cfg)
@@ -278,7 +302,7 @@ class Rig:
         for _ in range(num_nets(cfg)):
             net = net_layout(build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device), cfg)
             if ddp:
-                # As main.build_nets: SyncBatchNorm on GPUs only (with one process it takes
+                # As engine.build.build_nets: SyncBatchNorm on GPUs only (with one process it takes
                 # plain BatchNorm's path, so this row measures DDP's hooks and all-reduce).
                 if device.type == "cuda":
                     net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -291,23 +315,19 @@ class Rig:
         self.batch = random_batch(cfg, cfg.data.batch_size, cfg.data.crop_size, device)
         # After warm-up and with co-training on: online labels, band and all four loss terms.
         self.epoch = max(cfg.method.warmup_epochs, cfg.method.co_training_start_epoch)
+        # One process's Run: the DDP row's group has one rank, whose nets are wrapped above.
+        self.run = Run(cfg, DistInfo(0, 1, 0, device), self.nets, self.opt, self.scaler, self.autocast)
 
     def step(self) -> dict[str, torch.Tensor]:
+        """The method's step alone (forward passes and loss), for the FLOP count."""
         return training_step(self.nets, self.batch, self.epoch, self.cfg, self.autocast, self.device)
 
-    def finish(self, losses: dict[str, torch.Tensor], timer: Optional[PartTimer] = None) -> float:
-        """The rest of main.train_one_epoch's iteration; returns the total loss."""
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total"]).backward()
-        with timer.part(OPT_PART) if timer else nullcontext():
-            self.scaler.step(self.opt)
-        self.scaler.update()
-        # As main.train_one_epoch: one device-to-host transfer for all the loss terms.
+    def iteration(self) -> float:
+        """engine.trainer.train_step on the batch, then, as the loop's agree_on_step, one
+        device-to-host transfer for all the loss terms; returns the total loss."""
+        losses = train_step(self.run, [self.batch], self.epoch)
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         return values["total"]
-
-    def iteration(self, timer: Optional[PartTimer] = None) -> float:
-        return self.finish(self.step(), timer)
 
     def step_flops(self) -> int:
         """FLOPs of one step (online-label forward of both nets + forward and backward of
@@ -319,7 +339,7 @@ class Rig:
         return int(counter.get_total_flops())
 
     def close(self) -> None:
-        del self.nets, self.opt, self.batch
+        del self.run, self.nets, self.opt, self.batch
         free_memory(self.device)
 
 
@@ -418,13 +438,13 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats(device)
             timer = PartTimer(device)
             skipped = 0
-            with instrumented(timer) as missing:
+            with instrumented(timer, rig.scaler) as missing:
                 # Reading the scale is a host sync, but each iteration already ends with one (the
                 # loss terms' transfer), so it costs a few microseconds here, and only fp16 rows.
                 scale = rig.scaler.get_scale() if scaled else None
                 t0 = time.perf_counter()
                 for _ in range(plan.iters):
-                    loss = rig.iteration(timer)
+                    loss = rig.iteration()
                     if scaled:
                         now = rig.scaler.get_scale()
                         if now < scale:
@@ -507,11 +527,11 @@ class Bench:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    losses = rig.step()
-                    in_step = len([w for w in log if SYNC_MESSAGE in str(w.message)])
-                    rig.finish(losses)
+                    with syncs_when_the_step_returns(log) as counts:
+                        rig.iteration()
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
+            in_step = counts[0]
             metrics = summarise_syncs(log, in_step)
             if rig.scaler.is_enabled():
                 metrics.update(warmup_extra_iters=extra, scale_settled=settled)
@@ -863,9 +883,9 @@ def _parts_table(rows: list[dict]) -> list[str]:
 
 
 METHOD_NOTES = [
-    "- **Iteration**: as main.train_one_epoch: `engine.beco.training_step` at an epoch past warm-up and "
-    "co-training start (online labels, band and all four loss terms on), `zero_grad`, scaled backward, "
-    "`scaler.step`, `scaler.update`, the loss terms fetched in one transfer (so each iteration ends with a host sync, "
+    "- **Iteration**: the training loop's `engine.trainer.train_step`: `zero_grad`, `engine.beco.training_step` "
+    "at an epoch past warm-up and co-training start (online labels, band and all four loss terms on), scaled "
+    "backward, `scaler.step`, `scaler.update`; then the loss terms fetched in one transfer (so each iteration ends with a host sync, "
     "as in training). Random batch pinned on the host, copied in the step; no data loading, no scheduler.",
     "- **it/s, img/s, step ms**: wall clock over the timed iterations after the warm-up, synchronised at the end.",
     "- **peak GiB**: `torch.cuda.max_memory_allocated` over the timed iterations (weights, gradients, "
@@ -899,7 +919,7 @@ METHOD_NOTES = [
     "and for the whole iteration; the one allowed inside the step is the class-presence `.cpu()` in "
     "engine/mixing.py. Each location is the Python line that made the synchronising call.",
     "- **DDP**: `init_process_group` (NCCL; gloo on the CPU) on a free localhost port, world size 1, nets "
-    "through `nn.SyncBatchNorm.convert_sync_batchnorm` (GPU) and `DistributedDataParallel`, as main.build_nets; "
+    "through `nn.SyncBatchNorm.convert_sync_batchnorm` (GPU) and `DistributedDataParallel`, as engine.build.build_nets; "
     "with one process SyncBatchNorm runs plain BatchNorm, so the overhead is DDP's hooks, buckets and all-reduce.",
     "- **test pass**: `engine.inference.predict_maps` (both nets averaged by `engine.evaluate.average_outputs`; "
     "multi-scale adds every `test.scales` resize to the base pass, flip doubles each) on one random image, "

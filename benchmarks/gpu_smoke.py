@@ -77,6 +77,7 @@ sys.path.append(str(REPO / "benchmarks"))  # last: its script names must not sha
 import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
 from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config  # noqa: E402
+from engine.strong_aug import _hsv_tables, strong_augment  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from utils.config import Config  # noqa: E402
 
@@ -284,7 +285,6 @@ class Smoke:
     # -- in-process checks
 
     def hsv_tables(self, row: dict) -> None:
-        from engine.strong_aug import _hsv_tables
         on_cpu, on_gpu = _hsv_tables(torch.device("cpu")), _hsv_tables(self.device)
         n = row["numbers"]
         for name, c, g in zip(("rgb2hsv", "hsv2rgb"), on_cpu, on_gpu):
@@ -296,7 +296,6 @@ class Smoke:
             raise Failed(f"the GPU's tables differ from the CPU's: {', '.join(bad)}")
 
     def strong_aug(self, row: dict) -> None:
-        from engine.strong_aug import strong_augment
         cfg = load_config(REPO / "configs" / "beco_voc.yaml").method.strong_aug
         images = torch.randint(0, 256, (8, 3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
 

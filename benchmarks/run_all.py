@@ -374,6 +374,7 @@ def run_bench(bench: Bench, timeout: float) -> list[Row]:
 def demo_rows() -> list[Row]:
     """``make demo`` stage times from each demo's <out>/timings.json (tools/demo.py's DEMOS), never run here."""
     sys.path.insert(0, str(REPO))
+    # Here, not at the top: run_all only starts the benchmarks, and needs the demo's table for this one row.
     from tools.demo import DEMOS, STAGES
     rows = []
     for dataset, (*_, out) in DEMOS.items():

@@ -8,7 +8,9 @@ loss, backward, optimiser step).
     python benchmarks/train_step.py --config configs/beco_voc_segformer_b2.yaml --size 512
 
 Any config and trailing ``key=value`` overrides, as for main.py; the nets are built
-by the same ``models.build_model`` without ImageNet weights. Synthetic random batches,
+by the same ``models.build_model`` without ImageNet weights, and each step is the training
+loop's ``engine.trainer.train_step`` (zero_grad, the method's step, scaled backward, the
+optimiser and scaler steps; the schedule left out). Synthetic random batches,
 so it measures compute only (no data loading). Prints iterations/s, images/s and, on
 CUDA, peak memory.
 """
@@ -23,10 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.beco import num_nets, training_step  # noqa: E402
+from engine.beco import num_nets  # noqa: E402
+from engine.trainer import Run, train_step  # noqa: E402
 from utils.runtime import keep_host_memory, make_autocast  # noqa: E402
 from models import build_model, build_optimizer  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,12 +63,10 @@ def main() -> None:
              "label": torch.randint(0, c, (args.batch, args.size, args.size), generator=g),
              "mask": torch.randint(0, 2, (args.batch, args.size, args.size), generator=g)}
 
+    run = Run(cfg, DistInfo(0, 1, 0, device), nets, opt, scaler, autocast)
+
     def step() -> None:
-        losses = training_step(nets, batch, args.epoch, cfg, autocast, device)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(run, [batch], args.epoch)
 
     for _ in range(args.warmup):
         step()

@@ -3,6 +3,9 @@
 BECO (spec second-stage §4): online labels, boundary-enhanced mixing, strong
 augmentation, the two nets' forward passes and the four-term loss. The baseline is
 one net trained with plain cross entropy on the offline pseudo-labels, for the ablation.
+
+One iteration: engine/trainer.py's loop calls ``training_step`` here, which returns the loss
+terms of losses/beco_loss.py.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from a drive link cannot run code while it loads (unless the user passes --trust
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from models.checkpoint import UnpicklingRefused, read_torch_file, strip_module_prefix, unwrap
-from utils.errors import CheckpointError
-from utils.io import atomic_write
+from utils.errors import CheckpointError, RunError
+from utils.io import atomic_write, save_text
 from utils.logs import log
 
 LATEST = "latest_ckpt.pth"
@@ -131,7 +132,6 @@ RESUME_FREE = ("logging.", "test.", "data.root", "data.num_workers", "data.synth
 
 def check_new_run_folder(run_dir: Path) -> None:
     """Refuse to start a run in a folder that holds another run, naming it and how to resume."""
-    from utils.errors import RunError
     found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
     if found:
         resume = f"resume it with --ckpt {run_dir / LATEST}" if (run_dir / LATEST).is_file() else "it has no latest_ckpt.pth to resume"
@@ -172,7 +172,6 @@ def truncate_jsonl(path: Path, keep) -> int:
     """Rewrite ``path`` (atomically) with the records ``keep(record)`` accepts; returns how many
     were dropped. A resumed run removes what the killed run logged after its checkpoint, so each
     iteration is logged once."""
-    import json
     if not path.is_file():
         return 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -185,6 +184,5 @@ def truncate_jsonl(path: Path, keep) -> int:
         if keep(record):
             kept.append(line)
     if len(kept) != len(lines):
-        from utils.io import save_text
         save_text(path, "".join(f"{line}\n" for line in kept))
     return len(lines) - len(kept)

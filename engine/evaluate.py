@@ -1,18 +1,27 @@
-"""Validation: the nets' averaged logits against the (512x512 resized) labels (spec second-stage §6)."""
+"""Validation: the nets' averaged logits against the (512x512 resized) labels (spec second-stage §6),
+at the end of a training epoch (``validate``, called by engine/trainer.py)."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
-from utils.distributed import all_reduce_sum
+from models.checkpoint import unwrap
+from utils.config import Config
+from utils.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from utils.io import save_npy
 from utils.metrics import confusion_matrix, segmentation_scores
+from utils.runtime import net_input
+from utils.voc import colorize
+
+VAL_LOGITS = "val_logits"  # the validation's saved maps (train.val_mode dump_logits_only / save_val_logits)
 
 
 class ShardSampler(Sampler[int]):
@@ -35,7 +44,6 @@ def val_sampler(length: int, rank: int, world_size: int, pad_like_ddp: bool) -> 
     world size so a few images count twice (QUIRK-S13: 1,449 VOC val ids on 4 GPUs -> 1,452)."""
     if not pad_like_ddp:
         return ShardSampler(length, rank, world_size)
-    from torch.utils.data import DistributedSampler
     return DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
 
 
@@ -92,3 +100,32 @@ def evaluate(nets: list[nn.Module], loader, num_classes: int, device: torch.devi
     for n, t in zip(nets, was_training):
         n.train(t)
     return (segmentation_scores(conf) if with_metrics else None), vis
+
+
+def validate(nets: list[nn.Module], loader, cfg: Config, info: DistInfo,
+             autocast: Callable[[], AbstractContextManager], run_dir: Path) -> tuple[dict | None, list]:
+    """The epoch-end validation of the training's nets (``evaluate``'s scores and pictures), as
+    ``train.val_mode`` asks: metrics, and the maps saved under ``<run>/val_logits`` with
+    dump_logits_only or ``train.save_val_logits``."""
+    dump = cfg.train.val_mode == "dump_logits_only" or cfg.train.save_val_logits
+    # The bare nets, with rank 0's BatchNorm statistics as DDP's next forward would have given
+    # them: through the DDP wrapper that forward is a collective, which a rank with an empty
+    # validation shard never joins.
+    bare = [unwrap(n) for n in nets]
+    broadcast_buffers(bare)
+    return evaluate(bare, loader, cfg.data.num_classes, info.device, autocast,
+                    cfg.train.num_vis if info.is_main else 0, info.is_main,
+                    with_metrics=cfg.train.val_mode == "metrics",
+                    dump_dir=run_dir / VAL_LOGITS if dump else None,
+                    dump_dtype=cfg.test.logits_dtype, layout=partial(net_input, cfg=cfg))
+
+
+def vis_grid(vis: list, cfg: Config) -> np.ndarray:
+    """Rows of image | prediction | ground truth (the label palette, VOC's for every data set), HWC uint8."""
+    mean = np.array(cfg.data.mean)[:, None, None]
+    std = np.array(cfg.data.std)[:, None, None]
+    rows = []
+    for image, pred, label in vis:
+        img = np.clip((image.float().numpy() * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        rows.append(np.concatenate([img, colorize(pred.numpy()), colorize(label.numpy())], axis=1))
+    return np.concatenate(rows, axis=0)

@@ -15,8 +15,8 @@ saved map is read back for the metrics (``--overwrite`` recomputes and rewrites)
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +26,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.build import dataset_entry
+from datasets.segmentation import EvalSet, collate_eval, loader_worker_init
+from datasets.verify import preflight
 from engine import checkpoint as ckpt_io
 from engine import results_card as card
+from engine.beco import num_nets
 from engine.evaluate import ShardSampler
-from utils.config import Config, ConfigError, to_dict, to_yaml
-from utils.errors import CheckpointError, RunError
+from models import build_model
 from utils import provenance
+from utils.config import Config, ConfigError, to_dict, to_yaml
+from utils.crf import REST_FLOOR
+from utils.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from utils.errors import CheckpointError, RunError
 from utils.io import save_json
 from utils.logs import log, setup_logging
+from utils.metrics import confusion_matrix, iou_table, segmentation_scores
 from utils.runtime import configure_backends, make_autocast, net_input, net_layout
+from utils.score_maps import SUFFIX, ScoreMapError, bytes_bound, load_score_map, save_score_map, to_dense
 
 
 CONFIG_NAME = "config.yaml"  # test.py finds the data set through this file beside the logits folder
@@ -69,8 +78,6 @@ def resolve_checkpoint(cfg: Config, ckpt: str | None, run_dir: Path) -> Path:
 def build_test_nets(cfg: Config, device: torch.device) -> list[nn.Module]:
     """The run's nets in eval mode, in the training's memory layout (``train.channels_last``),
     ImageNet initialisation skipped (the checkpoint holds every weight)."""
-    from engine.beco import num_nets
-    from models import build_model
     return [net_layout(build_model(cfg.model, cfg.data.num_classes, pretrained=False).to(device), cfg).eval()
             for _ in range(num_nets(cfg))]
 
@@ -166,8 +173,6 @@ def predict_maps(nets: list[nn.Module], images: torch.Tensor, cfg: Config) -> tu
 def load_saved_map(path: Path, item_id: str, cfg: Config) -> np.ndarray:
     """A saved map as dense (C, h, w) float32 logits, checked against the run's class count and
     storage type; a compact map's dropped classes get a logit no kept class falls below."""
-    from utils.crf import REST_FLOOR
-    from utils.score_maps import ScoreMapError, load_score_map, to_dense
     try:
         score = load_score_map(path, item_id, cfg.data.num_classes)
     except ScoreMapError as e:
@@ -207,7 +212,6 @@ def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], n
                                align: bool) -> torch.Tensor:
     """Each head-resolution map upsampled to its image's size, arg-max, against the original
     ground truth: test.py's rule without CRF, computed in the test pass."""
-    from utils.metrics import confusion_matrix
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=maps.device)
     for m, label in zip(maps, labels):
         label = label.to(maps.device, non_blocking=True)
@@ -216,42 +220,102 @@ def _full_resolution_confusion(maps: torch.Tensor, labels: list[torch.Tensor], n
     return conf
 
 
-def run_test(cfg: Config, args: argparse.Namespace) -> dict:
-    """Save every id's averaged map (unless ``test.save_logits`` is off) and report the metrics
-    at 512x512 and at the original resolution; returns a summary."""
-    configure_backends(cfg)  # cuDNN autotuning, TF32, --determ: before CUDA starts, as in training
-    from datasets.build import dataset_entry
-    from datasets.segmentation import EvalSet, collate_eval, loader_worker_init
-    from utils.distributed import all_reduce_sum, barrier, init_distributed
-    from utils.metrics import confusion_matrix, iou_table, segmentation_scores
-    from utils.crf import REST_FLOOR
-    from utils.score_maps import SUFFIX, bytes_bound, save_score_map, to_dense
+@dataclass
+class InferencePass:
+    """One ``main.py --test``: what it reads and writes, and the (multi_scale, flip) settings it
+    runs, the configured one first and then the results card's other rows."""
+    cfg: Config
+    info: DistInfo
+    run_dir: Path
+    ckpt_path: Path
+    out_dir: Path
+    overwrite: bool
+    dataset: EvalSet
+    with_labels: bool
+    nets: list[nn.Module]
+    settings: list[tuple[bool, bool]]
+    configured: tuple[str, str]  # (net, inference) of the saved maps
 
+
+@dataclass
+class Sums:
+    """This rank's counts, summed over the ranks at the end: confusion matrices at val_size
+    (``conf``), at the original resolution (``full``) and of the card's other rows (``variants``,
+    scored on unrounded maps), and the maps written and read back (``counts``)."""
+    conf: torch.Tensor
+    full: torch.Tensor
+    counts: torch.Tensor
+    variants: dict[tuple[str, str], torch.Tensor]
+
+    def all_reduce(self) -> None:
+        all_reduce_sum(self.conf)
+        all_reduce_sum(self.full)
+        all_reduce_sum(self.counts)
+        for key in sorted(self.variants):  # the same order on every rank
+            all_reduce_sum(self.variants[key])
+
+
+def run_test(cfg: Config, ckpt: str | None, *, gpu_id: int | None, overwrite: bool, trust_checkpoint: bool) -> dict:
+    """Save every id's averaged map (unless ``test.save_logits`` is off) and report the metrics
+    at 512x512 and at the original resolution; returns a summary. ``overwrite``: recompute
+    maps already saved rather than read them back."""
+    test = prepare_test_pass(cfg, ckpt, gpu_id, overwrite, trust_checkpoint)
+    info = test.info
+    loader = DataLoader(test.dataset, batch_size=cfg.data.val_batch_size, collate_fn=collate_eval,
+                        sampler=ShardSampler(len(test.dataset), info.rank, info.world_size),
+                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                        worker_init_fn=loader_worker_init)
+    _log_start(test)
+    autocast = make_autocast(cfg, info.device)()
+    sums = _zero_sums(test)
+    t0 = time.time()
+    for batch in tqdm(loader, desc="test", disable=not info.is_main, dynamic_ncols=True, leave=False):
+        score_batch(test, sums, batch, autocast)
+    sums.all_reduce()
+    seconds = time.time() - t0
+    written, reused = (int(v) for v in sums.counts.tolist())
+    # Every rank reads its share of the training labels; rank 0 alone took long enough on COCO
+    # to outlast the others' wait at the closing barrier.
+    quality = card.pseudo_label_quality(cfg, test.run_dir, info.rank, info.world_size) if test.with_labels else None
+    save = cfg.test.save_logits
+    summary = {"run_dir": str(test.run_dir), "logits_dir": str(test.out_dir) if save else None,
+               "checkpoint": str(test.ckpt_path), "split": cfg.test.split, "num_images": len(test.dataset),
+               "written": written, "reused": reused, "scores": None, "scores_original": None}
+    if info.is_main:
+        log.info(f"{written} maps written, {reused} already there (kept) | {seconds:.1f} s")
+        if test.with_labels:
+            summary["scores"], summary["scores_original"] = report(test, sums, seconds, quality)
+        if save:
+            log.info(f"next: python test.py --logits_dir {test.out_dir} --mode "
+                     f"{'val' if test.with_labels else 'test'} [--crf]")
+    barrier()
+    return summary
+
+
+def prepare_test_pass(cfg: Config, ckpt: str | None, gpu_id: int | None, overwrite: bool,
+                 trust_checkpoint: bool) -> InferencePass:
+    """Every check before the pass (settings, checkpoint, data, the maps folder's provenance),
+    then the maps folder and the run's config.yaml written, and test.log opened."""
+    configure_backends(cfg)  # cuDNN autotuning, TF32, --determ: before CUDA starts, as in training
     if (cfg.test.multi_scale or any("msc" in s for s in cfg.test.card_inference)) and not cfg.test.scales:
         raise ConfigError("config key 'test.scales': multi-scale testing (test.multi_scale or a multi-scale "
                           "test.card_inference entry) needs at least one scale")
-    info = init_distributed(getattr(args, "gpu_id", None), cfg.dist.timeout_min)
-    run_dir = test_run_dir(cfg, args.ckpt)
-    ckpt_path = resolve_checkpoint(cfg, args.ckpt, run_dir)
-    save = cfg.test.save_logits
+    info = init_distributed(gpu_id, cfg.dist.timeout_min)
+    run_dir = test_run_dir(cfg, ckpt)
+    ckpt_path = resolve_checkpoint(cfg, ckpt, run_dir)
     out_dir = run_dir / logits_folder_name(cfg)
-    suffix = SUFFIX[cfg.test.logits_format]
-    overwrite = bool(getattr(args, "overwrite", False))
-    entry = dataset_entry(cfg.data.dataset)
-    files = entry.files(cfg.data, cfg.test.split)
-    ids = files.ids
+    files = dataset_entry(cfg.data.dataset).files(cfg.data, cfg.test.split)
     # Every rank decides before anything is written; the maps go (with --overwrite) only after
     # the data and the checkpoint have passed their checks below.
     maps_plan = provenance.plan(out_dir, map_record(cfg, ckpt_path), MAP_PATTERNS, overwrite=overwrite,
-                                legacy="_settings.json") if save else None
+                                legacy="_settings.json") if cfg.test.save_logits else None
 
     # Labels are read when the split has any ground truth (VOC's test split has none); then every
     # id must have one, which the data set checks with the missing id named.
-    with_labels = files.gt_dir is not None and any(files.gt(i).is_file() for i in ids)
+    with_labels = files.gt_dir is not None and any(files.gt(i).is_file() for i in files.ids)
     dataset = EvalSet(cfg.data, cfg.test.split, with_labels=with_labels, full_labels=True)
-    from datasets.verify import preflight
     preflight([(dataset, cfg.test.split)], info)
-    nets = load_test_nets(cfg, ckpt_path, info.device, trust=getattr(args, "trust_checkpoint", False))
+    nets = load_test_nets(cfg, ckpt_path, info.device, trust=trust_checkpoint)
     barrier()
     if info.is_main:
         if maps_plan is not None:
@@ -259,120 +323,122 @@ def run_test(cfg: Config, args: argparse.Namespace) -> dict:
         save_run_config(run_dir, cfg)
     barrier()
     setup_logging(run_dir / "test.log" if info.is_main else None)
-    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, collate_fn=collate_eval,
-                        sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
-                        worker_init_fn=loader_worker_init)
+    settings = [(cfg.test.multi_scale, cfg.test.flip)]
+    if with_labels:
+        settings += [s for s in map(card.inference_setting, cfg.test.card_inference) if s not in settings]
+    configured = (card.saved_net_name(len(nets)), card.inference_name(cfg.test.multi_scale, cfg.test.flip))
+    return InferencePass(cfg, info, run_dir, ckpt_path, out_dir, overwrite, dataset, with_labels, nets, settings,
+                    configured)
+
+
+def _log_start(test: InferencePass) -> None:
+    cfg, info = test.cfg, test.info
     fmt, dtype = cfg.test.logits_format, cfg.test.logits_dtype
     maps_note = "nothing saved (test.save_logits false)"
-    if save:
-        head = _head_size(nets, cfg, info.device)
-        bound = bytes_bound(len(dataset), cfg.data.num_classes, head, head, fmt, dtype, cfg.test.compact_max_classes)
-        maps_note = f"maps -> {out_dir} ({fmt}, {dtype}; at most {bound / 1e9:.2f} GB)"
-    log.info(f"testing {ckpt_path} on '{cfg.test.split}' ({len(dataset)} ids, labels: {with_labels}) | "
+    if cfg.test.save_logits:
+        head = _head_size(test.nets, cfg, info.device)
+        bound = bytes_bound(len(test.dataset), cfg.data.num_classes, head, head, fmt, dtype,
+                            cfg.test.compact_max_classes)
+        maps_note = f"maps -> {test.out_dir} ({fmt}, {dtype}; at most {bound / 1e9:.2f} GB)"
+    log.info(f"testing {test.ckpt_path} on '{cfg.test.split}' ({len(test.dataset)} ids, labels: {test.with_labels}) | "
              f"{info.world_size} process(es) on {info.device} | multi-scale {cfg.test.multi_scale} "
              f"flip {cfg.test.flip} | {maps_note}")
 
-    num_classes = cfg.data.num_classes
-    align = cfg.model.align_corners
-    autocast = make_autocast(cfg, info.device)()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=info.device)
-    conf_full = torch.zeros_like(conf)
-    counts = torch.zeros(2, dtype=torch.long, device=info.device)  # written, read back
+
+def _zero_sums(test: InferencePass) -> Sums:
+    num_classes = test.cfg.data.num_classes
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=test.info.device)
+    counts = torch.zeros(2, dtype=torch.long, device=test.info.device)  # written, read back
     # The results card's other rows (engine/results_card.py): each net alone and the other
-    # inference setting, from the same forward passes (scored on the unrounded maps).
-    settings_run = [(cfg.test.multi_scale, cfg.test.flip)]
-    configured = (card.saved_net_name(len(nets)), card.inference_name(cfg.test.multi_scale, cfg.test.flip))
-    if with_labels:
-        settings_run += [s for s in map(card.inference_setting, cfg.test.card_inference) if s not in settings_run]
-    # Every key on every rank from the start: a rank whose shard is empty still joins each all-reduce.
-    conf_variants = {(net, card.inference_name(*setting)): torch.zeros_like(conf)
-                     for net in card.net_names(len(nets)) for setting in settings_run} if with_labels else {}
-    conf_variants.pop(configured, None)  # scored from the saved (rounded) map below
-    t0 = time.time()
-    for batch in tqdm(loader, desc="test", disable=not info.is_main, dynamic_ncols=True, leave=False):
-        batch_ids = list(batch["id"])
-        paths = [out_dir / f"{i}{suffix}" for i in batch_ids]
-        images = batch["image"].to(info.device, non_blocking=True)
-        reuse = save and not overwrite and all(p.is_file() for p in paths)
-        variants = {}
-        if not reuse or conf_variants:  # reused maps spare the nets only when the card needs no other row
-            with autocast:
-                variants = predict_variants(nets, images, cfg, settings_run, per_net=with_labels)
-            classes = variants[configured][0].shape[1]
-            if classes != num_classes:
-                raise CheckpointError(f"the nets output {classes} classes, data.num_classes is {num_classes}")
-        for key in conf_variants:
-            conf_variants[key] += _full_resolution_confusion(variants[key][0].float(), batch["full_label"],
-                                                             num_classes, align)
-        if reuse:
-            stored = torch.from_numpy(np.stack([load_saved_map(p, i, cfg) for p, i in zip(paths, batch_ids)]))
-            stored = stored.to(info.device)
-            full = F.interpolate(stored, size=images.shape[-2:], mode="bilinear", align_corners=align)
-            counts[1] += len(batch_ids)
-        else:
-            pre, full = variants[configured]
-            stored = pre.float()
-            if save:
-                # The original-resolution metric uses what test.py will read: the rounded map.
-                written = [save_score_map(path, arr, fmt, dtype, cfg.test.compact_threshold,
-                                          cfg.test.compact_max_classes) for path, arr in zip(paths, stored.cpu().numpy())]
-                counts[0] += len(written)
-                if with_labels and fmt == "compact":
-                    stored = torch.from_numpy(np.stack([to_dense(m, REST_FLOOR) for m in written])).to(info.device)
-                elif with_labels and dtype == "float16":
-                    stored = stored.half().float()  # the rounding of the saved map, on the device
-        if with_labels:
-            conf += confusion_matrix(full.argmax(1), batch["label"].to(info.device), num_classes)
-            conf_full += _full_resolution_confusion(stored, batch["full_label"], num_classes, align)
-    all_reduce_sum(conf)
-    all_reduce_sum(conf_full)
-    all_reduce_sum(counts)
-    for key in sorted(conf_variants):  # the same order on every rank
-        all_reduce_sum(conf_variants[key])
-    seconds = time.time() - t0
-    written, reused = (int(v) for v in counts.tolist())
-    # Every rank reads its share of the training labels; rank 0 alone took long enough on COCO
-    # to outlast the others' wait at the closing barrier.
-    quality = card.pseudo_label_quality(cfg, run_dir, info.rank, info.world_size) if with_labels else None
-    summary = {"run_dir": str(run_dir), "logits_dir": str(out_dir) if save else None, "checkpoint": str(ckpt_path),
-               "split": cfg.test.split, "num_images": len(dataset), "written": written, "reused": reused,
-               "scores": None, "scores_original": None}
-    if info.is_main:
-        log.info(f"{written} maps written, {reused} already there (kept) | {seconds:.1f} s")
-        if with_labels:
-            names = entry.class_names(num_classes)
-            scores = segmentation_scores(conf)
-            original = segmentation_scores(conf_full)
-            summary["scores"], summary["scores_original"] = scores, original
-            save_json(run_dir / f"{out_dir.name}_scores.json", {
-                "checkpoint": str(ckpt_path), "split": cfg.test.split, "num_images": len(dataset),
-                "resolution": cfg.data.val_size, "multi_scale": cfg.test.multi_scale, "flip": cfg.test.flip,
-                **scores, "original_resolution": {"class_names": names, **original}})
-            log.info(f"{cfg.data.val_size}x{cfg.data.val_size} metrics on '{cfg.test.split}': "
-                     f"mIoU {scores['miou']:.4f} | pixel acc {scores['pixel_acc']:.4f} | "
-                     f"mean acc {scores['mean_acc']:.4f} | mean precision {scores['mean_precision']:.4f}")
-            log.info("per-class IoU at the original resolution:\n" + iou_table(names, original["iou"]))
-            present = sum(v is not None for v in original["iou"])
-            log.info(f"original-resolution metrics on '{cfg.test.split}' (no CRF): mIoU {original['miou']:.4f} "
-                     f"over {present} classes present | pixel acc {original['pixel_acc']:.4f}")
-            common = {"split": cfg.test.split, "num_images": len(dataset), "source": "main.py --test"}
-            rows = [card.make_row(original, *configured, False, "original", **common),
-                    card.make_row(scores, *configured, False, f"{cfg.data.val_size}px", **common)]
-            rows += [card.make_row(segmentation_scores(c), *key, False, "original", **common,
-                                   note="scored in the test pass, map not saved")
-                     for key, c in sorted(conf_variants.items())]
-            for row in rows[2:]:
-                log.info(f"  {row['net']}, {row['inference']}: mIoU {row['miou']:.4f} (original resolution, no CRF)")
-            path = card.update_card(run_dir, card.checkpoint_entry(ckpt_path, run_dir), rows, class_names=names,
-                                    config=to_dict(cfg), tool="main.py --test", seconds=seconds,
-                                    scales=cfg.test.scales if any(m for m, _ in settings_run) else None,
-                                    pseudo_labels=quality)
-            log.info(f"results card: {path.with_suffix('.md')}")
-        if save:
-            log.info(f"next: python test.py --logits_dir {out_dir} --mode {'val' if with_labels else 'test'} [--crf]")
-    barrier()
-    return summary
+    # inference setting, from the same forward passes (scored on the unrounded maps). Every key
+    # on every rank from the start: a rank whose shard is empty still joins each all-reduce.
+    variants = {(net, card.inference_name(*setting)): torch.zeros_like(conf)
+                for net in card.net_names(len(test.nets)) for setting in test.settings} if test.with_labels else {}
+    variants.pop(test.configured, None)  # scored from the saved (rounded) map
+    return Sums(conf, torch.zeros_like(conf), counts, variants)
+
+
+def score_batch(test: InferencePass, sums: Sums, batch: dict, autocast) -> None:
+    """One batch of ids: their maps computed and saved, or read back when saved already (and the
+    card needs no other row), and counted into ``sums``."""
+    cfg, device = test.cfg, test.info.device
+    num_classes, align = cfg.data.num_classes, cfg.model.align_corners
+    batch_ids = list(batch["id"])
+    paths = [test.out_dir / f"{i}{SUFFIX[cfg.test.logits_format]}" for i in batch_ids]
+    images = batch["image"].to(device, non_blocking=True)
+    reuse = cfg.test.save_logits and not test.overwrite and all(p.is_file() for p in paths)
+    variants = {}
+    if not reuse or sums.variants:  # reused maps spare the nets only when the card needs no other row
+        with autocast:
+            variants = predict_variants(test.nets, images, cfg, test.settings, per_net=test.with_labels)
+        classes = variants[test.configured][0].shape[1]
+        if classes != num_classes:
+            raise CheckpointError(f"the nets output {classes} classes, data.num_classes is {num_classes}")
+    for key in sums.variants:
+        sums.variants[key] += _full_resolution_confusion(variants[key][0].float(), batch["full_label"],
+                                                         num_classes, align)
+    if reuse:
+        stored = torch.from_numpy(np.stack([load_saved_map(p, i, cfg) for p, i in zip(paths, batch_ids)]))
+        stored = stored.to(device)
+        full = F.interpolate(stored, size=images.shape[-2:], mode="bilinear", align_corners=align)
+        sums.counts[1] += len(batch_ids)
+    else:
+        pre, full = variants[test.configured]
+        stored = _save_maps(test, sums, pre, paths)
+    if test.with_labels:
+        sums.conf += confusion_matrix(full.argmax(1), batch["label"].to(device), num_classes)
+        sums.full += _full_resolution_confusion(stored, batch["full_label"], num_classes, align)
+
+
+def _save_maps(test: InferencePass, sums: Sums, pre: torch.Tensor, paths: list[Path]) -> torch.Tensor:
+    """The batch's head-resolution maps saved (unless ``test.save_logits`` is off); returned as
+    the original-resolution metric must score them: as test.py will read them, rounded."""
+    cfg = test.cfg
+    fmt, dtype = cfg.test.logits_format, cfg.test.logits_dtype
+    stored = pre.float()
+    if cfg.test.save_logits:
+        written = [save_score_map(path, arr, fmt, dtype, cfg.test.compact_threshold,
+                                  cfg.test.compact_max_classes) for path, arr in zip(paths, stored.cpu().numpy())]
+        sums.counts[0] += len(written)
+        if test.with_labels and fmt == "compact":
+            stored = torch.from_numpy(np.stack([to_dense(m, REST_FLOOR) for m in written])).to(test.info.device)
+        elif test.with_labels and dtype == "float16":
+            stored = stored.half().float()  # the rounding of the saved map, on the device
+    return stored
+
+
+def report(test: InferencePass, sums: Sums, seconds: float, quality: dict | None) -> tuple[dict, dict]:
+    """Rank 0, with labels: the scores file, the metrics logged, the results card updated;
+    returns the scores at val_size and at the original resolution."""
+    cfg, ckpt_path = test.cfg, test.ckpt_path
+    names = dataset_entry(cfg.data.dataset).class_names(cfg.data.num_classes)
+    scores = segmentation_scores(sums.conf)
+    original = segmentation_scores(sums.full)
+    save_json(test.run_dir / f"{test.out_dir.name}_scores.json", {
+        "checkpoint": str(ckpt_path), "split": cfg.test.split, "num_images": len(test.dataset),
+        "resolution": cfg.data.val_size, "multi_scale": cfg.test.multi_scale, "flip": cfg.test.flip,
+        **scores, "original_resolution": {"class_names": names, **original}})
+    log.info(f"{cfg.data.val_size}x{cfg.data.val_size} metrics on '{cfg.test.split}': "
+             f"mIoU {scores['miou']:.4f} | pixel acc {scores['pixel_acc']:.4f} | "
+             f"mean acc {scores['mean_acc']:.4f} | mean precision {scores['mean_precision']:.4f}")
+    log.info("per-class IoU at the original resolution:\n" + iou_table(names, original["iou"]))
+    present = sum(v is not None for v in original["iou"])
+    log.info(f"original-resolution metrics on '{cfg.test.split}' (no CRF): mIoU {original['miou']:.4f} "
+             f"over {present} classes present | pixel acc {original['pixel_acc']:.4f}")
+    common = {"split": cfg.test.split, "num_images": len(test.dataset), "source": "main.py --test"}
+    rows = [card.make_row(original, *test.configured, False, "original", **common),
+            card.make_row(scores, *test.configured, False, f"{cfg.data.val_size}px", **common)]
+    rows += [card.make_row(segmentation_scores(c), *key, False, "original", **common,
+                           note="scored in the test pass, map not saved")
+             for key, c in sorted(sums.variants.items())]
+    for row in rows[2:]:
+        log.info(f"  {row['net']}, {row['inference']}: mIoU {row['miou']:.4f} (original resolution, no CRF)")
+    path = card.update_card(test.run_dir, card.checkpoint_entry(ckpt_path, test.run_dir), rows, class_names=names,
+                            config=to_dict(cfg), tool="main.py --test", seconds=seconds,
+                            scales=cfg.test.scales if any(m for m, _ in test.settings) else None,
+                            pseudo_labels=quality)
+    log.info(f"results card: {path.with_suffix('.md')}")
+    return scores, original
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ same folder moves the old card to ``results.previous.*`` instead of mixing the t
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -16,8 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from datasets.build import dataset_entry
+from datasets.readers import read_label, read_mask
+from datasets.handoff import mask_precision, precision_counts
+from engine.checkpoint import BEST, LATEST
 from utils import provenance
-from utils.io import save_json, save_text
+from utils.io import read_jsonl, save_json, save_text
+from utils.metrics import confusion_matrix, segmentation_scores
+from utils.runtime import cpu_info
 
 CARD_JSON = "results.json"
 CARD_MD = "results.md"
@@ -50,8 +62,6 @@ def row_key(net: str, inference: str, crf: bool, resolution: str) -> str:
 
 def hardware() -> dict[str, Any]:
     """What the numbers were computed on: float results depend on it (README, Reproducibility)."""
-    import torch
-    from utils.runtime import cpu_info
     cpu = cpu_info()
     info: dict[str, Any] = {"host": platform.node(), "cpu": cpu["cpu_model"] or platform.machine(),
                             "cpu_flags": cpu["cpu_flags"], "cores": os.cpu_count(),
@@ -65,14 +75,12 @@ def hardware() -> dict[str, Any]:
 
 
 def checkpoint_choice(path: Path) -> str:
-    from engine.checkpoint import BEST, LATEST
     return {BEST: "best on val (as the reference)", LATEST: "last (the latest resumable checkpoint)"}.get(
         path.name, "as given (--ckpt)")
 
 
 def best_epoch(run_dir: Path) -> dict[str, Any] | None:
     """The epoch best_ckpt.pth was saved at, from the run's val_log.jsonl (first maximum, as saved)."""
-    from utils.io import read_jsonl
     log = [r for r in read_jsonl(run_dir / "val_log.jsonl") if r.get("miou") is not None]
     if not log:
         return None
@@ -90,14 +98,12 @@ def checkpoint_entry(path: Path, run_dir: Path) -> dict[str, Any]:
     old = read_card(run_dir).get("checkpoint", {})
     same = all(old.get(k) == entry[k] for k in ("path", "bytes", "mtime_ns")) and old.get("sha256")
     entry["sha256"] = old["sha256"] if same else provenance.sha256(path)
-    from engine.checkpoint import BEST
     if path.name == BEST and (epoch := best_epoch(path.parent)):
         entry.update(epoch)
     return entry
 
 
 def read_card(run_dir: Path) -> dict[str, Any]:
-    import json
     path = Path(run_dir) / CARD_JSON
     if not path.is_file():
         return {}
@@ -151,7 +157,6 @@ def pseudo_label_quality(cfg: Any, run_dir: Path, rank: int = 0, world_size: int
     In a process group every rank calls it and reads ids rank, rank + world_size, ...; the
     counts are summed, so every rank returns the same result (COCO's 83,000 labels read by
     rank 0 alone outlasted the others' wait at the next collective)."""
-    from datasets.build import dataset_entry
     d = cfg.data
     entry = dataset_entry(d.dataset)
     split = entry.train_split(d)
@@ -170,7 +175,6 @@ def pseudo_label_quality(cfg: Any, run_dir: Path, rank: int = 0, world_size: int
                            d.num_classes, show=rank == 0)
     parts = [mine]
     if world_size > 1:
-        import torch.distributed as dist
         parts = [None] * world_size
         dist.all_gather_object(parts, mine)
     reasons = [part["reason"] for part in parts if part["reason"]]
@@ -183,12 +187,6 @@ def _quality_counts(entry: Any, files: Any, split: str, ids: list[str], label_di
                     show: bool) -> dict[str, Any]:
     """``pseudo_label_quality``'s sums over ``ids``: the confusion matrix (as nested lists, to
     travel between ranks) and the pixel counts; ``reason`` says why nothing can be scored."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-    from datasets.handoff import precision_counts
-    from datasets.readers import read_label, read_mask
-    from utils.metrics import confusion_matrix
     out: dict[str, Any] = {"reason": None}
     if not all(files.gt(i).is_file() for i in ids):
         out["reason"] = f"the '{split}' split has no ground truth for every id"
@@ -217,9 +215,6 @@ def _quality_counts(entry: Any, files: Any, split: str, ids: list[str], label_di
 
 def _quality_result(where: dict[str, Any], parts: list[dict[str, Any]], masks: bool) -> dict[str, Any]:
     """The card's pseudo-label entry from the summed ``_quality_counts`` of every shard."""
-    import torch
-    from datasets.handoff import mask_precision
-    from utils.metrics import segmentation_scores
     conf = sum(torch.tensor(part["conf"], dtype=torch.long) for part in parts)
     c = {k: sum(part[k] for part in parts) for k in ("kept_valid", "unkept_valid", "kept_correct", "unkept_correct",
                                                    "void", "valid")}

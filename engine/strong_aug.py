@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -262,6 +262,47 @@ def _uniform(u: Tensor, bounds: Sequence[float]) -> Tensor:
     return lo + (hi - lo) * u
 
 
+class _Draws(NamedTuple):
+    """Every image's random choices of one ``strong_augment`` call, each (B,) or (B,1,1,1)."""
+    do_color: Tensor
+    contrast: Tensor
+    brightness: Tensor
+    hue: Tensor
+    sat: Tensor
+    val: Tensor
+    do_gray: Tensor
+    do_blur: Tensor
+    taps: Tensor  # (B, K) blur taps, the identity where no blur was drawn
+
+
+def _draw(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.Generator]) -> _Draws:
+    """All draws from one (B, 9) uniform tensor, so image i's draws do not depend on the batch
+    size or on the other images."""
+    b = images.shape[0]
+    gen_device = generator.device if generator is not None else images.device
+    u = torch.rand(b, 9, generator=generator, device=gen_device).to(images.device)
+    u = u.to(torch.float32)
+    do_color = u[:, 0] < cfg.color_prob
+    contrast = _uniform(u[:, 1], cfg.contrast).view(-1, 1, 1, 1)
+    brightness = _uniform(u[:, 2], cfg.brightness).view(-1, 1, 1, 1)
+    hue = _uniform(u[:, 3], cfg.hue_shift)
+    sat = _uniform(u[:, 4], cfg.saturation_shift)
+    val = _uniform(u[:, 5], cfg.value_shift)
+    do_gray = u[:, 6] < cfg.gray_prob
+    do_blur = u[:, 7] < cfg.blur_prob
+    # Kernel index: the first kernel whose cumulative probability exceeds the draw.
+    cum = _constant(np.cumsum(cfg.blur_kernel_probs), u, (-1,), torch.float64)
+    kidx = torch.searchsorted(cum, u[:, 8].double().contiguous(), right=True).clamp(max=len(cfg.blur_kernels) - 1)
+    taps = blur_taps(cfg.blur_kernels, kidx, do_blur, images.dtype)
+    return _Draws(do_color, contrast, brightness, hue, sat, val, do_gray, do_blur, taps)
+
+
+def _colour(x: Tensor, d: _Draws, i: slice) -> Tensor:
+    """Brightness/contrast, then the HSV shift, of images ``i`` of the batch."""
+    jittered = (x * d.contrast[i]).add_(d.brightness[i] * 255.0).clamp_(0, 255)  # in place: same arithmetic
+    return shift_hsv(jittered, d.hue[i], d.sat[i], d.val[i]).to(x.dtype)
+
+
 def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.Generator] = None,
                    per_image: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
                    std: Optional[Sequence[float]] = None) -> Tensor:
@@ -280,55 +321,48 @@ def strong_augment(images: Tensor, cfg: StrongAugCfg, generator: Optional[torch.
     """
     if not cfg.enabled:
         return images
-    normalised = mean is not None
-    if normalised != (std is not None):
+    if (mean is not None) != (std is not None):
         raise ValueError("strong_augment: give both mean and std, or neither")
     if per_image is None:
         per_image = images.device.type == "cpu"
-    b = images.shape[0]
-    gen_device = generator.device if generator is not None else images.device
-    u = torch.rand(b, 9, generator=generator, device=gen_device).to(images.device)
-    u = u.to(torch.float32)
-    do_color = u[:, 0] < cfg.color_prob
-    contrast = _uniform(u[:, 1], cfg.contrast).view(-1, 1, 1, 1)
-    brightness = _uniform(u[:, 2], cfg.brightness).view(-1, 1, 1, 1)
-    hue = _uniform(u[:, 3], cfg.hue_shift)
-    sat = _uniform(u[:, 4], cfg.saturation_shift)
-    val = _uniform(u[:, 5], cfg.value_shift)
-    do_gray = u[:, 6] < cfg.gray_prob
-    do_blur = u[:, 7] < cfg.blur_prob
-    # Kernel index: the first kernel whose cumulative probability exceeds the draw.
-    cum = _constant(np.cumsum(cfg.blur_kernel_probs), u, (-1,), torch.float64)
-    kidx = torch.searchsorted(cum, u[:, 8].double().contiguous(), right=True).clamp(max=len(cfg.blur_kernels) - 1)
-    taps = blur_taps(cfg.blur_kernels, kidx, do_blur, images.dtype)
-
-    def colour(x: Tensor, i: slice) -> Tensor:
-        jittered = (x * contrast[i]).add_(brightness[i] * 255.0).clamp_(0, 255)  # in place: same arithmetic
-        return shift_hsv(jittered, hue[i], sat[i], val[i]).to(x.dtype)
-
+    draws = _draw(images, cfg, generator)
     if per_image:
-        out = torch.empty_like(images)
-        for i, (c, g, bl) in enumerate(zip(do_color.tolist(), do_gray.tolist(), do_blur.tolist())):
-            x = denormalize(images[i:i + 1], mean, std) if normalised else images[i:i + 1]
-            if c and cfg.color_prob > 0:
-                x = colour(x, slice(i, i + 1))
-            if g and cfg.gray_prob > 0:
-                x = to_gray(x)
-            if bl and cfg.blur_prob > 0:
-                x = blur_batch(x, taps[i:i + 1])
-            o = torch.clamp(x, 0, 255, out=out[i:i + 1])
-            if normalised:  # normalize's arithmetic, in place in the output
-                o.div_(255.0).sub_(_constant(mean, o)).div_(_constant(std, o))
-        return out
+        return _augment_each(images, cfg, draws, mean, std)
+    return _augment_batch(images, cfg, draws, mean, std)
+
+
+def _augment_each(images: Tensor, cfg: StrongAugCfg, d: _Draws, mean: Optional[Sequence[float]],
+                  std: Optional[Sequence[float]]) -> Tensor:
+    """``strong_augment`` one image at a time, each step only where drawn."""
+    normalised = mean is not None
+    out = torch.empty_like(images)
+    for i, (c, g, bl) in enumerate(zip(d.do_color.tolist(), d.do_gray.tolist(), d.do_blur.tolist())):
+        x = denormalize(images[i:i + 1], mean, std) if normalised else images[i:i + 1]
+        if c and cfg.color_prob > 0:
+            x = _colour(x, d, slice(i, i + 1))
+        if g and cfg.gray_prob > 0:
+            x = to_gray(x)
+        if bl and cfg.blur_prob > 0:
+            x = blur_batch(x, d.taps[i:i + 1])
+        o = torch.clamp(x, 0, 255, out=out[i:i + 1])
+        if normalised:  # normalize's arithmetic, in place in the output
+            o.div_(255.0).sub_(_constant(mean, o)).div_(_constant(std, o))
+    return out
+
+
+def _augment_batch(images: Tensor, cfg: StrongAugCfg, d: _Draws, mean: Optional[Sequence[float]],
+                   std: Optional[Sequence[float]]) -> Tensor:
+    """``strong_augment`` on the whole batch, each step kept per image by an exact 0/1 select."""
+    normalised = mean is not None
 
     def keep(new: Tensor, old: Tensor, chosen: Tensor) -> Tensor:
         return torch.lerp(old, new, chosen.to(old.dtype).view(-1, 1, 1, 1))  # exact for a 0/1 weight
 
     x = denormalize(images, mean, std) if normalised else images
     if cfg.color_prob > 0:
-        x = keep(colour(x, slice(None)), x, do_color)
+        x = keep(_colour(x, d, slice(None)), x, d.do_color)
     if cfg.gray_prob > 0:
-        x = keep(to_gray(x), x, do_gray)
+        x = keep(to_gray(x), x, d.do_gray)
     if cfg.blur_prob > 0:
-        x = blur_batch(x, taps)  # identity taps leave an unblurred image's bits unchanged
+        x = blur_batch(x, d.taps)  # identity taps leave an unblurred image's bits unchanged
     return normalize(x.clamp(0, 255), mean, std) if normalised else x.clamp(0, 255)

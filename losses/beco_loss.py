@@ -1,4 +1,8 @@
-"""The four-term BECO loss (spec second-stage §4.4) and the baseline's plain cross entropy."""
+"""The four-term BECO loss (spec second-stage §4.4) and the baseline's plain cross entropy.
+
+The last of the three files one training iteration reads through: engine/trainer.py (the loop)
+-> engine/beco.py (``training_step``) -> here.
+"""
 from __future__ import annotations
 
 import torch

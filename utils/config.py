@@ -657,7 +657,7 @@ def _check_backbone(model: Any, backbones: Mapping[str, tuple[str, Collection[An
 
 
 def _check_path_base(path_base: str) -> None:
-    """Run folders are made under ``logging.path_base`` (main.run_dir_for, and --test's
+    """Run folders are made under ``logging.path_base`` (engine.build.run_dir_for, and --test's
     engine/inference.test_run_dir): a file there, or on the way to it, stops the run only when
     the folder is made."""
     path = Path(path_base)

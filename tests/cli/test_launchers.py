@@ -275,10 +275,10 @@ sys.path.insert(0, {repo!r})
 import torch
 if {fake_gpus}:
     torch.cuda.device_count = lambda: 2  # -dist: one rank per "GPU"; the ranks use gloo on the CPU
-import datasets.verify
+import engine.build
 import main
 
-real = datasets.verify.preflight
+real = engine.build.preflight
 
 
 def preflight(sets, info):
@@ -290,7 +290,7 @@ def preflight(sets, info):
         Path("bad.txt").write_text(f"{{files.ids[0]}} {{path}}")
 
 
-datasets.verify.preflight = preflight
+engine.build.preflight = preflight
 if __name__ == "__main__":
     sys.exit(main.main(sys.argv[1:]))
 """

@@ -52,14 +52,16 @@ def test_determ_sets_cublas_workspace_before_the_process_group_starts(syn_root, 
                                                                       command):
     """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts; set after CUDA and NCCL are up (as
     training did), --determ left cuBLAS's split-K reductions run-dependent."""
-    import utils.distributed
+    import engine.inference
+    import engine.trainer
     seen = {}
 
     def init_distributed(*args, **kwargs):
         seen["CUBLAS_WORKSPACE_CONFIG"] = __import__("os").environ.get("CUBLAS_WORKSPACE_CONFIG")
         raise _Stop("stopped by the test")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    monkeypatch.setattr(utils.distributed, "init_distributed", init_distributed)
+    monkeypatch.setattr(engine.trainer, "init_distributed", init_distributed)  # where training and testing call it
+    monkeypatch.setattr(engine.inference, "init_distributed", init_distributed)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", torch.backends.cudnn.deterministic)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
@@ -142,7 +144,7 @@ def test_a_training_step_builds_no_host_constant_after_the_first(syn_root):
     loss): the only host transfer it may make is the class-presence matrix, device to host."""
     from datasets.segmentation import TrainSet
     from engine.beco import training_step
-    from main import build_nets
+    from engine.build import build_nets
     from utils.distributed import DistInfo
     from utils.runtime import make_autocast
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.root={syn_root}", *OVERRIDES, "method.warmup_epochs=0"])

@@ -24,21 +24,22 @@ VAL_IDS = ["2008_000001", "2008_000002", "2008_000003"]
 
 def _agreements(rank: int, world: int, root: str, run_dir: str) -> dict:
     """Everything the ranks must decide alike, each from its own inputs."""
-    import main
     from datasets.segmentation import EvalSet, TrainSet
     from datasets.verify import preflight
+    from engine.build import run_dir_for
     from engine.results_card import pseudo_label_quality
+    from engine.trainer import Stop, agree_on_step
     from utils.distributed import broadcast_buffers, init_distributed
     from utils.errors import DataError
     info = init_distributed(timeout_min=2)
     out: dict = {}
 
     # One iteration: rank 1's loss is NaN, rank 0's is not; rank 0 alone was sent SIGTERM.
-    stop = main.Stop()
-    out["nan"] = main.agree_on_step(torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([float("nan"), 2.0]),
-                                    stop, info)
+    stop = Stop()
+    out["nan"] = agree_on_step(torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([float("nan"), 2.0]),
+                               stop, info)
     stop.requested = rank == 0
-    out["stop"] = main.agree_on_step(torch.tensor([1.0, 2.0]), stop, info)[1]
+    out["stop"] = agree_on_step(torch.tensor([1.0, 2.0]), stop, info)[1]
 
     # BatchNorm statistics: rank 0's on every rank before validation.
     bn = torch.nn.BatchNorm2d(3)
@@ -52,7 +53,7 @@ def _agreements(rank: int, world: int, root: str, run_dir: str) -> dict:
     real = time.strftime
     time.strftime = lambda fmt, *a: f"clock-of-rank-{rank}"
     try:
-        out["run_dir"] = str(main.run_dir_for(cfg, None))
+        out["run_dir"] = str(run_dir_for(cfg, None))
     finally:
         time.strftime = real
 

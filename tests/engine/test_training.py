@@ -131,15 +131,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(syn_root, tmp_path, mon
 def test_short_run_beats_the_untrained_model(syn_root, tmp_path):
     """Val mIoU after a few epochs is clearly above the same nets' mIoU at initialisation."""
     from engine.evaluate import evaluate
-    from main import build_loaders, build_nets, make_autocast, set_seed
+    from engine.build import build_loaders, build_nets
     from engine.config import load_config
     from utils.distributed import init_distributed
+    from utils.runtime import make_autocast, set_seed
     extra = ["train.epochs=4", "method.co_training_start_epoch=2"]
     r = _run(_args(syn_root, tmp_path, "learn", *extra))
     assert r.returncode == 0, r.stderr[-3000:]
     trained = max(json.loads(l)["miou"] for l in (tmp_path / "learn" / "val_log.jsonl").read_text().splitlines())
 
-    # The same construction as main.train: seed, then the nets, so these are the run's initial weights.
+    # The same construction as engine.trainer.start: seed, then the nets, so these are the run's initial weights.
     cfg = load_config(REPO / "configs/demo.yaml", _args(syn_root, tmp_path, "x", *extra)[6:])
     info = init_distributed()
     set_seed(cfg.train.seed)
