@@ -61,7 +61,7 @@ def row_key(net: str, inference: str, crf: bool, resolution: str) -> str:
 
 
 def hardware() -> dict[str, Any]:
-    """What the numbers were computed on: float results depend on it (README, Reproducibility)."""
+    """What the numbers were computed on: float results depend on it (docs/reproducibility.md)."""
     cpu = cpu_info()
     info: dict[str, Any] = {"host": platform.node(), "cpu": cpu["cpu_model"] or platform.machine(),
                             "cpu_flags": cpu["cpu_flags"], "cores": os.cpu_count(),
