@@ -2,6 +2,7 @@
 VOC and COCO trees, and configs pointing at them."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,18 @@ def tiny_config(root: Path, *overrides: str) -> Config:
     base = [f"data.root={root}", f"data.num_classes={NUM_CLASSES}",
             "data.crop_size=32", "data.val_size=32"]
     return load_config(REPO / "configs/beco_voc.yaml", base + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def sigterm_left_as_found():
+    """A test that leaves SIGTERM ignored or handled in the pytest process changes every later
+    test in it: fork pools made there could not be terminated and hung the run (CI, once)."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    after = signal.getsignal(signal.SIGTERM)
+    if after != before:
+        signal.signal(signal.SIGTERM, before)
+        pytest.fail(f"the test left SIGTERM's handler at {after!r} (it was {before!r})")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -237,6 +238,10 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _worker_init(init: Callable[..., None] | None, args: tuple) -> None:
+    # A forked worker inherits the parent's SIGTERM disposition: ignored (a loader worker, a
+    # failing rank) or a Python handler (training's stop flag), it survived the SIGTERM of
+    # pool.terminate() and the join after it waited forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     limit_threads()
     if init is not None:
         init(*args)

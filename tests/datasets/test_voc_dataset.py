@@ -122,9 +122,17 @@ def test_read_split_keeps_ids_as_strings(tmp_path):
 
 
 def test_worker_seeding_follows_the_reference_formula():
+    """The worker init seeds by the reference's formula and leaves SIGTERM to the main process.
+    It runs here, in the pytest process: the SIGTERM disposition is put back afterwards."""
     import random
-    seed_worker_fn(seed=3223, rank=1, num_workers=4)(2)
-    a = (np.random.rand(), random.random())
+    import signal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        seed_worker_fn(seed=3223, rank=1, num_workers=4)(2)
+        a = (np.random.rand(), random.random())
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     np.random.seed(4 * 1 + 2 + 3223)
     random.seed(4 * 1 + 2 + 3223)
     assert a == (np.random.rand(), random.random())
