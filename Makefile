@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# Reinstall whenever a requirements file changes; the stamp records the last install.
-$(STAMP): requirements.txt requirements-test.txt
+# Reinstall whenever a requirements file or pyproject.toml changes; the stamp records the last
+# install. The project itself is installed editable (pyproject.toml says why): code edits need
+# no reinstall.
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # Two pytest workers (TEST_WORKERS) share the cores, one torch thread each: most end-to-end

@@ -29,7 +29,6 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.crf import fake_logits  # noqa: E402
 from engine.config import load_config  # noqa: E402

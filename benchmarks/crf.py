@@ -28,8 +28,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from engine.config import load_config  # noqa: E402
 from utils.crf import (available_cores, crf_image, crf_predict, kept_labels, parallel_map, softmax,  # noqa: E402
                        upsample_bilinear)

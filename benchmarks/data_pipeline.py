@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +30,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from datasets.build import dataset_entry  # noqa: E402
-from datasets.segmentation import TrainSet  # noqa: E402
-from engine.build import train_loader  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.config import Config  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
+from datasets.build import dataset_entry
+from datasets.segmentation import TrainSet
+from engine.build import train_loader
+from engine.config import load_config
+from utils.config import Config
+from utils.distributed import DistInfo
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_data(cfg: Config, root: Path, train: int, size: list[int] | None) -> Config:

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,20 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
+from torch.utils.data import DataLoader
+
+from datasets.build import dataset_entry
+from datasets.segmentation import EvalSet, collate_eval
+from engine.inference import _full_resolution_confusion, build_test_nets, predict_maps
+from engine.config import load_config
+from utils.config import Config
+from utils.crf import REST_FLOOR
+from utils.metrics import confusion_matrix
+from utils.runtime import keep_host_memory, make_autocast
+from utils.score_maps import SUFFIX, save_score_map, to_dense
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from torch.utils.data import DataLoader  # noqa: E402
-
-from datasets.build import dataset_entry  # noqa: E402
-from datasets.segmentation import EvalSet, collate_eval  # noqa: E402
-from engine.inference import _full_resolution_confusion, build_test_nets, predict_maps  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.config import Config  # noqa: E402
-from utils.crf import REST_FLOOR  # noqa: E402
-from utils.metrics import confusion_matrix  # noqa: E402
-from utils.runtime import keep_host_memory, make_autocast  # noqa: E402
-from utils.score_maps import SUFFIX, save_score_map, to_dense  # noqa: E402
 
 
 def make_val_set(cfg: Config, root: Path, images: int) -> Config:

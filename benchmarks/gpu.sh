@@ -32,6 +32,15 @@ if [[ -z "$py" ]]; then
     exit 2
 fi
 
+# The project's packages come from its editable install (pyproject.toml). A python without it (a
+# GPU image's own) gets the same names through PYTHONPATH: the repo, and `irn` as a link to
+# first-stage/irn.
+if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("irn") is None)' 2>/dev/null; then
+    shim="$(mktemp -d)"
+    ln -s "$repo/first-stage/irn" "$shim/irn"
+    export PYTHONPATH="$repo:$shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 # Both scripts find the repo from their own path, so relative --out paths stay the caller's.
 smoke=("$py" "$repo/benchmarks/gpu_smoke.py")
 bench=("$py" "$repo/benchmarks/gpu_bench.py")

@@ -60,19 +60,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import engine.beco as beco  # noqa: E402  (its globals are wrapped to time the non-network parts)
-from engine.beco import num_nets, training_step  # noqa: E402
-from engine.inference import build_test_nets, predict_maps  # noqa: E402
-from engine.trainer import Run, train_step  # noqa: E402
-from models import build_model, build_optimizer  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.config import Config, to_dict  # noqa: E402
-from utils.distributed import DistInfo, free_port  # noqa: E402
-from utils.runtime import (configure_backends, make_autocast, net_layout, set_seed,  # noqa: E402
+from engine.beco import num_nets, training_step
+from engine.inference import build_test_nets, predict_maps
+from engine.trainer import Run, train_step
+from models import build_model, build_optimizer
+from engine.config import load_config
+from utils.config import Config, to_dict
+from utils.distributed import DistInfo, free_port
+from utils.runtime import (configure_backends, make_autocast, net_layout, set_seed,
                            uses_grad_scaler)
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 SECTIONS = ("train_step", "host_syncs", "ddp", "test_pass", "segmenters", "optimizers")

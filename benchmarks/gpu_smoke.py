@@ -70,16 +70,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.append(str(REPO / "benchmarks"))  # last: its script names must not shadow anything
 
-import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
-from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
-from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config  # noqa: E402
-from engine.strong_aug import _hsv_tables, strong_augment  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.config import Config  # noqa: E402
+from benchmarks import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
+from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config
+from engine.strong_aug import _hsv_tables, strong_augment
+from engine.config import load_config
+from utils.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
 
 MAIN_PY = REPO / "main.py"
 RUN_SAMPLE = REPO / "first-stage" / "irn" / "run_sample.py"

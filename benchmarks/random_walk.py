@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "first-stage" / "irn"))
 
-from misc.random_walk import random_walk, rw_to_scores  # noqa: E402
+from irn.misc.random_walk import random_walk, rw_to_scores
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_maps(h: int, w: int, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -267,7 +267,7 @@ def command_text(argv: list[str], env: str = "") -> str:
 
 # The -c program that runs benchmarks/step_overhead.py's main(argv) and prints its return value
 # as JSON; its printed lines are those of `python benchmarks/step_overhead.py argv`.
-_CALL_OVERHEAD = ("import json, sys; sys.path.insert(0, '.'); from benchmarks.step_overhead import main; "
+_CALL_OVERHEAD = ("import json, sys; from benchmarks.step_overhead import main; "
                   "print(json.dumps(main(sys.argv[1:])))")
 
 
@@ -373,7 +373,6 @@ def run_bench(bench: Bench, timeout: float) -> list[Row]:
 
 def demo_rows() -> list[Row]:
     """``make demo`` stage times from each demo's <out>/timings.json (tools/demo.py's DEMOS), never run here."""
-    sys.path.insert(0, str(REPO))
     # Here, not at the top: run_all only starts the benchmarks, and needs the demo's table for this one row.
     from tools.demo import DEMOS, STAGES
     rows = []

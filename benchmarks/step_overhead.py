@@ -15,21 +15,20 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from engine.beco import augment, confident_labels  # noqa: E402
-from engine.mixing import mix_batch  # noqa: E402
-from engine.strong_aug import normalize  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.runtime import keep_host_memory  # noqa: E402
+from engine.beco import augment, confident_labels
+from engine.mixing import mix_batch
+from engine.strong_aug import normalize
+from engine.config import load_config
+from utils.runtime import keep_host_memory
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def median_seconds(fn, repeats: int) -> float:

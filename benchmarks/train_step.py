@@ -17,20 +17,18 @@ CUDA, peak memory.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.beco import num_nets  # noqa: E402
-from engine.trainer import Run, train_step  # noqa: E402
-from utils.runtime import keep_host_memory, make_autocast  # noqa: E402
-from models import build_model, build_optimizer  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
+from engine.beco import num_nets
+from engine.trainer import Run, train_step
+from utils.runtime import keep_host_memory, make_autocast
+from models import build_model, build_optimizer
+from engine.config import load_config
+from utils.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -37,6 +37,7 @@ pins="$venv/floor-constraints.txt"
 printf 'torch==%s\ntorchvision==%s\n' "$torch_v" "$vision_v" > "$pins"
 "$py" -m pip install --disable-pip-version-check -c "$pins" \
     -r "$repo/requirements.txt" -r "$repo/requirements-test.txt"
+"$py" -m pip install --disable-pip-version-check --quiet --no-deps -e "$repo"  # as make venv does
 
 echo "== the APIs that set the floor"
 "$py" - <<'EOF'

@@ -33,15 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
-from utils import provenance  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.config import Config  # noqa: E402
-from utils.errors import BecoError, one_line  # noqa: E402
-from utils.io import read_jsonl, save_json, save_text  # noqa: E402
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
+from utils import provenance
+from engine.config import load_config
+from utils.config import Config
+from utils.errors import BecoError, one_line
+from utils.io import read_jsonl, save_json, save_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --dataset -> (BECO config, baseline config, first-stage settings, default --out)
 DEMOS = {
@@ -111,9 +111,9 @@ def run(cmd: list[str]) -> None:
 
 
 def _run_sample():
-    """The first-stage driver module (its folder is not a package)."""
-    sys.path.insert(0, str(REPO / "first-stage" / "irn"))
-    import run_sample
+    """The first-stage driver module, imported only when a first-stage stage runs (it loads the
+    whole first stage)."""
+    from irn import run_sample
     return run_sample
 
 

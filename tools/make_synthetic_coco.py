@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.prepare.coco import CocoPrepareError  # noqa: E402
-from datasets.synthetic.coco import make_synthetic_coco_from_config  # noqa: E402
+from datasets.prepare.coco import CocoPrepareError
+from datasets.synthetic.coco import make_synthetic_coco_from_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

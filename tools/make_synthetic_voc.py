@@ -10,11 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-# Runnable from any directory without installing the project.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
-from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
+from datasets.synthetic.voc import make_synthetic_voc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

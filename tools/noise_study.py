@@ -32,20 +32,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
-import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are the demo's)
-from datasets.synthetic.label_noise import boundary_errors, error_rate, region_errors  # noqa: E402
-from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
-from datasets.synthetic.voc import near_boundary, simulated_mask  # noqa: E402
-from utils import provenance  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from utils.config import ConfigError, load_yaml  # noqa: E402
-from utils.errors import BecoError, one_line  # noqa: E402
-from utils.io import read_jsonl, save_json, save_png, save_text  # noqa: E402
-from utils.seed_stats import mean_std, paired  # noqa: E402
+from tools import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are the demo's)
+from datasets.synthetic.label_noise import boundary_errors, error_rate, region_errors
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
+from datasets.synthetic.voc import near_boundary, simulated_mask
+from utils import provenance
+from engine.config import load_config
+from utils.config import ConfigError, load_yaml
+from utils.errors import BecoError, one_line
+from utils.io import read_jsonl, save_json, save_png, save_text
+from utils.seed_stats import mean_std, paired
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def say(msg: str) -> None:

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.coco import SPLITS, split_folder  # noqa: E402
-from datasets.prepare.coco import SUMMARY_NAME, CocoPrepareError, default_workers, prepare_coco  # noqa: E402
+from datasets.coco import SPLITS, split_folder
+from datasets.prepare.coco import SUMMARY_NAME, CocoPrepareError, default_workers, prepare_coco
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.prepare.cls_labels import DEFAULT_NAME, labels_from_xml, save_cls_labels  # noqa: E402
-from utils.io import atomic_write, save_png, save_text  # noqa: E402
-from utils.voc import VOC_CLASSES, voc_palette  # noqa: E402
+from datasets.prepare.cls_labels import DEFAULT_NAME, labels_from_xml, save_cls_labels
+from utils.io import atomic_write, save_png, save_text
+from utils.voc import VOC_CLASSES, voc_palette
 
 SBD_MAX_LABEL = len(VOC_CLASSES) - 1  # SBD has no void label: values 0..20
 

@@ -78,31 +78,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+
+from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
+from datasets.views import data_source
+from datasets.verify import (first_stage_preflight, known_no_class, no_class_report, no_class_sentence,
+                             policy_text, shown)
+from irn.misc import settings
+from irn.misc.runtime import LOGGER_NAME, configure_runtime, read_ids
+from irn.misc.settings import STEPS
+from utils import provenance
+from utils.config import to_yaml
+from utils.errors import BecoError, MissingInputError, RunError, one_line, spawned_error
+from utils.io import save_json
+from utils.runtime import set_seed
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (str(HERE), str(REPO)):  # first-stage/irn packages (net, step, misc) + repo packages
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR  # noqa: E402
-from datasets.views import data_source  # noqa: E402
-from datasets.verify import (first_stage_preflight, known_no_class, no_class_report, no_class_sentence,  # noqa: E402
-                             policy_text, shown)
-from misc import settings  # noqa: E402
-from misc.runtime import LOGGER_NAME, configure_runtime, read_ids  # noqa: E402
-from misc.settings import STEPS  # noqa: E402
-from utils import provenance  # noqa: E402
-from utils.config import to_yaml  # noqa: E402
-from utils.errors import BecoError, MissingInputError, RunError, one_line, spawned_error  # noqa: E402
-from utils.io import save_json  # noqa: E402
-from utils.runtime import set_seed  # noqa: E402
 
 # step name -> module under step/ (imported lazily: PART B's steps may be absent)
 STEP_MODULES: dict[str, str] = {
-    "train_cam": "step.train_cam", "make_cam": "step.make_cam", "eval_cam": "step.eval_cam",
-    "cam_to_ir_label": "step.cam_to_ir_label", "train_irn": "step.train_irn",
-    "make_sem_seg": "step.make_sem_seg_labels", "eval_sem_seg": "step.eval_sem_seg",
-    "gen_mask": "step.gen_mask",
+    "train_cam": "irn.step.train_cam", "make_cam": "irn.step.make_cam", "eval_cam": "irn.step.eval_cam",
+    "cam_to_ir_label": "irn.step.cam_to_ir_label", "train_irn": "irn.step.train_irn",
+    "make_sem_seg": "irn.step.make_sem_seg_labels", "eval_sem_seg": "irn.step.eval_sem_seg",
+    "gen_mask": "irn.step.gen_mask",
 }
 
 
@@ -240,7 +238,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _exported_no_class(args: argparse.Namespace, ids: list[str], log: logging.Logger) -> dict[str, Any]:
     """Count and name the exported images without class; their policy read off their masks."""
-    from step.gen_mask import no_class_policy_of, read_mask_png  # a step module: loaded when a step needs it
+    from irn.step.gen_mask import no_class_policy_of, read_mask_png  # a step module: loaded when a step needs it
     empty = known_no_class(data_source(args), ids)
     if empty is None:
         log.warning("export: image-level labels of the train list unavailable: cannot tell which exported images "

@@ -262,7 +262,9 @@ def test_checks_past_their_budget_are_recorded_and_fail_the_run(tmp_path, monkey
 def _gpu_sh(tmp_path: Path, *args: str, smoke_rc: int = 0, bench_rc: int = 0) -> tuple[int, list[list[str]]]:
     """gpu.sh with a stand-in python that records each call and exits with the given codes."""
     fake = tmp_path / "python"
-    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "$1" = -c ]; then exit "${PROBE_RC:-0}"; fi\n'  # gpu.sh's probes: torch, the install
+                    'echo "$*" >> "$CALLS"\necho "${PYTHONPATH:-}" >> "$CALLS.pythonpath"\n'
                     'case "$1" in *gpu_smoke.py) exit "$SMOKE_RC";; *) exit "$BENCH_RC";; esac\n')
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
@@ -289,3 +291,20 @@ def test_gpu_sh_runs_the_checks_then_the_bench_in_what_they_left_of_the_time(tmp
     rc, calls = _gpu_sh(tmp_path, "--device", "cpu", "--smoke", bench_rc=1)
     assert rc == 1
     assert sorted(calls) == [[script, "--device", "cpu", "--smoke"] for script in ("gpu_bench.py", "gpu_smoke.py")]
+
+
+def test_gpu_sh_gives_a_python_without_the_install_the_same_package_names(tmp_path):
+    """A GPU image's own python, without the editable install: the repo and `irn` (a link to
+    first-stage/irn) reach it through PYTHONPATH."""
+    fake = tmp_path / "python"
+    _gpu_sh(tmp_path)  # writes the stand-in python
+    (tmp_path / "calls.txt.pythonpath").unlink()
+    calls = tmp_path / "calls.txt"
+    calls.unlink()
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PROBE_RC": "1", "PYTHON": str(fake), "CALLS": str(calls), "SMOKE_RC": "0", "BENCH_RC": "0"})
+    assert r.returncode == 0, r.stderr
+    paths = (tmp_path / "calls.txt.pythonpath").read_text().splitlines()
+    assert len(paths) == 2 and paths[0] == paths[1]
+    repo, shim = paths[0].split(":")[:2]
+    assert Path(repo) == REPO and (Path(shim) / "irn").resolve() == REPO / "first-stage" / "irn"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import run_all  # noqa: E402
+from benchmarks import run_all
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Lines as the benchmarks print them (taken from real runs).
 TRAIN_LINE = ("device cpu beco deeplabv2 (11,287,128 parameters per net) size 128 batch 4 amp False: "

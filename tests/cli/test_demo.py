@@ -123,8 +123,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
 
 def test_demo_dataset_coco_picks_the_coco_configs_and_folder():
-    sys.path.insert(0, str(REPO / "tools"))
-    import demo
+    from tools import demo
     args = demo.parse_args(["--dataset", "coco"])
     assert args.beco_config.name == "demo_coco.yaml" and args.baseline_config.name == "demo_coco_baseline.yaml"
     assert args.first_stage_config == REPO / "configs/first_stage/demo_coco.yaml"
@@ -149,8 +148,7 @@ def _fake_seed(beco: float, base: float, pl: float, epochs=(1, 2)) -> dict:
 
 
 def test_seeds_aggregate_mean_std_and_paired_difference(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import demo
+    from tools import demo
     from utils.seed_stats import T95
     per_seed = {0: _fake_seed(0.70, 0.66, 0.55), 1: _fake_seed(0.64, 0.65, 0.60), 2: _fake_seed(0.73, 0.67, 0.50)}
     agg = demo.aggregate(per_seed)
@@ -176,8 +174,7 @@ def test_seeds_aggregate_mean_std_and_paired_difference(tmp_path):
 
 
 def test_seeds_option_is_checked():
-    sys.path.insert(0, str(REPO / "tools"))
-    import demo
+    from tools import demo
     assert demo.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
     for bad in (["--seeds", "1"], ["--seeds", "1,1"], ["--seeds", "a,b"], ["--seeds", "0,1", "--seed", "3"]):
         with pytest.raises(SystemExit):
@@ -185,8 +182,7 @@ def test_seeds_option_is_checked():
 
 
 def _demo_module():
-    sys.path.insert(0, str(REPO / "tools"))
-    import demo
+    from tools import demo
     return demo
 
 

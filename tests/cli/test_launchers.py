@@ -103,7 +103,7 @@ def _logged_iterations(run: Path) -> list[dict]:
 @pytest.mark.timeout(600)
 def test_two_nodes_an_empty_validation_shard_and_a_group_sigterm_with_loader_workers(tmp_path):
     cfg = _tiny_config(tmp_path, train=16)  # 8 a rank: 4 iterations
-    _sh(f"python -c \"import sys; sys.path.insert(0, '{REPO}'); from engine.config import load_config; "
+    _sh(f"python -c \"from engine.config import load_config; "
         f"from datasets.synthetic.voc import make_synthetic_voc_from_config as m; "
         f"m('data/tiny', load_config('{cfg}').data.synthetic)\"", tmp_path)
     # Rank 1 validates nothing and must not leave rank 0 waiting.
@@ -153,7 +153,7 @@ def test_dist_spawns_a_rank_per_gpu_and_passes_a_sigterm_on(tmp_path):
     one iteration; the parent exits with their 143."""
     cfg = _tiny_config(tmp_path, train=16)
     wrapper = ("import sys, torch; torch.cuda.device_count = lambda: 2; "
-               f"sys.path.insert(0, {str(REPO)!r}); import main; sys.exit(main.main(sys.argv[1:]))")
+               "import main; sys.exit(main.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", wrapper, "--config", str(cfg), "-dist", "--logging_tag", "dist",
                              "train.ckpt_interval=null"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -239,7 +239,6 @@ def test_local_rank_flag_and_environment(monkeypatch):
     assert os.environ["LOCAL_RANK"] == "3"
     apply_local_rank_flag(1)  # the environment wins where both exist
     assert os.environ["LOCAL_RANK"] == "3"
-    sys.path.insert(0, str(REPO))
     from main import parse_args
     assert parse_args(["--local-rank=2"]).local_rank == 2 and parse_args(["--local_rank", "1"]).local_rank == 1
 
@@ -271,7 +270,6 @@ def test_slurm_script_launches_one_task_per_gpu(tmp_path):
 _BAD_IMAGE_AFTER_PREFLIGHT = """
 import sys
 from pathlib import Path
-sys.path.insert(0, {repo!r})
 import torch
 if {fake_gpus}:
     torch.cuda.device_count = lambda: 2  # -dist: one rank per "GPU"; the ranks use gloo on the CPU

@@ -13,15 +13,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import datasets.prepare.coco as cp  # noqa: E402
-from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, gt_name, image_id_of, stem_of  # noqa: E402
-from datasets.prepare.coco import (CocoPrepareError, annotations_to_mask, category_map, check_categories,  # noqa: E402
+import datasets.prepare.coco as cp
+from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, gt_name, image_id_of, stem_of
+from datasets.prepare.coco import (CocoPrepareError, annotations_to_mask, category_map, check_categories,
                                    image_labels, prepare_coco)
-from datasets.synthetic.coco import coco_categories, uncompressed_rle  # noqa: E402
-from datasets.prepare.cls_labels import load_cls_labels  # noqa: E402
-from tools import prepare_coco as cli  # noqa: E402
+from datasets.synthetic.coco import coco_categories, uncompressed_rle
+from datasets.prepare.cls_labels import load_cls_labels
+from tools import prepare_coco as cli
 
 REPO = Path(__file__).resolve().parents[2]
 # pycocotools (<= 2.0.8) under numpy 2 warns on every decode; nothing of ours.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +22,6 @@ from tests.conftest import REPO, tiny_coco_config, tiny_config, write_tiny_coco,
 from utils.score_maps import ScoreMapError, compact, load_score_map, save_score_map
 
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(IRN), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 TRAIN = ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]
 VAL = ["2008_000001", "2008_000002"]
@@ -89,7 +85,7 @@ def test_a_reused_map_with_nan_stops_main_py_test(tmp_path):
 # ----------------------------------------------------------------------------- first-stage CAMs and scores
 
 def test_a_cam_file_with_nan_is_refused_by_its_one_reader(tmp_path):
-    from misc.cam_io import CamFileError, load_cam, save_cam
+    from irn.misc.cam_io import CamFileError, load_cam, save_cam
     high = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
     save_cam(tmp_path / "ok.npy", np.array([0, 4]), high[:, ::4, ::4], high)
     assert load_cam(tmp_path / "ok.npy")["high_res"].shape == (2, 8, 8)
@@ -111,8 +107,8 @@ def test_eval_cam_stops_at_a_nan_cam_naming_it(tmp_path):
     """eval_cam, cam_to_ir_label and make_sem_seg all read CAMs through misc.cam_io.load_cam."""
     from argparse import Namespace
 
-    from misc.cam_io import CamFileError, save_cam
-    from step import eval_cam
+    from irn.misc.cam_io import CamFileError, save_cam
+    from irn.step import eval_cam
 
     from datasets.synthetic.voc import make_synthetic_voc
     make_synthetic_voc(tmp_path / "data", train=4, val=1, test=0, size=(32, 40), classes=2, seed=0)
@@ -132,8 +128,8 @@ def test_eval_cam_stops_at_a_nan_cam_naming_it(tmp_path):
 
 
 def test_a_score_file_with_nan_is_refused_and_gen_mask_exits_1(tmp_path, capsys):
-    from step.gen_mask import ScoreFileError, cli, load_score
-    from step.make_sem_seg_labels import save_score
+    from irn.step.gen_mask import ScoreFileError, cli, load_score
+    from irn.step.make_sem_seg_labels import save_score
     score = torch.tensor([[[0.25, 0.25]], [[0.9, 0.1]]])
     pred = torch.tensor([[1, 0]])
     save_score(tmp_path / "score" / "a.pt", pred, score, torch.tensor([0, 1]))
@@ -182,7 +178,7 @@ def test_the_first_stage_refuses_a_list_with_a_duplicate(tmp_path):
 
 
 def test_the_first_stage_driver_stops_at_a_duplicate_before_any_step(tmp_path, capsys):
-    import run_sample
+    from irn import run_sample
 
     from datasets.synthetic.voc import make_synthetic_voc
     make_synthetic_voc(tmp_path / "data", train=4, val=1, test=0, size=(32, 40), classes=2, seed=0)

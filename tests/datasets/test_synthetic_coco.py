@@ -2,7 +2,6 @@
 simulated first-stage outputs, reuse / refusal, the CLI."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,13 +10,12 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, image_id_of, stem_of  # noqa: E402
-from datasets.synthetic.coco import (make_synthetic_coco, make_synthetic_coco_from_config,  # noqa: E402
+from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, image_id_of, stem_of
+from datasets.synthetic.coco import (make_synthetic_coco, make_synthetic_coco_from_config,
                                      synthetic_category_ids, synthetic_image_ids)
-from datasets.prepare.cls_labels import load_cls_labels  # noqa: E402
-from tools import make_synthetic_coco as cli  # noqa: E402
+from datasets.prepare.cls_labels import load_cls_labels
+from tools import make_synthetic_coco as cli
 
 # pycocotools (<= 2.0.8) under numpy 2 warns on every decode; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn:DeprecationWarning")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from datasets.synthetic.voc import CLASS_STYLES, make_synthetic_voc, synthetic_ids  # noqa: E402
-from utils.metrics import confusion_matrix, segmentation_scores  # noqa: E402
-from utils.voc import VOC_CLASSES, voc_palette  # noqa: E402
+from datasets.synthetic.voc import CLASS_STYLES, make_synthetic_voc, synthetic_ids
+from utils.metrics import confusion_matrix, segmentation_scores
+from utils.voc import VOC_CLASSES, voc_palette
 
 SMALL = dict(train=12, val=4, test=2, size=(64, 64), classes=5)
 BIG = dict(train=40, val=4, test=2, size=(96, 128), classes=5, seed=0)

@@ -12,30 +12,28 @@ import pytest
 import torch
 from PIL import Image
 
+
+from datasets.synthetic.voc import make_synthetic_voc
+from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml, load_cls_labels,
+                                     multi_hot)
+from irn.misc.cam_io import load_cam, save_cam
+from irn.misc.settings import config_path, load_settings
+from models.checkpoint import CheckpointMismatchError
+from models.resnet import FixedBatchNorm2d
+from irn.net.backbone import backbone_filter, build_backbone, checkpoint_filter_fn, file_state, resnet
+from irn.net.resnet50_cam import CAM, Net, load_cam_weights
+from irn.step.cam_to_ir_label import combine, crf_params
+from irn.step.eval_cam import cam_prediction
+from irn.step.make_cam import cams_for_image, normalise_channels, stride4_size, strided_up_size
+from datasets import transforms as T
+from datasets.readers import DataError
+from datasets.views import ClassificationView, SegmentationView, open_source
+from utils.crf import hard_label_crf, hard_label_unary
+from utils.metrics import confusion_of_maps, seen_class_scores
+from utils.schedule import PolyOptimizer, max_steps, poly_factor
+
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(REPO), str(IRN)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from datasets.synthetic.voc import make_synthetic_voc  # noqa: E402
-from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml, load_cls_labels,  # noqa: E402
-                                     multi_hot)
-from misc.cam_io import load_cam, save_cam  # noqa: E402
-from misc.settings import config_path, load_settings  # noqa: E402
-from models.checkpoint import CheckpointMismatchError  # noqa: E402
-from models.resnet import FixedBatchNorm2d  # noqa: E402
-from net.backbone import backbone_filter, build_backbone, checkpoint_filter_fn, file_state, resnet  # noqa: E402
-from net.resnet50_cam import CAM, Net, load_cam_weights  # noqa: E402
-from step.cam_to_ir_label import combine, crf_params  # noqa: E402
-from step.eval_cam import cam_prediction  # noqa: E402
-from step.make_cam import cams_for_image, normalise_channels, stride4_size, strided_up_size  # noqa: E402
-from datasets import transforms as T  # noqa: E402
-from datasets.readers import DataError  # noqa: E402
-from datasets.views import ClassificationView, SegmentationView, open_source  # noqa: E402
-from utils.crf import hard_label_crf, hard_label_unary  # noqa: E402
-from utils.metrics import confusion_of_maps, seen_class_scores  # noqa: E402
-from utils.schedule import PolyOptimizer, max_steps, poly_factor  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -512,8 +510,7 @@ def test_driver_smoke_cam_steps(tmp_path, synthetic_voc):
 
 
 def test_driver_options_and_step_order(tmp_path):
-    import importlib
-    rs = importlib.import_module("run_sample")
+    from irn import run_sample as rs
     p = rs.build_parser()
     a = rs.parse_args(["--work_dir", str(tmp_path)])  # configs/first_stage/voc.yaml
     assert (a.cam_batch_size, a.cam_num_epoches, a.cam_learning_rate, a.cam_weight_decay) == (16, 5, 0.1, 1e-4)
@@ -534,7 +531,7 @@ def test_driver_options_and_step_order(tmp_path):
 def test_eval_cam_perfect_cams_give_miou_one(tmp_path, synthetic_voc):
     """CAMs equal to the one-hot GT (void → background) are scored 1.0: keys map to ids k+1."""
     from argparse import Namespace
-    from step import eval_cam
+    from irn.step import eval_cam
     root = synthetic_voc / "VOC2012"
     cam_dir = tmp_path / "cam"
     ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
@@ -557,7 +554,7 @@ def test_eval_cam_perfect_cams_give_miou_one(tmp_path, synthetic_voc):
 
 
 def test_pseudo_labels_compared_with_cams():
-    from step.eval_sem_seg import compare_with_cams
+    from irn.step.eval_sem_seg import compare_with_cams
     cam = {"images": 10, "cam_miou": 0.40, "cam_eval_thres": 0.15, "cam_miou_sweep": {"0.3": 0.50, "0.4": 0.55}}
     gains = compare_with_cams(0.62, 10, cam)
     assert gains["gain_over_cam"] == pytest.approx(0.22) and gains["best_cam_thres"] == 0.4
@@ -572,7 +569,7 @@ def test_eval_sem_seg_warns_when_cams_win(tmp_path, synthetic_voc, caplog):
     import json
     import logging
     from argparse import Namespace
-    from step import eval_sem_seg
+    from irn.step import eval_sem_seg
     root = synthetic_voc / "VOC2012"
     ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
     for i in ids:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import cv2
@@ -18,15 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+
+from datasets.affinity import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions
+from irn.misc.random_walk import (dense_affinity, dense_transition, random_walk, rw_to_scores,
+                              sparse_transition)
+
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(IRN), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from datasets.affinity import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions  # noqa: E402
-from misc.random_walk import (dense_affinity, dense_transition, random_walk, rw_to_scores,  # noqa: E402
-                              sparse_transition)
 
 R5_DST = [(0, 1), (1, 0), (0, 2), (2, 0), (0, 3), (1, -1), (1, 1), (3, 0), (0, 4), (4, 0), (1, -2), (1, 2),
           (2, -1), (2, 1), (2, -2), (2, 2), (1, -3), (1, 3), (2, -3), (2, 3), (3, -2), (3, -1), (3, 1), (3, 2),
@@ -248,8 +245,8 @@ def test_rw_scores_background_ties_and_zero_guard():
 
 
 def test_irn_shapes_loss_and_mean_shift(monkeypatch):
-    from net import resnet50_irn as irn
-    from net.backbone import resnet
+    from irn.net import resnet50_irn as irn
+    from irn.net.backbone import resnet
     torch.manual_seed(0)
     model = irn.EdgeDisplacement(18).eval()
     x = torch.randn(2, 3, 50, 70)
@@ -288,8 +285,8 @@ def test_irn_shapes_loss_and_mean_shift(monkeypatch):
 def test_irn_train_backbone_option():
     """--irn_train_backbone: the backbone follows train mode, gets gradients and sits in the edge group;
     the default keeps the reference's frozen, eval-mode backbone."""
-    from net import resnet50_irn as irn
-    from net.backbone import resnet
+    from irn.net import resnet50_irn as irn
+    from irn.net.backbone import resnet
     torch.manual_seed(2)
     pi = PathIndex(5)
     idx = pi.indices((12, 12))
@@ -309,11 +306,11 @@ def test_irn_train_backbone_option():
 
 
 def test_irn_backbone_from_cam_weights(tmp_path):
-    from net import resnet50_irn as irn
-    from net.backbone import resnet
-    from net.resnet50_cam import Net as CamNet
+    from irn.net import resnet50_irn as irn
+    from irn.net.backbone import resnet
+    from irn.net.resnet50_cam import Net as CamNet
     from models.checkpoint import CheckpointMismatchError
-    from step.train_irn import load_backbone_from_cam
+    from irn.step.train_irn import load_backbone_from_cam
     torch.manual_seed(1)
     cam = CamNet(backbone=resnet(18))
     torch.save(cam.state_dict(), tmp_path / "cam.pth")
@@ -379,8 +376,8 @@ def test_gen_mask_counts_and_ranking(seed, tie_mode):
 
 def test_score_file_round_trip_and_reference_layout(tmp_path):
     from datasets.handoff import confidence_mask
-    from step.gen_mask import load_score
-    from step.make_sem_seg_labels import save_score
+    from irn.step.gen_mask import load_score
+    from irn.step.make_sem_seg_labels import save_score
     score, pred, keys = _worked_example()
     path = save_score(tmp_path / "a.pt", torch.from_numpy(pred), score, torch.from_numpy(keys))
     raw = torch.load(path, weights_only=True)  # tensors only: loadable without unpickling objects
@@ -401,14 +398,14 @@ def test_score_file_round_trip_and_reference_layout(tmp_path):
     ref = load_score(legacy, "ref")
     assert np.array_equal(ref["pred"], pred) and torch.equal(ref["score"], score)
     assert confidence_mask(ref["score"], ref["pred"]).tolist() == [[1, 0, 0], [0, 0, 1]]
-    from step.gen_mask import ScoreFileError
+    from irn.step.gen_mask import ScoreFileError
     with pytest.raises(ScoreFileError, match="'missing'"):
         load_score(tmp_path / "missing.pt")
 
 
 def test_gen_mask_driven_by_id_list(tmp_path):
-    from step.gen_mask import generate_masks, read_mask_png
-    from step.make_sem_seg_labels import save_score
+    from irn.step.gen_mask import generate_masks, read_mask_png
+    from irn.step.make_sem_seg_labels import save_score
     score, pred, keys = _worked_example()
     for name in ("a", "b", "stale"):
         save_score(tmp_path / "score" / f"{name}.pt", torch.from_numpy(pred), score, torch.from_numpy(keys))
@@ -418,13 +415,13 @@ def test_gen_mask_driven_by_id_list(tmp_path):
     assert read_mask_png(tmp_path / "mask" / "a.png").tolist() == [[1, 0, 0], [0, 0, 1]]
     again = generate_masks(["a", "b"], tmp_path / "score", tmp_path / "mask", show_progress=False)
     assert again["written"] == 0 and again["kept_fraction"] == out["kept_fraction"]
-    from step.gen_mask import ScoreFileError
+    from irn.step.gen_mask import ScoreFileError
     with pytest.raises(ScoreFileError, match="'c'"):
         generate_masks(["a", "c"], tmp_path / "score", tmp_path / "mask", show_progress=False)
 
 
 def test_fp_fn_rates():
-    from step.eval_sem_seg import fp_fn_rates
+    from irn.step.eval_sem_seg import fp_fn_rates
     conf = np.array([[1, 0], [1, 1]])  # rows gt, cols pred (oracle 20)
     fp, fn = fp_fn_rates(conf)
     np.testing.assert_allclose(fp, [1 - 1 / 2, 1 - 2 / 2])
@@ -442,7 +439,7 @@ def _tiny_voc(tmp_path: Path) -> Path:
 
 def _seed_outputs_from_gt(voc: Path, work: Path, ids: list[str]) -> None:
     """What PART A's steps would leave: ir_label seeds and CAM files, here made from the GT."""
-    from misc.cam_io import save_cam
+    from irn.misc.cam_io import save_cam
     for name in ids:
         gt = np.asarray(Image.open(voc / "SegmentationClass" / f"{name}.png"))
         Image.fromarray(gt.astype(np.uint8), mode="L").save(work / "result" / "ir_label" / f"{name}.png")
@@ -457,7 +454,7 @@ def _seed_outputs_from_gt(voc: Path, work: Path, ids: list[str]) -> None:
 
 
 def test_smoke_irn_steps_through_driver(tmp_path):
-    import run_sample
+    from irn import run_sample
     from datasets.readers import read_mask
     voc = _tiny_voc(tmp_path)
     work = tmp_path / "work"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -14,18 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+
+from datasets.coco import COCO_CLASSES, stem_of
+from datasets.readers import DataError
+from datasets.prepare.cls_labels import save_cls_labels
+from datasets.sources import CocoSource, VOCSource
+from datasets.views import ClassificationView, InferenceView, data_source, open_source
+from utils.metrics import StreamingConfusion, confusion_of_maps, fg_on_gt_background, seen_class_scores
+
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(IRN), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
-from datasets.readers import DataError  # noqa: E402
-from datasets.prepare.cls_labels import save_cls_labels  # noqa: E402
-from datasets.sources import CocoSource, VOCSource  # noqa: E402
-from datasets.views import ClassificationView, InferenceView, data_source, open_source  # noqa: E402
-from utils.metrics import StreamingConfusion, confusion_of_maps, fg_on_gt_background, seen_class_scores  # noqa: E402
 
 SIZE = (64, 64)
 # (image id, label ids) — sparse label ids 1, 12, 80 (CAM indices 0, 11, 79); id 42 has no class.
@@ -139,7 +136,7 @@ def test_coco_source_ids_names_paths_and_class_count(tiny_coco):
 
 
 def test_driver_options_pick_the_coco_source_and_defaults(tiny_coco, tmp_path):
-    import run_sample
+    from irn import run_sample
     base = ["--work_dir", str(tmp_path / "w"), "--dataset", "coco", "--coco_root", str(tiny_coco)]
     args = run_sample.parse_args(base)
     assert (args.conf_fg_thres, args.conf_bg_thres) == (0.35, 0.10)
@@ -188,8 +185,8 @@ def test_missing_gt_and_label_files_name_the_id_and_path(tiny_coco, tmp_path):
 
 def test_coco_datasets_and_networks_take_the_class_count(tiny_coco):
     from datasets.affinity import PathIndex, affinity_labels
-    from net.backbone import resnet
-    from net.resnet50_cam import CAM, Net
+    from irn.net.backbone import resnet
+    from irn.net.resnet50_cam import CAM, Net
     src = open_source("coco", tiny_coco)
     ds = InferenceView(src.ids("train"), src, scales=(1.0, 0.5))
     item = ds[2]
@@ -227,8 +224,8 @@ def test_streaming_confusion_equals_one_shot():
 
 
 def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
-    from misc.cam_io import save_cam
-    from step import eval_cam
+    from irn.misc.cam_io import save_cam
+    from irn.step import eval_cam
     src = open_source("coco", tiny_coco)
     for stem in src.ids("train"):
         gt = src.read_gt(stem)
@@ -250,8 +247,8 @@ def test_eval_cam_on_coco_uses_81_classes(tiny_coco, tmp_path):
 
 def test_no_class_mask_is_full_size_seeded_and_optional(tmp_path):
     from datasets.handoff import no_class_mask
-    from step.gen_mask import generate_masks, read_mask_png
-    from step.make_sem_seg_labels import save_score
+    from irn.step.gen_mask import generate_masks, read_mask_png
+    from irn.step.make_sem_seg_labels import save_score
     a = no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3)
     assert a.shape == (5, 7) and int(a.sum()) == 35 // 2
     assert np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3))
@@ -274,9 +271,9 @@ def test_no_class_mask_is_full_size_seeded_and_optional(tmp_path):
 
 @pytest.mark.slow
 def test_run_sample_coco_end_to_end(tiny_coco, tmp_path):
-    import run_sample
-    from misc.cam_io import load_cam
-    from step.gen_mask import load_score, read_mask_png
+    from irn import run_sample
+    from irn.misc.cam_io import load_cam
+    from irn.step.gen_mask import load_score, read_mask_png
     work, export = tmp_path / "work", tmp_path / "export"
     argv = ["--dataset", "coco", "--coco_root", str(tiny_coco), "--work_dir", str(work), "--steps", "all",
             "--export_to", str(export), "--device", "cpu", "--num_workers", "0", "--torch_threads", "1",

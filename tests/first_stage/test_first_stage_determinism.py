@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(REPO), str(IRN), str(REPO / "tools")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 
 
@@ -41,7 +37,7 @@ def restore_torch_switches():
 
 
 def _train_cam(root: Path, work: Path) -> Path:
-    import run_sample
+    from irn import run_sample
     run_sample.main(["--voc12_root", str(root), "--work_dir", str(work), "--steps", "train_cam", "--determ",
                      "--backbone_depth", "18", "--backbone_bn", "batch", "--cam_freeze_until", "none",
                      "--cam_crop_size", "32", "--cam_resize_long", "32,48", "--cam_batch_size", "4",
@@ -73,8 +69,8 @@ def test_determ_train_cam_is_bit_identical(tmp_path, tiny_voc, restore_torch_swi
 
 
 def test_determ_is_off_by_default_and_a_demo_yaml_switch(tmp_path):
-    import demo
-    import run_sample
+    from tools import demo
+    from irn import run_sample
     assert run_sample.parse_args(["--work_dir", str(tmp_path)]).determ is False
     assert demo.first_stage_settings(REPO / "configs/first_stage/demo.yaml").determ is True
     assert run_sample.parse_args(["--work_dir", str(tmp_path), "--determ"]).determ is True

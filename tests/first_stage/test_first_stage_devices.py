@@ -3,20 +3,17 @@ CUDA cache before the shards start. Everything here runs without CUDA (counts ar
 CUDA calls are stubbed)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+
+from irn.misc import runtime
+from utils.errors import DeviceError
+
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(REPO), str(IRN)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from misc import runtime  # noqa: E402
-from utils.errors import DeviceError  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,7 +107,7 @@ def tiny_voc(synthetic_set) -> Path:
 
 
 def _args(voc: Path, work: Path, *extra: str):
-    import run_sample
+    from irn import run_sample
     return run_sample.parse_args(["--voc12_root", str(voc), "--work_dir", str(work), "--device", "cpu",
                                   "--backbone_depth", "18", "--cam_scales", "1.0,0.5", "--torch_threads", "1",
                                   "--no_progress", *extra])
@@ -122,7 +119,7 @@ def _args(voc: Path, work: Path, *extra: str):
 def test_a_shard_loads_with_its_share_of_workers(step_name, builder, num_workers, expected, tiny_voc, tmp_path,
                                                  monkeypatch):
     import importlib
-    step = importlib.import_module(f"step.{step_name}")
+    step = importlib.import_module(f"irn.step.{step_name}")
     args = _args(tiny_voc, tmp_path / "work", "--num_workers", str(num_workers))
     loaders: list = []
 
@@ -138,9 +135,9 @@ def test_a_shard_loads_with_its_share_of_workers(step_name, builder, num_workers
 
 def test_cam_files_do_not_depend_on_shards_or_workers(tiny_voc, tmp_path):
     """make_cam in-process without workers vs 2 spawned shards with a loader worker each."""
-    import run_sample
-    from net.backbone import resnet
-    from net.resnet50_cam import CAM
+    from irn import run_sample
+    from irn.net.backbone import resnet
+    from irn.net.resnet50_cam import CAM
     torch.manual_seed(0)
     state = CAM(backbone=resnet(18), n_classes=20).state_dict()
     outputs = {}

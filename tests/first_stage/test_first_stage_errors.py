@@ -18,18 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
+
+from irn import run_sample
+from datasets.verify import first_stage_preflight
+from datasets.coco import COCO_CLASSES, stem_of
+from datasets.prepare.cls_labels import LabelError, save_cls_labels
+from utils.errors import ConfigError, DataError
+from datasets.views import data_source
+
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(IRN), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import run_sample  # noqa: E402
-from datasets.verify import first_stage_preflight  # noqa: E402
-from datasets.coco import COCO_CLASSES, stem_of  # noqa: E402
-from datasets.prepare.cls_labels import LabelError, save_cls_labels  # noqa: E402
-from utils.errors import ConfigError, DataError  # noqa: E402
-from datasets.views import data_source  # noqa: E402
 
 TRAIN = ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]
 VAL = ["2008_000001", "2008_000002"]
@@ -123,7 +121,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
 
 def test_a_programming_error_keeps_its_traceback(voc, tmp_path):
     work = tmp_path / "work"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run_sample\n"
+    code = ("import sys; from irn import run_sample\n"
             "def broken(args):\n    raise TypeError('unsupported operand in a step')\n"
             "run_sample.step_runner = lambda name: broken\n"
             "sys.exit(run_sample.cli(sys.argv[2:]))")
@@ -246,9 +244,9 @@ def test_coco_root_and_labels(tmp_path, capsys):
 
 
 def test_error_types_are_the_projects():
-    from misc.cam_io import CamFileError
+    from irn.misc.cam_io import CamFileError
     from utils.errors import DeviceError, MissingInputError, OptionError, WeightsError, spawned_error
-    from step.gen_mask import ScoreFileError
+    from irn.step.gen_mask import ScoreFileError
     from datasets.sources import LabelDataError
     assert issubclass(CamFileError, DataError) and issubclass(ScoreFileError, DataError)
     assert issubclass(LabelDataError, DataError) and issubclass(LabelDataError, LabelError)
@@ -258,9 +256,9 @@ def test_error_types_are_the_projects():
     # An error of ours raised in a spawned make_cam / make_sem_seg shard: its one line and code.
     from torch.multiprocessing import ProcessRaisedException
     tb = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
-          "  File \"x.py\", line 1, in f\nmisc.cam_io.CamFileError: CAM file missing for id 'a': /w/a.npy\n")
+          "  File \"x.py\", line 1, in f\nirn.misc.cam_io.CamFileError: CAM file missing for id 'a': /w/a.npy\n")
     assert spawned_error(ProcessRaisedException(tb, 1, 99)) == (1, "CAM file missing for id 'a': /w/a.npy")
-    assert spawned_error(ProcessRaisedException(tb.replace("misc.cam_io.CamFileError", "KeyError"), 1, 99)) is None
+    assert spawned_error(ProcessRaisedException(tb.replace("irn.misc.cam_io.CamFileError", "KeyError"), 1, 99)) is None
     assert spawned_error(ValueError("x")) is None
 
 
@@ -270,7 +268,7 @@ def test_error_types_are_the_projects():
 def _seed_results(work: Path, ids: list[str]) -> None:
     """What make_sem_seg leaves: score files (background plane only for the image without class)
     and pseudo-labels."""
-    from step.make_sem_seg_labels import save_score
+    from irn.step.make_sem_seg_labels import save_score
     h, w = SIZE
     for i in ids:
         if i == NO_CLASS:
@@ -284,7 +282,7 @@ def _seed_results(work: Path, ids: list[str]) -> None:
 
 
 def test_no_class_images_are_reported_and_exported_visibly(voc, tmp_path, capsys):
-    from step.gen_mask import read_mask_png
+    from irn.step.gen_mask import read_mask_png
     work, out = tmp_path / "work", tmp_path / "export"
     argv = _argv(voc, work, "--steps", "gen_mask,export", "--export_to", str(out))
     for d in ("score", "sem_seg"):
@@ -354,8 +352,8 @@ def test_export_refuses_missing_outputs(voc, tmp_path, capsys):
 
 
 def test_gen_mask_summary_counts_without_the_driver(tmp_path):
-    from step.gen_mask import generate_masks
-    from step.make_sem_seg_labels import save_score
+    from irn.step.gen_mask import generate_masks
+    from irn.step.make_sem_seg_labels import save_score
     save_score(tmp_path / "s" / "e.pt", torch.zeros(3, 4, dtype=torch.long), torch.full((1, 3, 4), 0.25),
                torch.tensor([0]))
     out = generate_masks(["e"], tmp_path / "s", tmp_path / "m", show_progress=False)
@@ -468,8 +466,8 @@ def test_a_radius_below_two_is_refused_when_its_step_runs(voc, tmp_path, flag, s
 def test_the_crop_rule_is_what_the_network_and_the_path_index_do():
     """Accepted exactly when IRN's output map equals the label map and the path index has a window."""
     from datasets.affinity import PathIndex
-    from misc.settings import irn_crop_problem
-    from net.resnet50_irn import Net
+    from irn.misc.settings import irn_crop_problem
+    from irn.net.resnet50_irn import Net
     from datasets.views import reduced_size
     net = Net(18).eval()
     with torch.no_grad():

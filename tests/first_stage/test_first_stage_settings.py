@@ -2,22 +2,19 @@
 reference's flags as aliases of the keys, key=value overrides and --print-config."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+
+from irn import run_sample
+from irn.misc import settings
+from utils.config import load_yaml
+from utils.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
-for _p in (str(REPO), str(IRN)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import run_sample  # noqa: E402
-from misc import settings  # noqa: E402
-from utils.config import load_yaml  # noqa: E402
-from utils.errors import ConfigError  # noqa: E402
 
 VOC_YAML = REPO / "configs/first_stage/voc.yaml"
 

@@ -171,12 +171,10 @@ def test_every_config_file_loads():
     """Second-stage configs build; first-stage settings files (configs/first_stage/*.yaml, read by
     run_sample.py and tools/demo.py) hold every key run_sample.py knows, with valid values; a study
     (noise_study*.yaml, tools/noise_study.py) builds every method's config with its overrides."""
-    sys.path.insert(0, str(REPO / "first-stage" / "irn"))
-    sys.path.insert(0, str(REPO / "tools"))
-    from demo import first_stage_settings
+    from tools.demo import first_stage_settings
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if path.name.startswith("noise_study"):
-            import noise_study
+            from tools import noise_study
             study = noise_study.load_study(path)
             for method in study["methods"].values():
                 load_config(REPO / method["config"], [*noise_study.data_overrides(study), *study["train_overrides"],

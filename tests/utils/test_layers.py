@@ -9,9 +9,8 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-# Folders whose modules are named from the folder down, as their programs import them
-# (the first stage puts first-stage/irn on its path and imports `misc.runtime`, `voc12.source`).
-ROOTS = (REPO, REPO / "first-stage" / "irn")
+# Folder -> the package its modules are installed under (pyproject.toml): the first stage is `irn`.
+ROOTS = {REPO: "", REPO / "first-stage" / "irn": "irn"}
 SKIP = {"tests", ".venv", ".git", "data", "docs", "configs"}
 
 # Package -> layer: an import may go to its own layer or below, never above.
@@ -22,12 +21,12 @@ TOP = 3  # main.py, test.py, tools/, benchmarks/, the first stage
 def project_modules() -> dict[str, Path]:
     """Dotted module name -> file, for every project source file outside the tests."""
     mods: dict[str, Path] = {}
-    for root in ROOTS:
+    for root, package in ROOTS.items():
         for path in root.rglob("*.py"):
             rel = path.relative_to(root)
             if SKIP & set(rel.parts) or (root == REPO and rel.parts[0] == "first-stage"):
                 continue
-            parts = list(rel.with_suffix("").parts)
+            parts = [p for p in (package, *rel.with_suffix("").parts) if p]
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             mods[".".join(parts)] = path
@@ -110,7 +109,7 @@ def test_the_graph_sees_the_known_imports():
     assert "models.deeplabv2" in graph["models.build"]              # from . import deeplabv2
     assert "models.build" in graph["models"]                        # from .build import ... (in __init__)
     assert {"datasets.build", "engine.beco", "models.build", "utils.config"} <= graph["engine.config"]
-    assert "misc.runtime" in graph["step.train_cam"]                 # the first stage's own names
+    assert "irn.misc.runtime" in graph["irn.step.train_cam"]         # the first stage, as package irn
 
 
 def test_no_import_circle_among_the_project_modules():
@@ -132,3 +131,17 @@ def test_no_import_goes_up_a_layer():
     upward = {name: sorted(m for m in deps if layer(m) > layer(name))
               for name, deps in import_graph().items()}
     assert {name: deps for name, deps in upward.items() if deps} == {}
+
+
+def test_no_file_edits_sys_path():
+    """Every entry point finds the packages through the editable install (pyproject.toml), the
+    tests included: a sys.path edit would be a second mechanism."""
+    edits = []
+    for path in REPO.rglob("*.py"):
+        if SKIP - {"tests"} & set(path.relative_to(REPO).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"):
+                edits.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert edits == []

@@ -198,10 +198,7 @@ def test_pretrained_weights_with_pickled_objects_are_refused_by_config_key(tmp_p
 
 
 def test_a_score_file_holding_pickled_objects_is_refused_not_unpickled(tmp_path):
-    irn = str(REPO / "first-stage" / "irn")
-    if irn not in sys.path:
-        sys.path.insert(0, irn)
-    from step.gen_mask import ScoreFileError, load_score
+    from irn.step.gen_mask import ScoreFileError, load_score
     path = tmp_path / "a.pt"
     torch.save({"pred": torch.zeros(2, 2, dtype=torch.long), "score": torch.zeros(2, 2, 2), "x": _Payload()}, path)
     UNPICKLED.clear()

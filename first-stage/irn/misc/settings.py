@@ -500,7 +500,7 @@ def check_options(args: argparse.Namespace) -> None:
     check_path_options(args)
     # Here, not at the top: the device and path checks import torch and the step modules, which
     # --help and a settings file's check (tools/demo.py) do without.
-    from misc.runtime import resolve_device
+    from irn.misc.runtime import resolve_device
     resolve_device(args.device)  # DeviceError (an OptionError) for a device this machine lacks
 
 
@@ -516,7 +516,7 @@ def _path_reach(flag: str, radius: int) -> int:
 def _crop_maps(crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(IRN's output map, its affinity labels' map) of a square training crop."""
     # The stem's and max-pool's ceil(H/4): IRN's output size, as make_cam's.
-    from step.make_cam import stride4_size
+    from irn.step.make_cam import stride4_size
     from datasets.views import reduced_size
     return stride4_size(crop, crop), reduced_size(crop)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from datasets.prepare.cls_labels import FG_CLASSES
 from models.checkpoint import load_pretrained
 from models.resnet import ResNet
-from net.backbone import build_backbone, checkpoint_filter_fn
+from irn.net.backbone import build_backbone, checkpoint_filter_fn
 
 # Former constant, kept importable: VOC's class count (the default of ``n_classes``).
 NUM_CLASSES = len(FG_CLASSES)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from datasets.affinity import PathIndex, edge_to_affinity
 from models.checkpoint import load_pretrained
 from models.resnet import ResNet
-from net.backbone import build_backbone, checkpoint_filter_fn, resnet
+from irn.net.backbone import build_backbone, checkpoint_filter_fn, resnet
 
 # Part of the loss definition (§11.3): keeps the logs finite and the ratios defined.
 LOG_EPS = 1e-5

@@ -19,8 +19,8 @@ import numpy as np
 
 from datasets.sources import SEED_IGNORE
 from datasets.views import data_source
-from misc.cam_io import CamFileError, load_cam
-from misc.runtime import eval_ids, get_logger, progress, read_ids
+from irn.misc.cam_io import CamFileError, load_cam
+from irn.misc.runtime import eval_ids, get_logger, progress, read_ids
 from utils.crf import HardLabelCrf, hard_label_crf
 from utils.io import save_png
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from datasets.views import GroundTruthView, data_source
-from misc.cam_io import CamFileError, load_cam
-from misc.runtime import eval_ids, get_logger, progress
+from irn.misc.cam_io import CamFileError, load_cam
+from irn.misc.runtime import eval_ids, get_logger, progress
 from utils.metrics import StreamingConfusion, fg_on_gt_background, seen_class_scores
 
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from datasets.sources import SEED_IGNORE as IGNORE, DataSource
 from datasets.views import GroundTruthView, data_source
-from misc.runtime import eval_ids, get_logger, progress
-from step.make_sem_seg_labels import sem_seg_dir
+from irn.misc.runtime import eval_ids, get_logger, progress
+from irn.step.make_sem_seg_labels import sem_seg_dir
 from utils.errors import DataError
 from utils.metrics import StreamingConfusion, fg_on_gt_background
 

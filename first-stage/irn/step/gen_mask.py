@@ -40,20 +40,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-if __name__ == "__main__":  # standalone: make first-stage/irn and the repo importable
-    _here = Path(__file__).resolve().parents[1]
-    for _p in (str(_here), str(_here.parents[1])):
-        if _p not in sys.path:
-            sys.path.insert(0, _p)
 
-from datasets.handoff import (NO_CLASS_MASKS, TIE_MODES, confidence_mask, keep_count, mask_precision,  # noqa: E402
+from datasets.handoff import (NO_CLASS_MASKS, TIE_MODES, confidence_mask, keep_count, mask_precision,
                               no_class_mask, precision_counts, save_mask)
-from datasets.sources import VOC_STATS_GT_DIRS  # noqa: E402
-from datasets.verify import no_class_sentence, policy_text, shown  # noqa: E402
-from misc.runtime import get_logger, progress  # noqa: E402
-from misc.settings import config_path, load_settings  # noqa: E402
-from models.checkpoint import read_torch_file  # noqa: E402
-from utils.errors import BecoError, CheckpointError, DataError, one_line  # noqa: E402
+from datasets.sources import VOC_STATS_GT_DIRS
+from datasets.verify import no_class_sentence, policy_text, shown
+from irn.misc.runtime import get_logger, progress
+from irn.misc.settings import config_path, load_settings
+from models.checkpoint import read_torch_file
+from utils.errors import BecoError, CheckpointError, DataError, one_line
 
 # Ground truth used for the VOC mask statistics, first one found per id (SBD-augmented labels
 # cover all of train_aug; VOC's own only train/val). COCO: mask/<split>2014/<int id>.png.
@@ -212,7 +207,7 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
 
 
 def run(args: Any) -> dict[str, Any]:
-    from misc.runtime import read_ids
+    from irn.misc.runtime import read_ids
     from datasets.views import data_source
     log = get_logger()
     ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list

@@ -8,7 +8,6 @@ not depend on the split.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,10 +18,11 @@ import torch.nn.functional as F
 
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import InferenceView, data_source
-from misc.cam_io import save_cam
-from misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, shard_workers, worker_share
-from net.backbone import resnet
-from net.resnet50_cam import load_cam_weights
+from irn.misc.cam_io import save_cam
+from irn.misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, shard_workers, worker_share
+from irn.net import network_module
+from irn.net.backbone import resnet
+from irn.net.resnet50_cam import load_cam_weights
 
 NORM_EPS = 1e-5  # part of the CAM file definition (§7.2 step 5)
 
@@ -61,7 +61,7 @@ def cams_for_image(model: torch.nn.Module, inputs: Sequence[torch.Tensor], size:
 
 
 def build_cam_infer_net(args: Any) -> torch.nn.Module:
-    module = importlib.import_module(args.cam_network)
+    module = network_module(args.cam_network)
     # The trained weights overwrite everything; no ImageNet file needed here (and no warning).
     backbone = resnet(args.backbone_depth)
     model = module.CAM(backbone=backbone, n_classes=data_source(args).num_classes)

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from datasets.views import InferenceView, data_source
-from misc.cam_io import CamFileError, load_cam
-from misc.random_walk import random_walk, rw_to_scores
-from misc.runtime import (first_item, get_logger, progress, read_ids, run_on_devices, save_torch, shard_workers,
+from irn.misc.cam_io import CamFileError, load_cam
+from irn.misc.random_walk import random_walk, rw_to_scores
+from irn.misc.runtime import (first_item, get_logger, progress, read_ids, run_on_devices, save_torch, shard_workers,
                           worker_share)
-from step.train_irn import irn_module, irn_weights_path
+from irn.step.train_irn import irn_module, irn_weights_path
 from utils.io import save_png
 
 _SPARSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -5,7 +5,6 @@ train2014 and reports its validation loss on val2014.
 """
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from torch.utils.data import DataLoader
 
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import ClassificationView, data_source
-from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
-from net.backbone import file_state
+from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
+from irn.net import network_module
+from irn.net.backbone import file_state
 from utils.errors import OptionError
 from utils.io import save_json
 from utils.runtime import seeded_loader_kwargs
@@ -32,7 +32,7 @@ def multilabel_soft_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.
 
 def build_cam_net(args: Any, weights_from_imagenet: bool = True) -> nn.Module:
     """The training-form CAM network named by ``--cam_network`` (module exposing ``Net``)."""
-    module = importlib.import_module(args.cam_network)
+    module = network_module(args.cam_network)
     return module.Net(depth=args.backbone_depth, weights=args.backbone_weights if weights_from_imagenet else None,
                       n_classes=data_source(args).num_classes, freeze_until=args.cam_freeze_until,
                       bn_mode=args.backbone_bn)

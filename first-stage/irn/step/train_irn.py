@@ -10,7 +10,6 @@ decoded as far as they go (the data source's reader).
 """
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,10 @@ from torch.utils.data import DataLoader
 from datasets.affinity import PathIndex
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import AffinityView, ImageView, data_source, reduced_size
-from misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
+from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
 from models.checkpoint import load_pretrained
-from net.backbone import backbone_filter, file_state, resnet
+from irn.net import network_module
+from irn.net.backbone import backbone_filter, file_state, resnet
 from utils.errors import OptionError
 from utils.runtime import seeded_loader_kwargs, set_seed
 from utils.schedule import PolyOptimizer, max_steps
@@ -42,7 +42,7 @@ def ir_label_dir(args: Any) -> Path:
 
 
 def irn_module(args: Any):
-    return importlib.import_module(args.irn_network)
+    return network_module(args.irn_network)
 
 
 def load_backbone_from_cam(model: nn.Module, cam_weights: str | Path) -> None:

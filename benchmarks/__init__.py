@@ -1,0 +1,1 @@
+"""Benchmarks (run_all.py runs the suite; gpu.sh the GPU rows)."""

@@ -1,0 +1,1 @@
+"""Command-line tools: the demo, synthetic data, data preparation, the noise study."""
