@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-
 from datasets.build import dataset_entry
 from datasets.segmentation import TrainSet
 from engine.build import train_loader

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from torch.utils.data import DataLoader
 
 from datasets.build import dataset_entry

@@ -60,7 +60,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
 import engine.beco as beco  # noqa: E402  (its globals are wrapped to time the non-network parts)
 from engine.beco import num_nets, training_step
 from engine.inference import build_test_nets, predict_maps

@@ -70,7 +70,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-
 from benchmarks import gpu_bench  # noqa: E402  (its options, metadata and table helpers)
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
 from datasets.synthetic.voc import make_synthetic_voc, make_synthetic_voc_from_config

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from irn.misc.random_walk import random_walk, rw_to_scores
 
 REPO = Path(__file__).resolve().parents[1]

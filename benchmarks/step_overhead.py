@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from engine.beco import augment, confident_labels
 from engine.mixing import mix_batch
 from engine.strong_aug import normalize

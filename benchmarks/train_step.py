@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-
 from engine.beco import num_nets
 from engine.trainer import Run, train_step
 from utils.runtime import keep_host_memory, make_autocast

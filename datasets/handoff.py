@@ -35,7 +35,7 @@ TIE_MODES = ("original", "zero")
 NO_CLASS_MASKS = ("random_half", "zero")  # QUIRK-15 fixed: full-size masks, seeded or empty
 
 
-def margins(score: torch.Tensor, tie_mode: str = "original") -> torch.Tensor:
+def margins(score: torch.Tensor, tie_mode: str) -> torch.Tensor:
     """top-1 − top-2 per pixel of a (K+1, H, W) score stack, in the score's dtype.
 
     ``original`` (QUIRK-13): every entry equal to the top-1 value is zeroed before top-2, so
@@ -77,7 +77,7 @@ def keep_most_confident(score: np.ndarray, label: np.ndarray, thd: float) -> np.
     return mask.reshape(np.asarray(label).shape)
 
 
-def confidence_mask(score: torch.Tensor, pred: np.ndarray, thd: float = 0.5, tie_mode: str = "original") -> np.ndarray:
+def confidence_mask(score: torch.Tensor, pred: np.ndarray, thd: float, tie_mode: str) -> np.ndarray:
     """The first stage's mask: (H, W) uint8, 1 = confident, ranked by ``margins`` within each
     class region of ``pred``."""
     if not 0.0 < thd <= 1.0:
@@ -85,7 +85,7 @@ def confidence_mask(score: torch.Tensor, pred: np.ndarray, thd: float = 0.5, tie
     return keep_most_confident(margins(score, tie_mode).numpy(), pred, thd)
 
 
-def random_keep(rng: np.random.Generator, shape: tuple[int, int], thd: float = 0.5) -> np.ndarray:
+def random_keep(rng: np.random.Generator, shape: tuple[int, int], thd: float) -> np.ndarray:
     """(H, W) uint8: ``keep_count(H·W, thd)`` pixels set to 1, the first of a permutation drawn from ``rng``."""
     h, w = int(shape[0]), int(shape[1])
     mask = np.zeros(h * w, dtype=np.uint8)
@@ -93,8 +93,7 @@ def random_keep(rng: np.random.Generator, shape: tuple[int, int], thd: float = 0
     return mask.reshape(h, w)
 
 
-def no_class_mask(shape: tuple[int, int], item_id: str, seed: int = 0, mode: str = "random_half",
-                  thd: float = 0.5) -> np.ndarray:
+def no_class_mask(shape: tuple[int, int], item_id: str, seed: int, mode: str, thd: float) -> np.ndarray:
     """(H, W) uint8 mask of an image without classes (QUIRK-15 fixed).
 
     ``random_half``: exactly ``keep_count(H·W, thd)`` (floor(N/2) at 0.5) pixels, a permutation

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
 from utils import provenance
 from engine.config import load_config

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-
 from datasets.prepare.coco import CocoPrepareError
 from datasets.synthetic.coco import make_synthetic_coco_from_config
 

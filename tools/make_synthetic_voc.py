@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
 from datasets.synthetic.voc import make_synthetic_voc
 

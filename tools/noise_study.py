@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-
 from tools import demo  # noqa: E402  (tools/demo.py: the data and first-stage stages are the demo's)
 from datasets.synthetic.label_noise import boundary_errors, error_rate, region_errors
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR

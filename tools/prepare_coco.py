@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from datasets.coco import SPLITS, split_folder
 from datasets.prepare.coco import SUMMARY_NAME, CocoPrepareError, default_workers, prepare_coco
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from datasets.prepare.cls_labels import DEFAULT_NAME, labels_from_xml, save_cls_labels
 from utils.io import atomic_write, save_png, save_text
 from utils.voc import VOC_CLASSES, voc_palette

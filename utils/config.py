@@ -34,7 +34,7 @@ from typing import Annotated, Any, Callable, Collection, Literal, Mapping, Named
 
 import yaml
 
-
+from utils.crf import CrfKernels
 from utils.errors import ConfigError  # re-exported: its historical home
 
 
@@ -185,13 +185,7 @@ class LoggingCfg:
 
 
 @dataclass
-class CrfCfg:
-    iterations: int
-    gaussian_sxy: float
-    gaussian_compat: float
-    bilateral_sxy: float
-    bilateral_srgb: float
-    bilateral_compat: float
+class CrfCfg(CrfKernels):
     legacy_image: bool
     legacy_mean: list[float]
     prob_clip: float

@@ -79,12 +79,22 @@ def crf_image(image: np.ndarray, legacy: bool, legacy_mean: Sequence[float]) -> 
     return np.ascontiguousarray(np.trunc(shifted).astype(np.int64) & 255, dtype=np.uint8)
 
 
-def mean_field(unary: np.ndarray, image: np.ndarray, crf: Any) -> np.ndarray:
+@dataclass
+class CrfKernels:
+    """What every dense CRF of both stages sets: the mean-field iterations and the two Potts
+    kernels, a Gaussian (smoothness) and a bilateral (appearance) one. The second stage's
+    ``test.crf`` (utils/config.CrfCfg) and the first stage's ``HardLabelCrf`` extend it."""
+    iterations: int
+    gaussian_sxy: float
+    gaussian_compat: float
+    bilateral_sxy: float
+    bilateral_srgb: float
+    bilateral_compat: float
+
+
+def mean_field(unary: np.ndarray, image: np.ndarray, crf: CrfKernels) -> np.ndarray:
     """Mean-field marginals (C, H, W) float32 of the dense CRF with energies ``unary`` (C, H*W)
-    over ``image`` (HxWx3 uint8): a Gaussian (smoothness) and a bilateral (appearance) Potts
-    kernel. ``crf`` carries ``iterations``, ``gaussian_sxy``, ``gaussian_compat``,
-    ``bilateral_sxy``, ``bilateral_srgb`` and ``bilateral_compat``: the second stage's
-    ``test.crf``, the first stage's ``HardLabelCrf``."""
+    over ``image`` (HxWx3 uint8) and ``crf``'s kernels."""
     import pydensecrf.densecrf as dcrf  # only the CRF's callers need pydensecrf installed
 
     c = unary.shape[0]
@@ -110,18 +120,11 @@ def dense_crf(prob: np.ndarray, image: np.ndarray, crf: Any) -> np.ndarray:
     return mean_field(-np.log(np.clip(prob, crf.prob_clip, 1.0)).reshape(c, -1), image, crf)
 
 
-@dataclass(frozen=True)
-class HardLabelCrf:
-    """The first stage's seed CRF (spec §9; its crf_* settings): each pixel's hard label at
-    probability ``gt_prob``, the other labels sharing the rest, and the kernels ``mean_field``
-    reads."""
+@dataclass
+class HardLabelCrf(CrfKernels):
+    """The first stage's seed CRF (spec §9; its crf_* settings): the kernels, and each pixel's
+    hard label at probability ``gt_prob``, the other labels sharing the rest."""
     gt_prob: float
-    iterations: int
-    gaussian_sxy: float
-    gaussian_compat: float
-    bilateral_sxy: float
-    bilateral_srgb: float
-    bilateral_compat: float
 
 
 def hard_label_unary(labels: np.ndarray, n_labels: int, gt_prob: float) -> np.ndarray:

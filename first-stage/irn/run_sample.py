@@ -78,7 +78,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
 from datasets.views import data_source
 from datasets.verify import (first_stage_preflight, known_no_class, no_class_report, no_class_sentence,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 from benchmarks import run_all
 
 REPO = Path(__file__).resolve().parents[2]

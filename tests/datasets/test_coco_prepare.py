@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-
 import datasets.prepare.coco as cp
 from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, gt_name, image_id_of, stem_of
 from datasets.prepare.coco import (CocoPrepareError, annotations_to_mask, category_map, check_categories,

@@ -49,7 +49,7 @@ def test_rule_matches_the_spec_written_plainly(thd):
     keys = np.array([0, 4, 9])
     pred = keys[score.argmax(0)]
     assert len(np.unique(pred)) == 3
-    got = confidence_mask(torch.from_numpy(score), pred, thd)
+    got = confidence_mask(torch.from_numpy(score), pred, thd, "original")
     assert got.dtype == np.uint8 and got.tolist() == spec_mask(score, pred, thd)
 
 
@@ -70,8 +70,8 @@ def test_synthetic_masks_apply_the_same_rule():
     for c in (0, 3, 7):
         assert int((mask[label == c] > 0).sum()) == int((label == c).sum()) // 2
     # The COCO generator's empty images and the first stage's no-class masks: keep_count of all pixels.
-    assert int(random_keep(np.random.default_rng(1), (5, 7)).sum()) == 35 // 2
-    assert int(no_class_mask((5, 7), "x", seed=0).sum()) == 35 // 2
+    assert int(random_keep(np.random.default_rng(1), (5, 7), 0.5).sum()) == 35 // 2
+    assert int(no_class_mask((5, 7), "x", seed=0, mode="random_half", thd=0.5).sum()) == 35 // 2
 
 
 def test_precision_equals_a_hand_count(tmp_path):

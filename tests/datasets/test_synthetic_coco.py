@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-
 from datasets.coco import CATEGORIES, CATEGORY_TO_LABEL, image_id_of, stem_of
 from datasets.synthetic.coco import (make_synthetic_coco, make_synthetic_coco_from_config,
                                      synthetic_category_ids, synthetic_image_ids)

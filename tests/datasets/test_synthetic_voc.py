@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 from datasets.synthetic.voc import CLASS_STYLES, make_synthetic_voc, synthetic_ids
 from utils.metrics import confusion_matrix, segmentation_scores
 from utils.voc import VOC_CLASSES, voc_palette

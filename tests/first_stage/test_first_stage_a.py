@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 from datasets.synthetic.voc import make_synthetic_voc
 from datasets.prepare.cls_labels import (ClassLabels, LabelError, classes_in_xml, load_cls_labels,
                                      multi_hot)

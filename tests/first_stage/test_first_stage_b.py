@@ -17,10 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-
 from datasets.affinity import PathIndex, affinity_labels, edge_to_affinity, path_points, search_directions
 from irn.misc.random_walk import (dense_affinity, dense_transition, random_walk, rw_to_scores,
                               sparse_transition)
+from irn.misc.settings import config_path, load_settings
+
+_VOC = load_settings(config_path("voc"))
+RW = {"beta": _VOC.beta, "exp_times": _VOC.exp_times, "radius": _VOC.rw_radius}  # the walk's settings
 
 REPO = Path(__file__).resolve().parents[2]
 IRN = REPO / "first-stage" / "irn"
@@ -167,21 +170,21 @@ def test_dense_affinity_and_transition_properties():
     zero = dense_affinity(torch.zeros(h, w), 5)
     j = 6 * w + 7  # interior pixel: the whole radius-5 disc is inside the map
     assert int((zero[:, j] > 0).sum()) == 69
-    t = dense_transition(torch.zeros(h, w), beta=10, exp_times=0)
+    t = dense_transition(torch.zeros(h, w), beta=10, exp_times=0, radius=5)
     nz = t[:, j][t[:, j] > 0]
     torch.testing.assert_close(nz, torch.full_like(nz, 1 / 69))
     for k in (0, 1, 4):
-        tk = dense_transition(edge, beta=10, exp_times=k)
+        tk = dense_transition(edge, beta=10, exp_times=k, radius=5)
         torch.testing.assert_close(tk.sum(0), torch.ones(h * w), atol=1e-5, rtol=0)
     # The sparse matrix holds the same transition probabilities (stored transposed).
-    tt = sparse_transition(edge.double(), beta=10).to_dense()
-    torch.testing.assert_close(tt.t(), dense_transition(edge.double(), beta=10, exp_times=0))
+    tt = sparse_transition(edge.double(), beta=10, radius=5).to_dense()
+    torch.testing.assert_close(tt.t(), dense_transition(edge.double(), beta=10, exp_times=0, radius=5))
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_constant_input_is_a_fixed_point(mode):
     cam = torch.full((2, 10, 13), 0.6)
-    rw = random_walk(cam, torch.zeros(1, 10, 13), mode=mode)
+    rw = random_walk(cam, torch.zeros(1, 10, 13), **RW, mode=mode)
     torch.testing.assert_close(rw, cam, atol=1e-5, rtol=0)
 
 
@@ -190,13 +193,13 @@ def test_boundary_column_splits_the_grid(mode):
     h, w, q = 9, 14, 6
     edge = torch.zeros(h, w)
     edge[:, q] = 1.0
-    rw = random_walk(torch.ones(1, h, w), edge, mode=mode)[0]
+    rw = random_walk(torch.ones(1, h, w), edge, **RW, mode=mode)[0]
     assert torch.all(rw[:, q] == 0)
     torch.testing.assert_close(rw[:, :q], torch.ones(h, q), atol=1e-5, rtol=0)
     torch.testing.assert_close(rw[:, q + 1:], torch.ones(h, w - q - 1), atol=1e-5, rtol=0)
     left = torch.zeros(1, h, w)
     left[:, :, :q] = 1.0
-    crossed = random_walk(left, edge, mode=mode)[0]
+    crossed = random_walk(left, edge, **RW, mode=mode)[0]
     assert torch.all(crossed[:, q:] == 0)  # exactly nothing crosses
 
 
@@ -219,13 +222,13 @@ def test_dense_and_sparse_walks_agree(size):
     h, w = size
     cam, edge = _cam_like_maps(h, w, 3, seed=h)
     keys = np.array([0, 3, 8, 15])
-    dense = random_walk(cam, edge, mode="dense")
-    sparse = random_walk(cam, edge, mode="sparse")
+    dense = random_walk(cam, edge, **RW, mode="dense")
+    sparse = random_walk(cam, edge, **RW, mode="sparse")
     s_d, p_d = rw_to_scores(dense, (4 * h - 2, 4 * w - 1), keys)
     s_s, p_s = rw_to_scores(sparse, (4 * h - 2, 4 * w - 1), keys)
     assert float((s_d - s_s).abs().max()) < 1e-4
     assert torch.equal(p_d, p_s)
-    fp32 = random_walk(cam, edge, mode="sparse", sparse_dtype=torch.float32)
+    fp32 = random_walk(cam, edge, **RW, mode="sparse", sparse_dtype=torch.float32)
     assert float((rw_to_scores(fp32, (4 * h, 4 * w), keys)[0] - rw_to_scores(dense, (4 * h, 4 * w), keys)[0]
                   ).abs().max()) < 1e-4
 
@@ -338,9 +341,9 @@ def test_gen_mask_worked_example(tmp_path):
     from datasets.handoff import confidence_mask, margins, save_mask
     score, pred, _ = _worked_example()
     assert pred.tolist() == [[5, 5, 0], [5, 12, 0]]
-    np.testing.assert_allclose(margins(score).numpy(), [[0.65, 0.10, 0.05], [0.05, 0.75, 0.20]], atol=1e-6)
+    np.testing.assert_allclose(margins(score, "original").numpy(), [[0.65, 0.10, 0.05], [0.05, 0.75, 0.20]], atol=1e-6)
     assert float(margins(score, "zero")[1, 0]) == 0.0
-    mask = confidence_mask(score, pred, 0.5)
+    mask = confidence_mask(score, pred, 0.5, "original")
     assert mask.tolist() == [[1, 0, 0], [0, 0, 1]]
     path = save_mask(tmp_path / "m.png", mask)
     with Image.open(path) as img:
@@ -397,7 +400,7 @@ def test_score_file_round_trip_and_reference_layout(tmp_path):
     legacy.write_bytes(legacy.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     ref = load_score(legacy, "ref")
     assert np.array_equal(ref["pred"], pred) and torch.equal(ref["score"], score)
-    assert confidence_mask(ref["score"], ref["pred"]).tolist() == [[1, 0, 0], [0, 0, 1]]
+    assert confidence_mask(ref["score"], ref["pred"], 0.5, "original").tolist() == [[1, 0, 0], [0, 0, 1]]
     from irn.step.gen_mask import ScoreFileError
     with pytest.raises(ScoreFileError, match="'missing'"):
         load_score(tmp_path / "missing.pt")

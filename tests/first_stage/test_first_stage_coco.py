@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 from datasets.coco import COCO_CLASSES, stem_of
 from datasets.readers import DataError
 from datasets.prepare.cls_labels import save_cls_labels
@@ -249,12 +248,12 @@ def test_no_class_mask_is_full_size_seeded_and_optional(tmp_path):
     from datasets.handoff import no_class_mask
     from irn.step.gen_mask import generate_masks, read_mask_png
     from irn.step.make_sem_seg_labels import save_score
-    a = no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3)
+    a = no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3, mode="random_half", thd=0.5)
     assert a.shape == (5, 7) and int(a.sum()) == 35 // 2
-    assert np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3))
-    assert not np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000042", seed=4))
-    assert not np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000043", seed=3))
-    assert int(no_class_mask((5, 7), "x", mode="zero").sum()) == 0
+    assert np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000042", seed=3, mode="random_half", thd=0.5))
+    assert not np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000042", seed=4, mode="random_half", thd=0.5))
+    assert not np.array_equal(a, no_class_mask((5, 7), "COCO_train2014_000000000043", seed=3, mode="random_half", thd=0.5))
+    assert int(no_class_mask((5, 7), "x", seed=0, mode="zero", thd=0.5).sum()) == 0
     # Through generate_masks: a background-only score file (K = 0) of the image's full size.
     h, w = 6, 9
     save_score(tmp_path / "score" / "e.pt", torch.zeros(h, w, dtype=torch.long), torch.full((1, h, w), 0.25),

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from irn.misc import runtime
 from utils.errors import DeviceError
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 from irn import run_sample
 from datasets.verify import first_stage_preflight
 from datasets.coco import COCO_CLASSES, stem_of

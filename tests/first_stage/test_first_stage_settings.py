@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 from irn import run_sample
 from irn.misc import settings
 from utils.config import load_yaml

@@ -55,7 +55,7 @@ def _padded_path_affinity(edge: torch.Tensor, radius: int):
     return e, padded, idx, edge_to_affinity(padded.reshape(1, -1), idx)[0]
 
 
-def affinity_pairs(edge: torch.Tensor, radius: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def affinity_pairs(edge: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-pixel pairs ``(i, j, A_ij)`` of the half-disc, i.e. each unordered pair once.
 
     As the reference: pad the boundary map with 1 (``radius`` columns left and right,
@@ -77,7 +77,7 @@ def affinity_pairs(edge: torch.Tensor, radius: int = 5) -> tuple[torch.Tensor, t
     return src[keep], dst[keep], aff[keep]
 
 
-def dense_affinity(edge: torch.Tensor, radius: int = 5) -> torch.Tensor:
+def dense_affinity(edge: torch.Tensor, radius: int) -> torch.Tensor:
     """The reference's dense affinity matrix A (n×n) of the image pixels (spec §12.2).
 
     Built on the padded map exactly as the reference: scatter the path affinities into an
@@ -100,7 +100,7 @@ def dense_affinity(edge: torch.Tensor, radius: int = 5) -> torch.Tensor:
     return dense.index_select(0, keep).index_select(1, keep)
 
 
-def dense_transition(edge: torch.Tensor, beta: float = 10, exp_times: int = 8, radius: int = 5) -> torch.Tensor:
+def dense_transition(edge: torch.Tensor, beta: float, exp_times: int, radius: int) -> torch.Tensor:
     """The reference's ``T^(2^exp_times)`` (n×n, column-stochastic), as spec §12.2.
 
     ``A^β`` element-wise, columns normalised to sum 1, then squared ``exp_times`` times.
@@ -112,7 +112,7 @@ def dense_transition(edge: torch.Tensor, beta: float = 10, exp_times: int = 8, r
     return t
 
 
-def sparse_transition(edge: torch.Tensor, beta: float = 10, radius: int = 5,
+def sparse_transition(edge: torch.Tensor, beta: float, radius: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Tᵀ`` as a sparse CSR (n×n) matrix: row j holds ``T[i, j] = A_ij^β / Σ_i A_ij^β``.
 
@@ -166,8 +166,8 @@ def _tf32(allow: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def random_walk(cam: torch.Tensor, edge: torch.Tensor, beta: float = 10, exp_times: int = 8,
-                radius: int = 5, mode: str = "sparse", allow_tf32: bool = False,
+def random_walk(cam: torch.Tensor, edge: torch.Tensor, beta: float, exp_times: int,
+                radius: int, mode: str, allow_tf32: bool = False,
                 sparse_dtype: torch.dtype = torch.float64, cpu_threads: int | None = 1) -> torch.Tensor:
     """Propagate CAMs with the boundary-aware transition matrix: ``rw = (cam·(1−e)) · T^(2^exp_times)``.
 

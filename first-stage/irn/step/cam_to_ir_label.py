@@ -76,8 +76,10 @@ def _process(item_id: str) -> str:
 
 def crf_params(args: Any) -> HardLabelCrf:
     """The seed CRF of the crf_* settings."""
-    return HardLabelCrf(args.crf_gt_prob, args.crf_iters, args.crf_gauss_sxy, args.crf_gauss_compat,
-                        args.crf_bi_sxy, args.crf_bi_srgb, args.crf_bi_compat)
+    return HardLabelCrf(iterations=args.crf_iters, gaussian_sxy=args.crf_gauss_sxy,
+                        gaussian_compat=args.crf_gauss_compat, bilateral_sxy=args.crf_bi_sxy,
+                        bilateral_srgb=args.crf_bi_srgb, bilateral_compat=args.crf_bi_compat,
+                        gt_prob=args.crf_gt_prob)
 
 
 def run(args: Any) -> dict[str, Any]:

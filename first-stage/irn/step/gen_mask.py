@@ -40,7 +40,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-
 from datasets.handoff import (NO_CLASS_MASKS, TIE_MODES, confidence_mask, keep_count, mask_precision,
                               no_class_mask, precision_counts, save_mask)
 from datasets.sources import VOC_STATS_GT_DIRS
