@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from datasets.prepare.coco import CocoPrepareError
 from datasets.synthetic.coco import make_synthetic_coco_from_config
+from tools.make_synthetic_voc import add_scene_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,12 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size-jitter", type=float, default=0.0, help="per-image size factor range 1 +- j (default 0)")
     p.add_argument("--classes", type=int, default=5, help="synthetic classes K <= 20, as K sparse COCO ids (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--object-scale", type=float, nargs=2, default=(0.14, 0.3), metavar=("MIN", "MAX"),
-                   help="object radius range as a fraction of the short side (default 0.14 0.3)")
-    p.add_argument("--max-objects", type=int, default=4, help="at most this many objects per image (default 4)")
-    p.add_argument("--colours", choices=("instance", "class"), default="instance",
-                   help="instance: random colours per object (hard); class: a fixed hue per class")
-    p.add_argument("--colour-jitter", type=float, default=25.0, help="per-instance colour shift in class mode")
+    add_scene_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a tree made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

@@ -26,15 +26,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--void-width", type=int, default=2, help="void band width in px (default 2)")
     p.add_argument("--size-jitter", type=float, default=0.0, help="per-image size factor range 1 +- j (default 0)")
     p.add_argument("--label-noise", type=float, default=1.0, help="scale of the pseudo-label errors (default 1)")
+    add_scene_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def add_scene_options(p: argparse.ArgumentParser) -> None:
+    """The options of the drawn scenes, shared with tools/make_synthetic_coco.py."""
     p.add_argument("--object-scale", type=float, nargs=2, default=(0.14, 0.3), metavar=("MIN", "MAX"),
                    help="object radius range as a fraction of the short side (default 0.14 0.3)")
     p.add_argument("--max-objects", type=int, default=4, help="at most this many objects per image (default 4)")
     p.add_argument("--colours", choices=("instance", "class"), default="instance",
                    help="instance: random colours per object (hard); class: a fixed hue per class (the demo)")
     p.add_argument("--colour-jitter", type=float, default=25.0, help="per-instance colour shift in class mode")
-    p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,15 @@ import gc
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from datasets.views import data_source
 from utils.runtime import cpu_info, set_deterministic
+from utils.schedule import PolyOptimizer
 
 LOGGER_NAME = "first_stage"
 T = TypeVar("T")
@@ -79,6 +82,21 @@ def wrap_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.
         # --device cuda:N would also open a context on GPU 0.
         torch.cuda.set_device(device)
     return torch.nn.DataParallel(model, device_ids=gpus) if len(gpus) > 1 else model
+
+
+def training_setup(model: torch.nn.Module, head_lr_mult: float, lr: float, weight_decay: float, max_step: int,
+                   args: Any, device: torch.device) -> tuple[PolyOptimizer, torch.nn.Module]:
+    """train_cam's and train_irn's set-up: the model's two parameter groups (``param_groups()``:
+    the pretrained part, then the new head at ``head_lr_mult`` times ``lr``) under the poly SGD,
+    the model on ``device`` in training mode, and what the step calls (:func:`wrap_for_training`)."""
+    pretrained, head = model.param_groups()
+    optimizer = PolyOptimizer([{"params": pretrained, "lr_mult": 1.0}, {"params": head, "lr_mult": head_lr_mult}],
+                              lr=lr, weight_decay=weight_decay, max_step=max_step, momentum=args.sgd_momentum,
+                              power=args.poly_power)
+    model.to(device)
+    net = wrap_for_training(model, device)
+    model.train()
+    return optimizer, net
 
 
 def shard_workers(num_workers: int, n_parts: int) -> int:
@@ -221,16 +239,11 @@ def first_item(batch: list) -> Any:
     return batch[0]
 
 
-def _source(args: Any):
-    from datasets.views import data_source
-    return data_source(args)
-
-
 def read_ids(args: Any, list_attr: str) -> list[str]:
     """Ids of the list ``getattr(args, list_attr)`` ("train_list", "val_list", "infer_list"; the
     data set's default list when unset), cut to ``args.max_images`` when set (smoke runs)."""
     role = list_attr[: -len("_list")] if list_attr.endswith("_list") else list_attr
-    return _source(args).ids(role)
+    return data_source(args).ids(role)
 
 
 def eval_ids(args: Any) -> list[str]:
@@ -240,10 +253,20 @@ def eval_ids(args: Any) -> list[str]:
     With ``--max_images`` only those ids that are also in the (cut) train list are kept, so a
     smoke run evaluates exactly the images it produced outputs for.
     """
-    return _source(args).ids("eval")
+    return data_source(args).ids("eval")
+
+
+def pending(ids: list[str], outputs: Sequence[tuple[Path, str]], overwrite: bool) -> list[str]:
+    """The ids a resumable step still has to write: every one with ``overwrite``, else those
+    missing any of their files ``folder / (id + suffix)`` of ``outputs``. Makes the folders."""
+    for folder, _ in outputs:
+        folder.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        return list(ids)
+    return [i for i in ids if not all((folder / f"{i}{suffix}").is_file() for folder, suffix in outputs)]
 
 
 __all__ = ["get_logger", "progress", "resolve_device", "round_robin", "read_ids",
            "eval_ids", "LOGGER_NAME", "inference_parts",
-           "worker_share", "run_on_devices", "training_gpus", "wrap_for_training", "shard_workers",
+           "worker_share", "run_on_devices", "training_gpus", "wrap_for_training", "training_setup", "pending", "shard_workers",
            "set_deterministic", "configure_runtime", "runtime_facts", "save_torch", "KERNEL_ENV"]

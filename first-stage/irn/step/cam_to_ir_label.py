@@ -20,7 +20,7 @@ import numpy as np
 from datasets.sources import SEED_IGNORE
 from datasets.views import data_source
 from irn.misc.cam_io import CamFileError, load_cam
-from irn.misc.runtime import eval_ids, get_logger, progress, read_ids
+from irn.misc.runtime import eval_ids, get_logger, pending, progress, read_ids
 from utils.crf import HardLabelCrf, hard_label_crf
 from utils.io import save_png
 
@@ -86,8 +86,7 @@ def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     ids = read_ids(args, "train_list")
     out_dir = Path(args.ir_label_out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    todo = pending(ids, [(out_dir, ".png")], args.overwrite)
     source = data_source(args)
     job = {"cam_dir": str(args.cam_out_dir), "source": source, "out_dir": str(out_dir),
            "fg": float(args.conf_fg_thres), "bg": float(args.conf_bg_thres), "crf": crf_params(args)}

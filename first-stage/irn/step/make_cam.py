@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import InferenceView, data_source
 from irn.misc.cam_io import save_cam
-from irn.misc.runtime import first_item, get_logger, progress, read_ids, run_on_devices, shard_workers, worker_share
+from irn.misc.runtime import (first_item, get_logger, pending, progress, read_ids, run_on_devices, shard_workers,
+                              worker_share)
 from irn.net import network_module
 from irn.net.backbone import resnet
 from irn.net.resnet50_cam import load_cam_weights
@@ -89,8 +90,7 @@ def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     ids = read_ids(args, "train_list")
     out_dir = Path(args.cam_out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}.npy").is_file()]
+    todo = pending(ids, [(out_dir, ".npy")], args.overwrite)
     log.info(f"make_cam: {data_source(args).describe()}, {len(ids)} ids, {len(ids) - len(todo)} already done, "
              f"scales {tuple(args.cam_scales)}")
     if todo:

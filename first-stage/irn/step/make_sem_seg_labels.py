@@ -28,8 +28,8 @@ import torch
 from datasets.views import InferenceView, data_source
 from irn.misc.cam_io import CamFileError, load_cam
 from irn.misc.random_walk import random_walk, rw_to_scores
-from irn.misc.runtime import (first_item, get_logger, progress, read_ids, run_on_devices, save_torch, shard_workers,
-                          worker_share)
+from irn.misc.runtime import (first_item, get_logger, pending, progress, read_ids, run_on_devices, save_torch,
+                              shard_workers, worker_share)
 from irn.step.train_irn import irn_module, irn_weights_path
 from utils.io import save_png
 
@@ -128,10 +128,7 @@ def run(args: Any) -> dict[str, Any]:
     log = get_logger()
     ids = read_ids(args, "train_list")
     sem_dir, sc_dir = sem_seg_dir(args), score_dir(args)
-    sem_dir.mkdir(parents=True, exist_ok=True)
-    sc_dir.mkdir(parents=True, exist_ok=True)
-    todo = ids if args.overwrite else [i for i in ids if not ((sem_dir / f"{i}.png").is_file()
-                                                         and (sc_dir / f"{i}.pt").is_file())]
+    todo = pending(ids, [(sem_dir, ".png"), (sc_dir, ".pt")], args.overwrite)
     log.info(f"make_sem_seg: {len(ids)} ids, {len(ids) - len(todo)} already done, rw_mode {args.rw_mode}, "
              f"beta {args.beta}, exp_times {args.exp_times}, radius {args.rw_radius}, "
              f"bg threshold {args.sem_seg_bg_thres}")

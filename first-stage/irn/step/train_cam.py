@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import ClassificationView, data_source
-from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
+from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, training_setup
 from irn.net import network_module
 from irn.net.backbone import file_state
 from utils.errors import OptionError
 from utils.io import save_json
 from utils.runtime import seeded_loader_kwargs
-from utils.schedule import PolyOptimizer, max_steps
+from utils.schedule import max_steps
 
 
 def multilabel_soft_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,15 +73,8 @@ def run(args: Any) -> dict[str, Any]:
     max_step = max_steps(len(dataset), args.cam_batch_size, args.cam_num_epoches)
 
     model = build_cam_net(args)
-    backbone_params, classifier_params = model.param_groups()
-    optimizer = PolyOptimizer(
-        [{"params": backbone_params, "lr_mult": 1.0},
-         {"params": classifier_params, "lr_mult": args.cam_classifier_lr_mult}],
-        lr=args.cam_learning_rate, weight_decay=args.cam_weight_decay, max_step=max_step,
-        momentum=args.sgd_momentum, power=args.poly_power)
-    model = model.to(device)
-    net = wrap_for_training(model, device)
-    model.train()
+    optimizer, net = training_setup(model, args.cam_classifier_lr_mult, args.cam_learning_rate, args.cam_weight_decay,
+                                    max_step, args, device)
 
     val_loader = None
     if args.cam_val_loss:

@@ -21,13 +21,13 @@ from torch.utils.data import DataLoader
 from datasets.affinity import PathIndex
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import AffinityView, ImageView, data_source, reduced_size
-from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, wrap_for_training
+from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, training_setup
 from models.checkpoint import load_pretrained
 from irn.net import network_module
 from irn.net.backbone import backbone_filter, file_state, resnet
 from utils.errors import OptionError
 from utils.runtime import seeded_loader_kwargs, set_seed
-from utils.schedule import PolyOptimizer, max_steps
+from utils.schedule import max_steps
 
 # IRN's data augmentation (§11.2); not a tuning knob of the reference.
 IRN_SCALE_RANGE = (0.5, 1.5)
@@ -118,15 +118,8 @@ def run(args: Any) -> dict[str, Any]:
                                                 train_backbone=train_backbone)
     if train_backbone:
         log.info("train_irn: --irn_train_backbone: the backbone trains with the edge branch (not the reference)")
-    edge_params, disp_params = model.param_groups()
-    optimizer = PolyOptimizer(
-        [{"params": edge_params, "lr_mult": 1.0},
-         {"params": disp_params, "lr_mult": args.irn_disp_lr_mult}],
-        lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay, max_step=max_step,
-        momentum=args.sgd_momentum, power=args.poly_power)
-    model = model.to(device)
-    net = wrap_for_training(model, device)
-    model.train()
+    optimizer, net = training_setup(model, args.irn_disp_lr_mult, args.irn_learning_rate, args.irn_weight_decay,
+                                    max_step, args, device)
 
     log.info(f"train_irn: {len(dataset)} images, crop {args.irn_crop_size} (map {reduced_size(args.irn_crop_size)}), "
              f"radius {args.radius} ({path_index.n_dirs} directions), batch {args.irn_batch_size}, "
