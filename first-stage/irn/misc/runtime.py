@@ -10,10 +10,13 @@ from typing import Any, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from datasets.views import data_source
 from utils.runtime import cpu_info, set_deterministic
-from utils.schedule import PolyOptimizer
+from utils.errors import OptionError
+from utils.runtime import seeded_loader_kwargs
+from utils.schedule import PolyOptimizer, max_steps
 
 LOGGER_NAME = "first_stage"
 T = TypeVar("T")
@@ -97,6 +100,17 @@ def training_setup(model: torch.nn.Module, head_lr_mult: float, lr: float, weigh
     net = wrap_for_training(model, device)
     model.train()
     return optimizer, net
+
+
+def training_loader(dataset: torch.utils.data.Dataset, batch_size: int, epochs: int, args: Any,
+                    device: torch.device, step: str, batch_flag: str) -> tuple[DataLoader, int]:
+    """A training step's shuffled, seeded loader (full batches only) and its number of optimiser
+    steps. A batch larger than the data set is refused: there would be no full batch to train on."""
+    if len(dataset) < batch_size:
+        raise OptionError(f"{step}: {len(dataset)} training images < batch size {batch_size}; lower --{batch_flag}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        pin_memory=device.type == "cuda", **seeded_loader_kwargs(args.seed, args.num_workers))
+    return loader, max_steps(len(dataset), batch_size, epochs)
 
 
 def shard_workers(num_workers: int, n_parts: int) -> int:
@@ -268,5 +282,5 @@ def pending(ids: list[str], outputs: Sequence[tuple[Path, str]], overwrite: bool
 
 __all__ = ["get_logger", "progress", "resolve_device", "round_robin", "read_ids",
            "eval_ids", "LOGGER_NAME", "inference_parts",
-           "worker_share", "run_on_devices", "training_gpus", "wrap_for_training", "training_setup", "pending", "shard_workers",
+           "worker_share", "run_on_devices", "training_gpus", "wrap_for_training", "training_setup", "training_loader", "pending", "shard_workers",
            "set_deterministic", "configure_runtime", "runtime_facts", "save_torch", "KERNEL_ENV"]

@@ -16,13 +16,12 @@ from torch.utils.data import DataLoader
 
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import ClassificationView, data_source
-from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, training_setup
+from irn.misc.runtime import (get_logger, progress, read_ids, resolve_device, save_torch, training_loader,
+                              training_setup)
 from irn.net import network_module
 from irn.net.backbone import file_state
-from utils.errors import OptionError
 from utils.io import save_json
 from utils.runtime import seeded_loader_kwargs
-from utils.schedule import max_steps
 
 
 def multilabel_soft_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -65,12 +64,8 @@ def run(args: Any) -> dict[str, Any]:
     dataset = ClassificationView(
         train_ids, source, resize_long=tuple(args.cam_resize_long), hor_flip=True,
         crop_size=args.cam_crop_size, crop_method="random", img_normal=TorchvisionNormalize())
-    if len(dataset) < args.cam_batch_size:
-        raise OptionError(f"train_cam: {len(dataset)} training images < batch size {args.cam_batch_size}; "
-                         "lower --cam_batch_size")
-    loader = DataLoader(dataset, batch_size=args.cam_batch_size, shuffle=True, drop_last=True,
-                        pin_memory=device.type == "cuda", **seeded_loader_kwargs(args.seed, args.num_workers))
-    max_step = max_steps(len(dataset), args.cam_batch_size, args.cam_num_epoches)
+    loader, max_step = training_loader(dataset, args.cam_batch_size, args.cam_num_epoches, args, device, "train_cam",
+                                       "cam_batch_size")
 
     model = build_cam_net(args)
     optimizer, net = training_setup(model, args.cam_classifier_lr_mult, args.cam_learning_rate, args.cam_weight_decay,

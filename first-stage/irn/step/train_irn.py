@@ -21,13 +21,12 @@ from torch.utils.data import DataLoader
 from datasets.affinity import PathIndex
 from datasets.transforms import TorchvisionNormalize
 from datasets.views import AffinityView, ImageView, data_source, reduced_size
-from irn.misc.runtime import get_logger, progress, read_ids, resolve_device, save_torch, training_setup
+from irn.misc.runtime import (get_logger, progress, read_ids, resolve_device, save_torch, training_loader,
+                              training_setup)
 from models.checkpoint import load_pretrained
 from irn.net import network_module
 from irn.net.backbone import backbone_filter, file_state, resnet
-from utils.errors import OptionError
 from utils.runtime import seeded_loader_kwargs, set_seed
-from utils.schedule import max_steps
 
 # IRN's data augmentation (§11.2); not a tuning knob of the reference.
 IRN_SCALE_RANGE = (0.5, 1.5)
@@ -98,12 +97,8 @@ def run(args: Any) -> dict[str, Any]:
     dataset = AffinityView(ids, ir_label_dir(args), args.irn_crop_size, source, path_index,
                            num_valid=source.num_labels, rescale=IRN_SCALE_RANGE, hor_flip=True,
                            crop_method="random")
-    if len(dataset) < args.irn_batch_size:
-        raise OptionError(f"train_irn: {len(dataset)} training images < batch size {args.irn_batch_size}; "
-                         "lower --irn_batch_size")
-    loader = DataLoader(dataset, batch_size=args.irn_batch_size, shuffle=True, drop_last=True,
-                        pin_memory=device.type == "cuda", **seeded_loader_kwargs(args.seed, args.num_workers))
-    max_step = max_steps(len(dataset), args.irn_batch_size, args.irn_num_epoches)
+    loader, max_step = training_loader(dataset, args.irn_batch_size, args.irn_num_epoches, args, device, "train_irn",
+                                       "irn_batch_size")
 
     module = irn_module(args)
     from_cam = args.irn_backbone_from_cam
