@@ -299,6 +299,7 @@ def update_card(run_dir: Path, logits_dir: Path, cfg: Config, scores: dict, crf:
                 seconds: float) -> Path | None:
     """This prediction's row in the run's results card (engine/results_card.py), for the net and
     inference setting the maps were made with (their provenance record)."""
+    # imported here: it loads torch, and test.py starts (and forks its CRF workers) without it
     from engine import results_card as card
     from engine.beco import num_nets
     from utils.config import to_dict
@@ -341,6 +342,7 @@ def write_submission(run_dir: Path, pred_dir: Path, ids: list[str], layout: Path
 
 
 def print_scores(scores: dict, names: list[str]) -> None:
+    # imported here: it loads torch, and test.py starts (and forks its CRF workers) without it
     from utils.metrics import iou_table
     print(iou_table(names, scores["iou"]))
     present = sum(v is not None for v in scores["iou"])
@@ -349,6 +351,7 @@ def print_scores(scores: dict, names: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # imported here: it loads torch, and test.py starts (and forks its CRF workers) without it
     from utils.metrics import segmentation_scores
 
     logits_dir = Path(args.logits_dir)

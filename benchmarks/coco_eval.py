@@ -43,6 +43,7 @@ def coco_inputs(root: Path, n: int, size: tuple[int, int], seed: int) -> list[tu
     """(id, RGB image, ground truth) of ``n`` synthetic COCO val images, prepared as for a run."""
     from PIL import Image
 
+    # imported here: the generators load torch and OpenCV, which only this input mode needs
     from datasets.coco import coco_files
     from datasets.prepare.coco import prepare_coco
     from datasets.synthetic.coco import make_synthetic_coco

@@ -28,9 +28,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from datasets.build import dataset_entry  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from utils.crf import (available_cores, crf_image, crf_predict, kept_labels, parallel_map, softmax,  # noqa: E402
-                       upsample_bilinear)
+from utils.crf import (REST_FLOOR, available_cores, crf_image, crf_predict, kept_labels, parallel_map,  # noqa: E402
+                       softmax, upsample_bilinear)
+from utils.score_maps import SUFFIX, load_score_map, to_dense  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +68,7 @@ def fake_logits(gt: np.ndarray, num_classes: int, stride: int, rng: np.random.Ge
 def synthetic_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
     from PIL import Image
 
+    # imported here: the generators load torch and OpenCV, which only this input mode needs
     from datasets.synthetic.voc import make_synthetic_voc, synthetic_ids
     if not args.data:  # a temporary set, removed once its images are read
         with tempfile.TemporaryDirectory(prefix="crf_bench_") as tmp:
@@ -88,7 +91,6 @@ def dataset_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.
     """Images of a config's data set (its test.split), maps made from their ground truth."""
     from PIL import Image
 
-    from datasets.build import dataset_entry
     cfg = load_config(args.from_config)
     files = dataset_entry(cfg.data.dataset).files(cfg.data, cfg.test.split)
     rng = np.random.default_rng(args.seed)
@@ -104,9 +106,6 @@ def dataset_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.
 def saved_inputs(args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
     from PIL import Image
 
-    from datasets.build import dataset_entry
-    from utils.crf import REST_FLOOR
-    from utils.score_maps import SUFFIX, load_score_map, to_dense
     logits_dir = Path(args.logits_dir)
     cfg = load_config(args.config or logits_dir.resolve().parent / "config.yaml")
     files = dataset_entry(cfg.data.dataset).files(cfg.data, cfg.test.split)

@@ -33,12 +33,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datasets.build import dataset_entry
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
-from utils import provenance
+from datasets.segmentation import EvalSet
+from datasets.synthetic.voc import near_boundary
+from engine import results_card as card
 from engine.config import load_config
+from engine.inference import load_test_nets, logits_folder_name, predict_maps
+from utils import provenance
 from utils.config import Config
 from utils.errors import BecoError, one_line
 from utils.io import read_jsonl, save_json, save_text
+from utils.seed_stats import paired, summary
+from utils.voc import IGNORE_INDEX, colorize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +129,6 @@ def first_stage_settings(path: Path):
 
 
 def train_files(cfg: Config):
-    from datasets.build import dataset_entry
     entry = dataset_entry(cfg.data.dataset)
     return entry.files(cfg.data, entry.train_split(cfg.data))
 
@@ -172,7 +178,6 @@ def peak_rss_mb(path: Path) -> float:
 def stage_data(cfg: Config) -> dict | str:
     """The config's synthetic set; one made by the generator with other settings is replaced
     (it is the demo's own output), anything else under data.root is refused by the generator."""
-    from datasets.build import dataset_entry
     if cfg.data.synthetic is None:
         raise SystemExit(f"demo: the BECO config has no data.synthetic section (data.root {cfg.data.root})")
     entry = dataset_entry(cfg.data.dataset)
@@ -231,7 +236,6 @@ def stage_train(config: Path, tag: str, cfg: Config, out: Path, overrides: list[
 
 
 def stage_test(config: Path, tag: str, cfg: Config, out: Path, overrides: list[str]) -> dict:
-    from engine.inference import logits_folder_name
     run_dir = out / tag
     run([sys.executable, REPO / "main.py", "--config", config, "--test", "--ckpt", run_dir / "best_ckpt.pth",
          *overrides, f"logging.tag={tag}"])
@@ -294,9 +298,6 @@ def predict_train_images(cfg: Config, ckpt: Path, ids: list[str]) -> dict[str, A
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from datasets.build import dataset_entry
-    from datasets.segmentation import EvalSet
-    from engine.inference import load_test_nets, predict_maps
     data = EvalSet(cfg.data, dataset_entry(cfg.data.dataset).train_split(cfg.data), with_labels=False)
     index = {i: k for k, i in enumerate(data.ids)}
     nets = load_test_nets(cfg, ckpt, torch.device("cpu"))
@@ -325,7 +326,6 @@ def plot_samples(out: Path, cfg_beco: Config, cfg_base: Config, export: Path, n:
     """Rows: image | pseudo-label | confidence mask | baseline | BECO | ground truth (VOC palette)."""
     import numpy as np
     from PIL import Image, ImageDraw
-    from utils.voc import colorize
     ids = train_ids(cfg_beco)[:n]
     beco = predict_train_images(cfg_beco, out / "beco" / "best_ckpt.pth", ids)
     base = predict_train_images(cfg_base, out / "baseline" / "best_ckpt.pth", ids)
@@ -361,8 +361,6 @@ def label_error_profile(cfg: Config, export: Path, radius: float = 3.0) -> dict:
     """Where the first stage's pseudo-labels are wrong (train_aug against its ground truth, void
     ignored): error rate within ``radius`` px of a true boundary and farther away, the share of
     all errors that lie near a boundary, and the share of errors the confidence mask drops."""
-    from datasets.synthetic.voc import near_boundary
-    from utils.voc import IGNORE_INDEX
     n = dict.fromkeys(("near", "near_wrong", "far", "far_wrong", "wrong_dropped"), 0)
     for i in train_ids(cfg):
         gt, pseudo, kept = train_maps(cfg, export, i)
@@ -468,7 +466,6 @@ def _at(d: dict, path: tuple[str, ...]) -> float | None:
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Mean ± std over seeds of every AGGREGATED number, and BECO - baseline paired by seed."""
-    from utils.seed_stats import paired, summary
     rows = {}
     for label, path in AGGREGATED:
         values = {s: v for s, r in per_seed.items() if (v := _at(r, path)) is not None}
@@ -557,7 +554,6 @@ def prepare_out(args: argparse.Namespace, settings: dict) -> Path:
 
 def card_nets(run_dir: Path) -> dict[str, float]:
     """Each net alone and averaged, single scale without CRF, from the run's results card."""
-    from engine import results_card as card
     rows = card.read_card(run_dir).get("rows", {})
     return {net: rows[key]["miou"] for net in ("net1", "net2", card.MEAN)
             if (key := card.row_key(net, "single", False, "original")) in rows}
@@ -610,7 +606,6 @@ def run_one(args: argparse.Namespace) -> dict:
         return result
 
     stage("data", stage_data, cfg_beco)
-    from datasets.build import dataset_entry
     data = json.loads((Path(cfg_beco.data.root) / dataset_entry(cfg_beco.data.dataset).synthetic_summary).read_text())
     stage("first_stage", stage_first_stage, cfg_beco, args.first_stage_config, work, export, args.seed)
     configs = {"beco": (args.beco_config, cfg_beco), "baseline": (args.baseline_config, cfg_base)}

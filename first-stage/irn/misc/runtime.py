@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.views import data_source
-from utils.runtime import cpu_info, set_deterministic
-from utils.errors import OptionError
-from utils.runtime import seeded_loader_kwargs
+from utils.errors import DeviceError, OptionError
+from utils.io import atomic_write
+from utils.runtime import cpu_info, seeded_loader_kwargs, set_deterministic
 from utils.schedule import PolyOptimizer, max_steps
 
 LOGGER_NAME = "first_stage"
@@ -55,7 +55,6 @@ def _checked_device(name: str | torch.device, gpu_count: int) -> torch.device:
     """``--device`` on a machine with ``gpu_count`` CUDA devices; DeviceError for one it lacks."""
     if name == "auto":
         return torch.device("cuda" if gpu_count else "cpu")
-    from utils.errors import DeviceError
     try:
         dev = torch.device(name)
     except RuntimeError as e:
@@ -240,7 +239,6 @@ def save_torch(obj: Any, path: Any) -> Any:
     Through a file object torch names the zip's records ``archive/...``; given the temp file's
     name it would embed that random name, so two bit-identical runs wrote files that differed.
     """
-    from utils.io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+from datasets.coco import list_name
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
+from datasets.views import reduced_size
 from utils.config import apply_overrides, build_dataclass, load_yaml
 from utils.errors import OptionError
 
@@ -445,7 +447,6 @@ def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the derived paths (QUIRK-5 fixed: one work dir, everything created)."""
     w = args.work_dir
     if args.dataset == "coco":
-        from datasets.coco import list_name
         lists = args.coco_root / "lists"
         args.train_list = args.train_list or lists / list_name("train")
         args.val_list = args.val_list or lists / list_name("val")
@@ -517,7 +518,6 @@ def _crop_maps(crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(IRN's output map, its affinity labels' map) of a square training crop."""
     # The stem's and max-pool's ceil(H/4): IRN's output size, as make_cam's.
     from irn.step.make_cam import stride4_size
-    from datasets.views import reduced_size
     return stride4_size(crop, crop), reduced_size(crop)
 
 

@@ -42,9 +42,11 @@ import torch
 
 from datasets.handoff import (NO_CLASS_MASKS, TIE_MODES, confidence_mask, keep_count, mask_precision,
                               no_class_mask, precision_counts, save_mask)
+from datasets.readers import read_id_list
 from datasets.sources import VOC_STATS_GT_DIRS
 from datasets.verify import no_class_sentence, policy_text, shown
-from irn.misc.runtime import get_logger, progress
+from datasets.views import data_source, open_source
+from irn.misc.runtime import get_logger, progress, read_ids
 from irn.misc.settings import config_path, load_settings
 from models.checkpoint import read_torch_file
 from utils.errors import BecoError, CheckpointError, DataError, one_line
@@ -142,7 +144,6 @@ def _voc_gt_reader(voc12_root: Path | None) -> Callable[[str], np.ndarray | None
     """GT for the statistics from a VOC root (SegmentationClassAug, else SegmentationClass)."""
     if voc12_root is None:
         return lambda name: None
-    from datasets.views import open_source
     return open_source("voc", voc12_root).stats_gt
 
 
@@ -206,8 +207,6 @@ def generate_masks(ids: list[str], score_root: Path, mask_root: Path, thd: float
 
 
 def run(args: Any) -> dict[str, Any]:
-    from irn.misc.runtime import read_ids
-    from datasets.views import data_source
     log = get_logger()
     ids = read_ids(args, "train_list")  # QUIRK-26: driven by the id list
     score_root, mask_root = Path(args.score_dir), Path(args.mask_out_dir)
@@ -254,8 +253,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("mask_thd", "margin_tie_mode", "no_class_mask", "seed"):
         if getattr(a, key) is None:
             setattr(a, key, getattr(settings, key))
-    from datasets.readers import read_id_list
-    from datasets.views import open_source
     gt_of = None
     if a.dataset == "coco" and a.coco_root is not None:
         gt_of = open_source("coco", a.coco_root).stats_gt
