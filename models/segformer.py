@@ -119,6 +119,7 @@ def nvlabs_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
 # there and from 1 here. `key` and `value` are absent: they are fused into `attn.kv` below.
 _HF_STAGE = re.compile(r"encoder\.(patch_embeddings|layer_norm)\.(\d+)\.(.+)")
 _HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.(.+)")
+_HF_KEY_VALUE = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.(key|value)\.(weight|bias)")
 _HF_PATCH_EMBED = {"proj": "proj", "layer_norm": "norm"}
 _HF_IN_BLOCK = {
     "layer_norm_1": "norm1",
@@ -170,11 +171,9 @@ def hf_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
     halves: Dict[str, Dict[str, Tensor]] = {}
     unknown = []
     for name, tensor in state_dict.items():
-        found = _HF_BLOCK.fullmatch(name)
-        rest = found.group(3) if found else ""
-        if rest.startswith(("attention.self.key.", "attention.self.value.")):
-            stage, block = found.group(1), found.group(2)
-            half, param = rest.split(".")[-2:]
+        found = _HF_KEY_VALUE.fullmatch(name)
+        if found:
+            stage, block, half, param = found.groups()
             halves.setdefault(f"block{int(stage) + 1}.{block}.attn.kv.{param}", {})[half] = tensor
             continue
         ours = _hf_name(name)
@@ -182,15 +181,14 @@ def hf_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
             unknown.append(name)
         else:
             out[ours] = tensor
-    for ours, parts in halves.items():
-        if set(parts) != {"key", "value"}:
-            unknown.extend(f"{ours} lacks the {half} half" for half in {"key", "value"} - set(parts))
-            continue
-        out[ours] = torch.cat([parts["key"], parts["value"]], dim=0)
     if unknown:
         raise ValueError(f"Hugging Face MiT layout (keys start with 'encoder.' or 'segformer.encoder.') but "
                          f"these keys are not Hugging Face MiT encoder names: {key_listing(unknown)}")
-    return out
+    halfway = [f"{ours} ({'/'.join(sorted(parts))} only)" for ours, parts in halves.items() if len(parts) != 2]
+    if halfway:
+        raise ValueError(f"Hugging Face MiT layout: attention key and value come in pairs, but these have one: "
+                         f"{key_listing(halfway)}")
+    return {**out, **{ours: torch.cat([parts["key"], parts["value"]], dim=0) for ours, parts in halves.items()}}
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
