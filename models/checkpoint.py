@@ -14,6 +14,7 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Union
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
@@ -81,7 +82,8 @@ def unwrap_state_dict(obj: Any) -> StateDict:
     return strip_module_prefix(obj)
 
 
-def _listing(keys: Iterable[str]) -> str:
+def key_listing(keys: Iterable[str]) -> str:
+    """`count: [first keys, sorted]` for error messages."""
     keys = sorted(keys)
     shown = ", ".join(keys[:_LIST_LIMIT])
     more = f", ... ({len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else ""
@@ -97,7 +99,7 @@ def check_state_dict_matches(module: nn.Module, state_dict: Mapping[str, Tensor]
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"checkpoint {source} does not match {type(module).__name__} after key mapping; "
-            f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}")
+            f"missing keys {key_listing(missing)}; unexpected keys {key_listing(unexpected)}")
     wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if state_dict[k].shape != v.shape]
     if wrong:
@@ -127,13 +129,32 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def is_safetensors_file(path: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether `path` holds the safetensors format (Hugging Face's `model.safetensors`): an 8-byte
+    little-endian header length, then a JSON header. Told by content, not by name, so a renamed
+    file still reads; PyTorch's files start with a zip or pickle header, never with this."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError:
+        return False  # torch.load below reports the unreadable file as before
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def read_torch_file(path: Union[str, "os.PathLike[str]"], *, trust: bool = False,
                     allowed: Iterable[Any] = ()) -> Any:
-    """``torch.load`` of a file onto the CPU, with ``weights_only=True``: tensors, plain values
+    """A safetensors file (which holds only tensors) read as a flat state dict; otherwise
+    ``torch.load`` of a file onto the CPU, with ``weights_only=True``: tensors, plain values
     and the ``allowed`` globals only, so a file from elsewhere cannot run code while it loads.
     ``trust`` unpickles anything (the user's explicit choice for a file they trust). Raises
     ``UnpicklingRefused`` naming the object a file needs beyond that, ``CheckpointError`` with
     torch's one-line reason for a truncated or foreign file."""
+    if is_safetensors_file(path):
+        try:
+            return safetensors.torch.load_file(os.fspath(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"cannot read {os.fspath(path)}: {_first_line(err)}") from None
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=not trust)

@@ -10,6 +10,7 @@ reads those 256, where NVlabs' B2 fuses to 768. The values live in
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, Literal, Mapping, Optional, Sequence
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import StateDict, drop_keys_with_prefix, load_pretrained
+from .checkpoint import StateDict, drop_keys_with_prefix, key_listing, load_pretrained, strip_prefix
 from .mit import MixVisionTransformer
 from .resnet import NormName, init_conv_and_norm, make_norm_layer
 
@@ -26,7 +27,7 @@ from .resnet import NormName, init_conv_and_norm, make_norm_layer
 class BackboneCfg:
     variety: Literal["b0", "b1", "b2", "b3", "b4", "b5"]
     drop_path_rate: float           # stochastic depth, linear from 0 over all blocks
-    pretrained: Optional[str]       # NVlabs ImageNet file (mit_b2.pth); null trains from scratch
+    pretrained: Optional[str]       # ImageNet MiT file, NVlabs' (mit_b2.pth) or Hugging Face's; null: from scratch
 
 
 @dataclass
@@ -106,11 +107,94 @@ class SegFormer(nn.Module):
         return {"embeddings": embeddings, "pre_logits": pre_logits, "logits": logits}
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
+def nvlabs_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
     """NVlabs' ImageNet MiT file (`mit_b2.pth`) -> the encoder's names (spec §5.6,
     QUIRK-S7): its 1000-class `head.*` is dropped when present (the reference
     required it); every other key must already match."""
     return drop_keys_with_prefix(state_dict, "head.")
+
+
+# Hugging Face's Segformer names (the `nvidia/mit-b*` files, and what transformers' save_pretrained
+# writes) -> ours, after the `segformer.` prefix is gone. Stage and block indices count from 0
+# there and from 1 here. `key` and `value` are absent: they are fused into `attn.kv` below.
+_HF_STAGE = re.compile(r"encoder\.(patch_embeddings|layer_norm)\.(\d+)\.(.+)")
+_HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.(.+)")
+_HF_KEY_VALUE = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.(key|value)\.(weight|bias)")
+_HF_PATCH_EMBED = {"proj": "proj", "layer_norm": "norm"}
+_HF_IN_BLOCK = {
+    "layer_norm_1": "norm1",
+    "layer_norm_2": "norm2",
+    "attention.self.query": "attn.q",
+    "attention.self.sr": "attn.sr",
+    "attention.self.layer_norm": "attn.norm",
+    "attention.output.dense": "attn.proj",
+    "mlp.dense1": "mlp.fc1",
+    "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
+    "mlp.dense2": "mlp.fc2",
+}
+_HF_HEADS = ("classifier.", "decode_head.")  # ImageNet classifier / ADE20K-Cityscapes head
+
+
+def is_hf_layout(state_dict: Mapping[str, Tensor]) -> bool:
+    """The layout rule: a file is Hugging Face's when any key starts with `encoder.` or
+    `segformer.encoder.` (no NVlabs or encoder name of ours does); otherwise it is NVlabs'."""
+    return any(k.startswith(("encoder.", "segformer.encoder.")) for k in state_dict)
+
+
+def _hf_name(name: str) -> Optional[str]:
+    """Our name for one Hugging Face encoder key, None when it is not one (key/value excluded)."""
+    found = _HF_STAGE.fullmatch(name)
+    if found:
+        kind, stage, rest = found.groups()
+        if kind == "layer_norm":
+            return f"norm{int(stage) + 1}.{rest}" if rest in ("weight", "bias") else None
+        module, _, param = rest.rpartition(".")
+        return f"patch_embed{int(stage) + 1}.{_HF_PATCH_EMBED[module]}.{param}" if module in _HF_PATCH_EMBED else None
+    found = _HF_BLOCK.fullmatch(name)
+    if found:
+        stage, block, rest = found.groups()
+        module, _, param = rest.rpartition(".")
+        if module in _HF_IN_BLOCK:
+            return f"block{int(stage) + 1}.{block}.{_HF_IN_BLOCK[module]}.{param}"
+    return None
+
+
+def hf_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Hugging Face's MiT / Segformer file (`nvidia/mit-b*`: `pytorch_model.bin` or
+    `model.safetensors`) -> the encoder's names. The `segformer.` prefix is optional, the
+    `classifier.*` / `decode_head.*` heads are dropped, and each block's separate `key` and
+    `value` Linears are stacked into our fused `kv` (keys first, the order `Attention` splits
+    them in); every other tensor keeps its shape. A key that is no Hugging Face encoder name
+    (e.g. an NVlabs key in the same file) is an error listing them: mixed files never load."""
+    state_dict = drop_keys_with_prefix(strip_prefix(state_dict, "segformer."), *_HF_HEADS)
+    out: StateDict = {}
+    halves: Dict[str, Dict[str, Tensor]] = {}
+    unknown = []
+    for name, tensor in state_dict.items():
+        found = _HF_KEY_VALUE.fullmatch(name)
+        if found:
+            stage, block, half, param = found.groups()
+            halves.setdefault(f"block{int(stage) + 1}.{block}.attn.kv.{param}", {})[half] = tensor
+            continue
+        ours = _hf_name(name)
+        if ours is None:
+            unknown.append(name)
+        else:
+            out[ours] = tensor
+    if unknown:
+        raise ValueError(f"Hugging Face MiT layout (keys start with 'encoder.' or 'segformer.encoder.') but "
+                         f"these keys are not Hugging Face MiT encoder names: {key_listing(unknown)}")
+    halfway = [f"{ours} ({'/'.join(sorted(parts))} only)" for ours, parts in halves.items() if len(parts) != 2]
+    if halfway:
+        raise ValueError(f"Hugging Face MiT layout: attention key and value come in pairs, but these have one: "
+                         f"{key_listing(halfway)}")
+    return {**out, **{ours: torch.cat([parts["key"], parts["value"]], dim=0) for ours, parts in halves.items()}}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Either MiT file layout -> the encoder's names: Hugging Face's when `is_hf_layout`,
+    NVlabs' otherwise, so `model.backbone.pretrained` takes either file as downloaded."""
+    return hf_filter_fn(state_dict) if is_hf_layout(state_dict) else nvlabs_filter_fn(state_dict)
 
 
 def build(cfg: SegFormerCfg, num_classes: int, pretrained: bool = True) -> SegFormer:
