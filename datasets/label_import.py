@@ -42,7 +42,7 @@ from PIL import Image
 from datasets.handoff import mask_precision, precision_counts, save_mask
 from datasets.readers import SplitFiles, read_label, read_mask, png_name
 from utils.crf import parallel_map
-from utils.errors import DataError, OutputExistsError
+from utils.errors import ConfigError, DataError, OutputExistsError
 from utils.io import save_json, save_png, save_text
 from utils.metrics import confusion_of_maps, segmentation_scores
 from utils.voc import IGNORE_INDEX, voc_palette
@@ -86,10 +86,10 @@ class Source:
 
     def resolved_rule(self) -> str:
         if self.format not in FORMATS:
-            raise DataError(f"unknown label format {self.format!r}; known: {sorted(FORMATS)}")
+            raise ConfigError(f"unknown label format {self.format!r}; known: {sorted(FORMATS)}")
         rule = self.rule or FORMATS[self.format][0]
         if rule not in FORMATS[self.format]:
-            raise DataError(f"rule {rule!r} does not apply to format {self.format!r}; "
+            raise ConfigError(f"rule {rule!r} does not apply to format {self.format!r}; "
                             f"it allows {list(FORMATS[self.format])}")
         return rule
 
@@ -114,9 +114,9 @@ class Source:
         if self.format == "scores" and (self.scores is None or not self.scores.is_dir()):
             raise DataError(f"format 'scores' needs its score-map folder (--scores); not found: {self.scores}")
         if self.boundary_width < 0:
-            raise DataError(f"boundary width must be >= 0, got {self.boundary_width}")
+            raise ConfigError(f"boundary width must be >= 0, got {self.boundary_width}")
         if not 0.0 <= self.score_threshold <= 1.0:
-            raise DataError(f"score threshold must be in [0, 1], got {self.score_threshold}")
+            raise ConfigError(f"score threshold must be in [0, 1], got {self.score_threshold}")
 
     def paths(self) -> dict[str, str | None]:
         return {"labels": str(self.labels.resolve()),
