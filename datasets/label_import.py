@@ -418,14 +418,14 @@ class Target:
 def import_labels(source: Source, files: SplitFiles, target: Target, *, dataset: str, split: str,
                   num_classes: int, class_names: list[str], gt_ignore: int | None, producer: str,
                   overwrite: bool = False, jobs: int = 1,
-                  progress: Callable[[Any], Any] = lambda it: it) -> dict[str, Any]:
+                  progress: Callable[[Any, str], Any] = lambda it, desc: it) -> dict[str, Any]:
     """Check every id's files, then write labels, masks, the manifest and the quality report
     into temporary sibling folders renamed into place at the end. Returns the manifest."""
     source.check()
     plan_output(target.labels, target.masks, overwrite)
     job0 = Job(source, files, num_classes, gt_ignore, target.labels, target.masks)
     problems = Problems()
-    for found in progress(parallel_map(_check_task, files.ids, jobs, 16, _init_worker, (job0,))):
+    for found in progress(parallel_map(_check_task, files.ids, jobs, 16, _init_worker, (job0,)), "check"):
         for kind, message in found:
             problems.add(kind, message)
     problems.raise_any(f"the import of {source.labels} ({source.format}) into {dataset} {split} "
@@ -437,7 +437,7 @@ def import_labels(source: Source, files: SplitFiles, target: Target, *, dataset:
         tmp_masks.mkdir(parents=True)
         job = Job(source, files, num_classes, gt_ignore, tmp_labels, tmp_masks)
         totals = Totals(num_classes)
-        for result in progress(parallel_map(_import_task, files.ids, jobs, 16, _init_worker, (job,))):
+        for result in progress(parallel_map(_import_task, files.ids, jobs, 16, _init_worker, (job,)), "import"):
             totals.add(result)
         manifest = make_manifest(totals, source, target, dataset=dataset, split=split, producer=producer)
         save_json(tmp_labels / MANIFEST_NAME, manifest)

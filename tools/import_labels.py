@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> dict:
     manifest = import_labels(source, files, target, dataset=args.dataset, split=split, num_classes=d.num_classes,
                              class_names=entry.class_names(d.num_classes), gt_ignore=entry.gt_ignore_index,
                              producer=args.producer, overwrite=args.overwrite, jobs=args.jobs,
-                             progress=lambda it: tqdm(it, total=len(files.ids), desc="import", leave=False))
+                             progress=lambda it, desc: tqdm(it, total=len(files.ids), desc=desc, leave=False,
+                                                           disable=None))  # no bar off a terminal
     c = manifest["counts"]
     print(f"imported {c['ids']} ids of {args.dataset} {split} ({args.format}, rule {manifest['rule']['name']}): "
           f"kept share {manifest['kept_share']:.3f}")
