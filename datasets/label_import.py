@@ -274,6 +274,10 @@ def check_one(source: Source, files: SplitFiles, item_id: str, num_classes: int)
                 if scores.shape != (num_classes, height, width):
                     out.append(("score maps of the wrong shape", f"'{item_id}': {path} is {scores.shape}, expected "
                                                                  f"({num_classes}, {height}, {width}) (C, H, W)"))
+                elif not (np.isfinite(scores).all() and scores.min() >= 0.0 and scores.max() <= 1.0):
+                    # Logits or unnormalised CAMs: a threshold on them would mean nothing.
+                    out.append(("score maps not probabilities in [0, 1]",
+                                f"'{item_id}': {path} ranges {scores.min():g}..{scores.max():g}"))
     return out
 
 

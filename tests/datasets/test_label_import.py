@@ -272,11 +272,13 @@ def test_score_maps_of_the_wrong_shape_are_refused(broken, tmp_path):
     ids = ids_of(root)
     np.save(labels / f"{ids[0]}.npy", np.zeros((K, 40, 48), np.float32))        # a class short
     np.save(labels / f"{ids[1]}.npy", np.zeros((K + 1, 20, 24), np.float32))    # half size
-    for i in ids[2:]:
+    np.save(labels / f"{ids[2]}.npy", np.full((K + 1, 40, 48), 3.0, np.float32))  # logits, not probabilities
+    for i in ids[3:]:
         np.save(labels / f"{i}.npy", np.full((K + 1, 40, 48), 0.25, np.float32))
     _expect_refusal(root, tmp_path, Source("scores", labels, scores=labels),
                     f"score maps of the wrong shape (2): '{ids[0]}': {labels / (ids[0] + '.npy')} is ({K}, 40, 48), "
-                    f"expected ({K + 1}, 40, 48) (C, H, W)", f"is ({K + 1}, 20, 24)")
+                    f"expected ({K + 1}, 40, 48) (C, H, W)", f"is ({K + 1}, 20, 24)",
+                    f"score maps not probabilities in [0, 1] (1): '{ids[2]}': {labels / (ids[2] + '.npy')} ranges 3..3")
 
 
 def test_a_failure_while_writing_leaves_nothing_behind(syn, tmp_path, monkeypatch):
