@@ -161,6 +161,10 @@ def confidence(source: Source, label: np.ndarray, mask: np.ndarray | None, score
 # ----------------------------------------------------------------------------- reading
 
 
+class PaletteError(DataError):
+    """A palette PNG whose colours are not the data set's."""
+
+
 def read_source_label(path: Path, item_id: str, num_classes: int) -> np.ndarray:
     """A producer's label map (H, W) uint8: L or P PNG, values 0..C-1 or 255; a palette PNG's
     colours of the values it uses must be the VOC palette's."""
@@ -176,7 +180,7 @@ def read_source_label(path: Path, item_id: str, num_classes: int) -> np.ndarray:
         wrong = used[np.any(colours[used] != voc_palette()[used], axis=1)]
         if wrong.size:
             v = int(wrong[0])
-            raise DataError(f"label for id '{item_id}' is a palette PNG whose palette is not the data set's "
+            raise PaletteError(f"label for id '{item_id}' is a palette PNG whose palette is not the data set's "
                             f"(VOC's): index {v} is {tuple(colours[v].tolist())}, VOC's is "
                             f"{tuple(voc_palette()[v].tolist())}: {path}")
         return arr
@@ -246,9 +250,10 @@ def check_one(source: Source, files: SplitFiles, item_id: str, num_classes: int)
     width, height = _image_size(image)
     try:
         label = read_source_label(label_path, item_id, num_classes)
+    except PaletteError as e:
+        return [("unknown palettes", str(e))]
     except DataError as e:
-        kind = "unknown palettes" if "palette" in str(e) else "unreadable labels or values above the class count"
-        return [(kind, str(e))]
+        return [("unreadable labels or values above the class count", str(e))]
     if label.shape != (height, width):
         out.append(("label size != image size", f"'{item_id}': {label_path} is {label.shape[1]}x{label.shape[0]}, "
                                                  f"the image {width}x{height}"))
@@ -375,10 +380,7 @@ def plan_output(label_dir: Path, mask_dir: Path, overwrite: bool) -> None:
         raise DataError(f"the label folder {label_dir} and the mask folder {mask_dir} must be two separate folders")
     manifest = label_dir / MANIFEST_NAME
     ours = manifest.is_file()
-    recorded_mask = None
-    if ours:
-        m = json.loads(manifest.read_text())
-        recorded_mask = Path(m.get("mask_dir_resolved", ""))
+    recorded_mask = Path(read_manifest(label_dir).get("mask_dir_resolved", "")) if ours else None
     for folder, what in ((label_dir, "label"), (mask_dir, "mask")):
         if not _has_files(folder):
             continue
