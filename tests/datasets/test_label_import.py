@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from datasets import label_import
 from datasets.build import dataset_entry
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, mask_precision, precision_counts
 from datasets.label_import import (MANIFEST_NAME, QUALITY_JSON, QUALITY_MD, Source, Target, boundary_band,
@@ -282,8 +283,7 @@ def test_score_maps_of_the_wrong_shape_are_refused(broken, tmp_path):
 
 
 def test_a_failure_while_writing_leaves_nothing_behind(syn, tmp_path, monkeypatch):
-    import datasets.label_import as li
-    real = li.save_mask
+    real = label_import.save_mask
     calls = []
 
     def failing(path, mask):
@@ -291,7 +291,7 @@ def test_a_failure_while_writing_leaves_nothing_behind(syn, tmp_path, monkeypatc
         if len(calls) == 3:
             raise OSError("disk full")
         return real(path, mask)
-    monkeypatch.setattr(li, "save_mask", failing)
+    monkeypatch.setattr(label_import, "save_mask", failing)
     with pytest.raises(OSError, match="disk full"):
         run_import(syn, tmp_path / "out", Source("labels", syn / PSEUDO_LABEL_DIR, rule="all"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -367,3 +367,31 @@ def test_a_split_without_ground_truth_gets_a_card_without_numbers(syn, tmp_path)
     assert q["ids_with_ground_truth"] == 0 and "miou" not in q
     assert "No quality numbers: no id of train_aug has a ground-truth file." in (
         tmp_path / "labels" / QUALITY_MD).read_text()
+
+
+def test_label_255_is_unreliable_under_every_rule(syn, tmp_path):
+    """Our layout with 255 written into a label under mask 1: the import keeps the 255 and drops the pixel."""
+    i = ids_of(syn)[0]
+    labels = export(syn, tmp_path / "in", "grey")
+    label, mask = ours(syn, i)
+    hole = (slice(0, 4), slice(0, 4))
+    assert mask[hole].any()  # some of the hole was reliable before
+    edited = label.copy()
+    edited[hole] = 255
+    Image.fromarray(edited, mode="L").save(labels / f"{i}.png")
+    run_import(syn, tmp_path, Source("ours", labels, masks=syn / MASK_DIR))
+    got_label, got_mask = imported(tmp_path, i)
+    assert np.array_equal(got_label, edited)
+    expected = mask.copy()
+    expected[hole] = 0
+    assert np.array_equal(got_mask, expected)
+
+
+def test_an_npz_with_several_arrays_needs_its_key(broken, tmp_path):
+    root, labels = broken
+    for i in ids_of(root):
+        np.savez(labels / f"{i}.npz", prob=np.full((K + 1, 40, 48), 0.25, np.float32), cam=np.zeros((K, 40, 48)))
+    _expect_refusal(root, tmp_path, Source("scores", labels, scores=labels),
+                    "score maps unreadable (6)", "holds ['prob', 'cam']; name one (--score-key)")
+    manifest = run_import(root, tmp_path / "out", Source("scores", labels, scores=labels, score_key="prob"))
+    assert manifest["source"]["score_key"] == "prob" and manifest["kept_share"] == 0.0  # top 0.25 < 0.5
