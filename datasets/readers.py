@@ -143,6 +143,40 @@ def read_mask(path: Path, item_id: str) -> Image.Image:
     return Image.fromarray((arr > 0).astype(np.uint8), mode="L")
 
 
+# What a user does about label 255 (void) on a pixel the mask marks reliable; one sentence for the
+# loader's error and the data check's (datasets/verify.py).
+VOID_UNDER_RELIABLE_ADVICE = ("a reliable pixel needs a class, so label 255 (void) is accepted only where the "
+                              "confidence mask is 0 (unreliable; the co-training term learns it there): mark those "
+                              "pixels 0 in the masks, e.g. by importing the labels with tools/import_labels.py, "
+                              "which makes every 255 unreliable")
+
+
+def void_under_reliable(label: np.ndarray, mask: np.ndarray) -> int:
+    """Pixels labelled 255 (void) that the mask marks reliable (non-zero).
+
+    Compared on the two maps' common top-left part: maps of one size, or of two sizes under
+    ``data.mask_size_mismatch: crop_like_reference``, where the crop box cuts both from the top-left
+    corner and whatever lies outside a map comes in as 0 (a reliable pixel outside the label is
+    background, not void)."""
+    h, w = min(label.shape[0], mask.shape[0]), min(label.shape[1], mask.shape[1])
+    return int(np.count_nonzero((label[:h, :w] == IGNORE_INDEX) & (mask[:h, :w] != 0)))
+
+
+def void_under_reliable_problem(item_id: str, count: int, label_path: Path, mask_path: Path) -> str:
+    return (f"id '{item_id}': {count} pixels are labelled 255 (void) in {label_path} but marked reliable in "
+            f"{mask_path}")
+
+
+def check_void_under_reliable(item_id: str, label: Image.Image, mask: Image.Image, label_path: Path,
+                              mask_path: Path) -> None:
+    """Refuse label 255 under mask 1: CE ignores the pixel and co-training skips it (mask 1), so
+    it would train nothing, silently."""
+    count = void_under_reliable(np.asarray(label), np.asarray(mask))
+    if count:
+        raise DataError(f"{void_under_reliable_problem(item_id, count, label_path, mask_path)}; "
+                        f"{VOID_UNDER_RELIABLE_ADVICE}")
+
+
 def check_sizes(item_id: str, reference: tuple[Image.Image, Path], *others: tuple[Image.Image, Path]) -> None:
     ref, ref_path = reference
     for img, path in others:

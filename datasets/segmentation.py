@@ -18,13 +18,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets.build import dataset_entry
-from datasets.readers import (DataError, SplitFiles, check_sizes, read_image, read_label, read_mask,
-                              require_dir, require_files)
+from datasets.readers import (DataError, SplitFiles, check_sizes, check_void_under_reliable, read_image, read_label,
+                              read_mask, require_dir, require_files)
 from datasets.transforms import TrainTransform, ValTransform
 from utils.config import DataCfg
 
 
-def _align_to_image(item_id: str, image: tuple[Image.Image, Path], policy: str,
+def align_to_image(item_id: str, image: tuple[Image.Image, Path], policy: str,
                     *others: tuple[Image.Image, Path]) -> list[Image.Image]:
     """Labels and masks of another size than their image, by ``data.mask_size_mismatch``:
     ``error`` (default), ``resize_nearest``, or ``crop_like_reference`` (left as they are,
@@ -72,8 +72,11 @@ class TrainSet(Dataset):
         image = read_image(paths[0], i, self.allow_truncated)
         label = read_label(paths[1], i, self.cfg.num_classes, "pseudo-label")
         mask = read_mask(paths[2], i)
-        label, mask = _align_to_image(i, (image, paths[0]), self.cfg.mask_size_mismatch,
+        label, mask = align_to_image(i, (image, paths[0]), self.cfg.mask_size_mismatch,
                                       (label, paths[1]), (mask, paths[2]))
+        # Checked on every read, so it holds with data.verify: exists too (verify's full read
+        # names every such file before training starts).
+        check_void_under_reliable(i, label, mask, paths[1], paths[2])
         return i, image, label, mask
 
     def __getitem__(self, index: int) -> dict:

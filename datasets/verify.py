@@ -12,6 +12,9 @@ sets use (``datasets/readers.py``), so what passes here is what training will ac
   void value 255 where the data set has one);
 * confidence mask: binary (``read_mask`` refuses a JPEG-compressed mask or a pseudo-label
   given as one);
+* pseudo-label and mask together: label 255 (void) only where the mask is 0. An unreliable
+  pixel without a class is fine (the co-training terms learn it); a reliable one would be
+  trained by no term. The error names the ids, files and pixel counts and what to do;
 * sizes: a training sample's label and mask agree with its image when
   ``data.mask_size_mismatch`` is ``error`` (the other policies handle a mismatch), and an
   evaluation sample's ground truth always (``EvalSet`` checks it on every read);
@@ -42,11 +45,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from datasets.build import dataset_entry
-from datasets.readers import DataError, check_sizes, read_image, read_label, read_mask
-from datasets.segmentation import EvalSet, TrainSet
+from datasets.readers import (VOID_UNDER_RELIABLE_ADVICE, DataError, check_sizes, read_image, read_label, read_mask,
+                              void_under_reliable, void_under_reliable_problem)
+from datasets.segmentation import EvalSet, TrainSet, align_to_image
 from utils.crf import available_cores, parallel_map
 from utils.distributed import broadcast_object
 from utils.io import save_json, save_text
@@ -56,7 +61,9 @@ from utils.voc import IGNORE_INDEX
 CACHE_NAME = ".verify_cache.json"
 REPORT_NAME = ".verify_report.txt"
 # Bump when a reader's checks change: files that passed the old checks are read again. (Label
-# entries gained a seventh field, their classes, within version 1: a six-field one is read again.)
+# entries gained a seventh field, their classes, within version 1: a six-field one is read again;
+# pseudo-label entries an eighth, what their void pixels were checked against: a seven-field one
+# is read again too.)
 CACHE_VERSION = 1
 SHOWN = 3          # problems named in the error message; the report lists them all
 CHUNK = 16         # samples handed to a worker at a time
@@ -88,6 +95,7 @@ class Settings:
     allow_truncated: bool
     label_ignore: int | None    # void value of the sample's label file (None: every value must be a class)
     sizes_must_agree: bool
+    size_policy: str = "error"  # data.mask_size_mismatch of a training set: how label and mask meet the image
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,8 @@ def _sample_plan(dataset: Dataset) -> tuple[Settings, list[str], list[list[FileC
     ``EvalSet.__getitem__``), and the checks' settings."""
     cfg = dataset.cfg
     if isinstance(dataset, TrainSet):
-        settings = Settings(cfg.num_classes, dataset.allow_truncated, IGNORE_INDEX, cfg.mask_size_mismatch == "error")
+        settings = Settings(cfg.num_classes, dataset.allow_truncated, IGNORE_INDEX, cfg.mask_size_mismatch == "error",
+                            cfg.mask_size_mismatch)
         roles = lambda i: tuple(zip(("image", "pseudo-label", "confidence mask"), dataset.paths(i)))
     elif isinstance(dataset, EvalSet):
         settings = Settings(cfg.num_classes, dataset.allow_truncated, dataset.entry.gt_ignore_index, True)
@@ -143,8 +152,11 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 
 def load_cache(path: Path) -> dict[str, dict[str, str]]:
-    """``{directory: {file name: "<bytes> <mtime_ns> <check> <width> <height> <count>[ <classes>]"}}``,
-    ``<classes>`` (labels only) the label values present other than void, comma-separated, ``-`` for none.
+    """``{directory: {file name: "<bytes> <mtime_ns> <check> <width> <height> <count>[ <classes>[ <pair>]]"}}``,
+    ``<classes>`` (labels only) the label values present other than void, comma-separated, ``-`` for none;
+    ``<pair>`` (pseudo-labels only) ``-`` when the label has no void pixel, else
+    ``<size policy>:<bytes>:<mtime_ns>``: the ``data.mask_size_mismatch`` and the mask its void pixels
+    were found unreliable in (another policy or a changed mask has them checked again).
 
     One string per file keeps the JSON small and quick to write for COCO's 330,000 files. A
     missing, corrupt or older-version file is an empty cache (replaced once a file passes)."""
@@ -162,23 +174,34 @@ LABEL_ROLES = ("pseudo-label", "ground truth")
 Read = tuple[Dims, int, tuple[int, ...]]  # size, count, label values present other than void
 
 
-def _entry(stat: tuple[int, int], check: str, size: Dims, count: int, classes: tuple[int, ...] | None) -> str:
+def _entry(stat: tuple[int, int], check: str, size: Dims, count: int, classes: tuple[int, ...] | None,
+           pair: str | None = None) -> str:
     entry = f"{stat[0]} {stat[1]} {check} {size.width} {size.height} {count}"
     if classes is None:
         return entry
-    return f"{entry} {','.join(map(str, classes)) or '-'}"
+    entry = f"{entry} {','.join(map(str, classes)) or '-'}"
+    return entry if pair is None else f"{entry} {pair}"
 
 
-def _cached(cache: dict[str, dict[str, str]], f: FileCheck, stat: tuple[int, int] | None) -> Read | None:
-    """The cached (size, count, classes) of ``f`` if the file is unchanged and passed the same check."""
+def _pair_key(policy: str, mask_stat: tuple[int, int] | None) -> str | None:
+    return None if mask_stat is None else f"{policy}:{mask_stat[0]}:{mask_stat[1]}"
+
+
+def _cached(cache: dict[str, dict[str, str]], f: FileCheck, stat: tuple[int, int] | None,
+            pair: str | None = None) -> Read | None:
+    """The cached (size, count, classes) of ``f`` if the file is unchanged and passed the same check;
+    a pseudo-label with void pixels also needs the same ``pair`` (``_pair_key``: policy and mask)."""
     if stat is None:
         return None
     d, name = os.path.split(f.path)
     entry = cache.get(d, {}).get(name)
     parts = entry.split(" ") if isinstance(entry, str) else []
+    fields = 8 if f.role == "pseudo-label" else 7 if f.role in LABEL_ROLES else 6
     is_label = f.role in LABEL_ROLES
-    if (len(parts) != (7 if is_label else 6) or parts[0] != str(stat[0]) or parts[1] != str(stat[1])
+    if (len(parts) != fields or parts[0] != str(stat[0]) or parts[1] != str(stat[1])
             or parts[2] != f.check):
+        return None
+    if fields == 8 and parts[7] != "-" and parts[7] != pair:
         return None
     try:
         classes = tuple(int(c) for c in parts[6].split(",")) if is_label and parts[6] != "-" else ()
@@ -209,25 +232,27 @@ class SampleResult:
     mask_pixels: int = 0
     labelled: int = 0           # pseudo-label pixels other than 255
     label_pixels: int = 0
+    void_reliable: int = 0      # pseudo-label pixels that are 255 where the mask is 1 (refused)
+    void_problem: str | None = None  # the problem naming them (see ``verify`` for when it counts)
     classes: tuple[int, ...] = ()  # values of its pseudo-label or ground truth other than void
 
 
-def _read(f: FileCheck, item_id: str, s: Settings) -> Read:
+def _read(f: FileCheck, item_id: str, s: Settings) -> tuple[Read, Image.Image]:
     """Read one file with the data sets' reader; its size, its count (reliable mask pixels,
-    non-void label pixels, 0 for an image) and a label's values other than its void value.
-    Raises the reader's DataError."""
+    non-void label pixels, 0 for an image), a label's values other than its void value, and the
+    image read. Raises the reader's DataError."""
     path = Path(f.path)
     if f.role == "image":
         img = read_image(path, item_id, s.allow_truncated)
-        return Dims(img.width, img.height), 0, ()
+        return (Dims(img.width, img.height), 0, ()), img
     if f.role == "confidence mask":
         img = read_mask(path, item_id)
-        return Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img))), ()
+        return (Dims(img.width, img.height), int(np.count_nonzero(np.asarray(img))), ()), img
     img = read_label(path, item_id, s.num_classes, f.role, s.label_ignore)
     arr = np.asarray(img)
     values = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
     classes = tuple(int(v) for v in values if v != s.label_ignore)
-    return Dims(img.width, img.height), int(np.count_nonzero(arr != IGNORE_INDEX)), classes
+    return (Dims(img.width, img.height), int(np.count_nonzero(arr != IGNORE_INDEX)), classes), img
 
 
 Task = tuple[int, str, list[tuple[FileCheck, "tuple[int, int] | None", "Read | None"]]]
@@ -244,13 +269,14 @@ def _verify_sample(task: Task) -> SampleResult:
     s = _SETTINGS
     result = SampleResult(index, [], {}, 0)
     dims: list[tuple[Dims, str]] = []  # of the files that passed, image first
+    read_now: dict[str, Image.Image] = {}  # role -> the file read now (not from the cache)
     for f, stat, entry in files:
         if entry is not None:
             size, count, classes = entry
         else:
             result.files_read += 1
             try:
-                size, count, classes = _read(f, item_id, s)
+                (size, count, classes), read_now[f.role] = _read(f, item_id, s)
             except DataError as e:
                 result.problems.append(_one_line(str(e)))
                 continue
@@ -270,12 +296,52 @@ def _verify_sample(task: Task) -> SampleResult:
         if f.role in LABEL_ROLES:
             result.classes = classes
     image_ok = bool(dims) and dims[0][1] == files[0][0].path  # sizes are compared with the image's
+    sizes_ok = True
     if s.sizes_must_agree and image_ok and len(dims) > 1:
         try:
             check_sizes(item_id, dims[0], *dims[1:])
         except DataError as e:
             result.problems.append(str(e))
+            sizes_ok = False
+    if "pseudo-label" in read_now:
+        _check_pair(result, item_id, files, read_now, dims[0][0] if image_ok and sizes_ok else None, s)
     return result
+
+
+def _check_pair(result: SampleResult, item_id: str, files: list, read_now: dict[str, Image.Image],
+                image: Dims | None, s: Settings) -> None:
+    """A pseudo-label read now against its mask: 255 only where the mask is 0. Its cache entry
+    records what it passed against (``-`` without void pixels, else the mask's size and mtime);
+    one that could not be checked (a bad mask or image, sizes that differ) is not cached."""
+    (label_f, _, _), (mask_f, mask_stat, mask_entry) = (
+        next(x for x in files if x[0].role == role) for role in ("pseudo-label", "confidence mask"))
+    label = read_now["pseudo-label"]
+    entry = result.passed.pop(label_f.path, None)
+    if entry is None:  # it failed its own check, or changed while being read
+        return
+    if not (np.asarray(label) == IGNORE_INDEX).any():
+        result.passed[label_f.path] = f"{entry} -"
+        return
+    if image is None:
+        return
+    mask = read_now.get("confidence mask")
+    if mask is None:
+        if mask_entry is None:  # read now and refused: that is its problem
+            return
+        try:  # it passed before (the cache): read it again for the comparison
+            mask = read_mask(Path(mask_f.path), item_id)
+        except DataError as e:
+            result.problems.append(_one_line(str(e)))
+            return
+        result.files_read += 1
+    label, mask = align_to_image(item_id, (image, Path(label_f.path)), s.size_policy,
+                                 (label, Path(label_f.path)), (mask, Path(mask_f.path)))
+    count = void_under_reliable(np.asarray(label), np.asarray(mask))
+    if count:
+        result.void_reliable = count
+        result.void_problem = void_under_reliable_problem(item_id, count, Path(label_f.path), Path(mask_f.path))
+    elif mask_stat is not None:
+        result.passed[label_f.path] = f"{entry} {_pair_key(s.size_policy, mask_stat)}"
 
 
 # ----------------------------------------------------------------------------- the check
@@ -329,10 +395,10 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
     for index, (item_id, files) in enumerate(zip(ids, plan)):
         if index % world_size != rank:
             continue
-        entries = []
-        for f in files:
-            stat = _stat(f.path)
-            entries.append((f, stat, _cached(cache, f, stat)))
+        stats = [_stat(f.path) for f in files]
+        mask_stat = next((st for f, st in zip(files, stats) if f.role == "confidence mask"), None)
+        pair = _pair_key(settings.size_policy, mask_stat)
+        entries = [(f, st, _cached(cache, f, st, pair)) for f, st in zip(files, stats)]
         task = (index, item_id, entries)
         (done if all(e is not None for _, _, e in entries) else tasks).append(task)
     n_jobs = max(1, min(jobs or available_cores(), len(tasks)))
@@ -360,9 +426,16 @@ def verify(dataset: Dataset, *, jobs: int | None = None, progress: bool = True,
     summary.update(files=sum(len(files) for files in plan), files_read=sum(r.files_read for r in results))
     summary["files_cached"] = summary["files"] - summary["files_read"]
 
+    # Every pseudo-label entirely void is one mistake (the wrong folder), said below once, not as
+    # void pixels under mask 1 in every sample.
+    all_void = isinstance(dataset, TrainSet) and all(r.label_pixels and not r.labelled for r in results)
+    for r in results:
+        if r.void_problem and not all_void:
+            r.problems.append(r.void_problem)
     bad = [r for r in results if r.problems]
     if bad:
-        raise DataError(_report(root / REPORT_NAME, bad, ids, _noun(dataset, split), split))
+        raise DataError(_report(root / REPORT_NAME, bad, ids, _noun(dataset, split), split)
+                        + _void_under_reliable_summary(results, ids))
     mask_pixels = sum(r.mask_pixels for r in results)
     label_pixels = sum(r.label_pixels for r in results)
     kept, labelled = sum(r.kept for r in results), sum(r.labelled for r in results)
@@ -438,6 +511,17 @@ def _update_cache(path: Path, cache: dict[str, dict[str, str]], results: Iterabl
             save_json(path, {"version": CACHE_VERSION, "dirs": cache})
         except OSError:
             pass
+
+
+def _void_under_reliable_summary(results: list[SampleResult], ids: list[str]) -> str:
+    """The error's closing sentence when some pseudo-labels have 255 under mask 1: how many ids
+    and pixels, the first ids, and what to do."""
+    hit = [r for r in results if r.void_problem in r.problems]
+    if not hit:
+        return ""
+    pixels = sum(r.void_reliable for r in hit)
+    return (f". Label 255 (void) under mask 1 (reliable): {pixels} pixels in {len(hit)} of {len(ids)} samples, ids "
+            f"{shown([ids[r.index] for r in hit])}; {VOID_UNDER_RELIABLE_ADVICE}")
 
 
 def _report(path: Path, bad: list[SampleResult], ids: list[str], noun: str, split: str) -> str:
