@@ -36,6 +36,10 @@ CARD_MD = "results.md"
 MEAN = "mean"  # the key of both nets averaged; a one-net run has only "net1"
 INFERENCE_ORDER = ("single", "flip", "msc", "msc+flip")
 RUNS_KEPT = 20  # the card lists the latest test commands that wrote to it
+# The quality report tools/import_labels.py writes beside imported pseudo-labels (md + json; the
+# json has "miou" and "kept_share", fractions): the card links it when the run's labels have one.
+LABEL_QUALITY_MD = "label_quality.md"
+LABEL_QUALITY_JSON = "label_quality.json"
 
 
 def inference_name(multi_scale: bool, flip: bool) -> str:
@@ -140,12 +144,37 @@ def update_card(run_dir: Path, checkpoint: dict[str, Any], rows: list[dict[str, 
         card["msc_scales"] = scales
     if pseudo_labels is not None:
         card["pseudo_labels"] = pseudo_labels
+    card.pop("label_quality", None)  # looked up again: the labels may have been imported since
+    if (report := label_quality_report(config.get("data", {}))) is not None:
+        card["label_quality"] = report
     run = {"tool": tool, "argv": sys.argv, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
            "seconds": round(seconds, 1), "hardware": hardware()}
     card["runs"] = (card.get("runs", []) + [run])[-RUNS_KEPT:]
     save_json(run_dir / CARD_JSON, card)
     save_text(run_dir / CARD_MD, render(card))
     return run_dir / CARD_JSON
+
+
+def label_quality_report(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The import's quality report of the run's pseudo-labels (``<data.root>/<data.pseudo_label_dir>/
+    label_quality.md``; an absolute ``pseudo_label_dir`` stands alone): its path and the json's mIoU
+    and kept share (None where the json lacks them or cannot be read); None without a report."""
+    if not data.get("pseudo_label_dir"):
+        return None
+    folder = Path(data.get("root") or ".") / data["pseudo_label_dir"]
+    md = folder / LABEL_QUALITY_MD
+    if not md.is_file():
+        return None
+    try:
+        numbers = json.loads((folder / LABEL_QUALITY_JSON).read_text())
+    except (OSError, ValueError):
+        numbers = {}
+    numbers = numbers if isinstance(numbers, dict) else {}
+    out: dict[str, Any] = {"report": str(md.resolve())}
+    for key in ("miou", "kept_share"):
+        value = numbers.get(key)
+        out[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return out
 
 
 def pseudo_label_quality(cfg: Any, run_dir: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
@@ -290,6 +319,9 @@ def render(card: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     pl = card.get("pseudo_labels")
     lines += ["", "## Pseudo-labels (training split against its ground truth)", ""]
+    if lq := card.get("label_quality"):
+        share = {k: "—" if lq[k] is None else f"{_pct(lq[k])} %" for k in ("miou", "kept_share")}
+        lines.append(f"- Pseudo-labels: `{lq['report']}` (mIoU {share['miou']}, kept share {share['kept_share']})")
     if pl and pl.get("miou") is not None:
         lines += [f"- `{pl['label_dir']}` on {pl['num_images']} images of `{pl['split']}`: mIoU {_pct(pl['miou'])}, "
                   f"pixel accuracy {_pct(pl['pixel_acc'])}"]
