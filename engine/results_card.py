@@ -25,6 +25,7 @@ from tqdm import tqdm
 from datasets.build import dataset_entry
 from datasets.readers import read_label, read_mask
 from datasets.handoff import mask_precision, precision_counts
+from datasets.label_import import QUALITY_JSON, QUALITY_MD
 from engine.checkpoint import BEST, LATEST
 from utils import provenance
 from utils.io import read_jsonl, save_json, save_text
@@ -36,10 +37,6 @@ CARD_MD = "results.md"
 MEAN = "mean"  # the key of both nets averaged; a one-net run has only "net1"
 INFERENCE_ORDER = ("single", "flip", "msc", "msc+flip")
 RUNS_KEPT = 20  # the card lists the latest test commands that wrote to it
-# The quality report tools/import_labels.py writes beside imported pseudo-labels (md + json; the
-# json has "miou" and "kept_share", fractions): the card links it when the run's labels have one.
-LABEL_QUALITY_MD = "label_quality.md"
-LABEL_QUALITY_JSON = "label_quality.json"
 
 
 def inference_name(multi_scale: bool, flip: bool) -> str:
@@ -156,17 +153,18 @@ def update_card(run_dir: Path, checkpoint: dict[str, Any], rows: list[dict[str, 
 
 
 def label_quality_report(data: dict[str, Any]) -> dict[str, Any] | None:
-    """The import's quality report of the run's pseudo-labels (``<data.root>/<data.pseudo_label_dir>/
-    label_quality.md``; an absolute ``pseudo_label_dir`` stands alone): its path and the json's mIoU
-    and kept share (None where the json lacks them or cannot be read); None without a report."""
+    """The quality report tools/import_labels.py wrote beside the run's pseudo-labels
+    (``<data.root>/<data.pseudo_label_dir>/label_quality.md``; an absolute ``pseudo_label_dir`` stands
+    alone): its path and its json's mIoU and kept share, fractions (None where the json lacks them or
+    cannot be read); None without a report."""
     if not data.get("pseudo_label_dir"):
         return None
     folder = Path(data.get("root") or ".") / data["pseudo_label_dir"]
-    md = folder / LABEL_QUALITY_MD
+    md = folder / QUALITY_MD
     if not md.is_file():
         return None
     try:
-        numbers = json.loads((folder / LABEL_QUALITY_JSON).read_text())
+        numbers = json.loads((folder / QUALITY_JSON).read_text())
     except (OSError, ValueError):
         numbers = {}
     numbers = numbers if isinstance(numbers, dict) else {}
