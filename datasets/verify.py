@@ -311,7 +311,8 @@ def _verify_sample(task: Task) -> SampleResult:
 def _check_pair(result: SampleResult, item_id: str, files: list, read_now: dict[str, Image.Image],
                 image: Dims | None, s: Settings) -> None:
     """A pseudo-label read now against its mask: 255 only where the mask is 0. Its cache entry
-    records what it passed against (``-`` without void pixels, else the mask's size and mtime);
+    records what it passed against (``-`` without void pixels, else the size policy and the mask's
+    byte size and mtime);
     one that could not be checked (a bad mask or image, sizes that differ) is not cached."""
     (label_f, _, _), (mask_f, mask_stat, mask_entry) = (
         next(x for x in files if x[0].role == role) for role in ("pseudo-label", "confidence mask"))
@@ -334,7 +335,7 @@ def _check_pair(result: SampleResult, item_id: str, files: list, read_now: dict[
             result.problems.append(_one_line(str(e)))
             return
         result.files_read += 1
-    label, mask = align_to_image(item_id, (image, Path(label_f.path)), s.size_policy,
+    label, mask = align_to_image(item_id, (image, Path(files[0][0].path)), s.size_policy,
                                  (label, Path(label_f.path)), (mask, Path(mask_f.path)))
     count = void_under_reliable(np.asarray(label), np.asarray(mask))
     if count:
