@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets.build import dataset_entry
+from datasets.label_import import MANIFEST_NAME, check_manifest
 from datasets.readers import (VOID_UNDER_RELIABLE_ADVICE, DataError, check_sizes, read_image, read_label, read_mask,
                               void_under_reliable, void_under_reliable_problem)
 from datasets.segmentation import EvalSet, TrainSet, align_to_image
@@ -541,6 +542,13 @@ def _report(path: Path, bad: list[SampleResult], ids: list[str], noun: str, spli
     return f"{head}: " + "; ".join(problems[:SHOWN]) + tail
 
 
+def check_import(dataset: Dataset, jobs: int) -> None:
+    """Pseudo-labels imported by tools/import_labels.py carry a manifest of their files' SHA-256:
+    a label or mask changed, missing or added since the import is refused (DataError)."""
+    if isinstance(dataset, TrainSet) and (dataset.label_dir / MANIFEST_NAME).is_file():
+        check_manifest(dataset.label_dir, dataset.mask_dir, jobs)
+
+
 def preflight(sets: list[tuple[Dataset, str]], info) -> None:
     """Read every file of the sets before any work (``data.verify: full``, cached by size and
     mtime, datasets/verify.py): a bad val image is found now, not after an epoch. Every rank
@@ -551,6 +559,8 @@ def preflight(sets: list[tuple[Dataset, str]], info) -> None:
     error = None
     for dataset, split in sets:
         try:
+            if info.is_main:
+                check_import(dataset, jobs)
             summary = verify(dataset, split=split, jobs=jobs, progress=info.is_main, rank=info.rank,
                              world_size=info.world_size)
         except DataError as e:  # rank 0 only

@@ -95,3 +95,24 @@ def test_beco_trains_an_epoch_on_an_imported_255_set(syn, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     iters = [json.loads(line) for line in (tmp_path / "logs/clip/train_log.jsonl").read_text().splitlines()]
     assert len(iters) == 4 and all(np.isfinite(rec["total"]) for rec in iters)
+
+
+def test_training_refuses_labels_changed_since_their_import(syn, tmp_path):
+    """The second stage's preflight checks an imported set against its manifest: a label edited
+    after the import stops main.py before any training, naming the file."""
+    labels = clip_style(syn, tmp_path / "clip")
+    assert import_labels.main(argv(syn, labels, tmp_path)) == 0
+    edited = sorted((tmp_path / "clip_label").glob("*.png"))[0]
+    label = np.asarray(Image.open(edited)).copy()
+    label[0, 0] = 0 if label[0, 0] != 0 else 1
+    Image.fromarray(label, mode="L").save(edited)
+    args = ["--config", str(REPO / "configs/demo.yaml"), "--logging_path_base", str(tmp_path / "logs"),
+            "--logging_tag", "edited", f"data.root={syn}", "data.synthetic=null", f"data.num_classes={K + 1}",
+            f"data.pseudo_label_dir={tmp_path / 'clip_label'}", f"data.mask_dir={tmp_path / 'clip_mask'}",
+            "data.num_workers=0"]
+    r = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"differ from their manifest ({tmp_path / 'clip_label' / MANIFEST_NAME}) since the import: " \
+           f"1 changed: {edited}; import them again" in r.stderr
+    assert not (tmp_path / "logs/edited/train_log.jsonl").exists()
