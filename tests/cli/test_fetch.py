@@ -11,7 +11,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine.config import load_config
 from irn.misc.settings import load_settings
@@ -293,3 +295,51 @@ def test_real_entry_is_well_formed(name):
 
 def test_groups_name_real_entries():
     assert all(m in DOWNLOADS for members in GROUPS.values() for m in members)
+
+
+def _tar_tree(folder: Path, arcname: str, skip: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        t.add(folder, arcname, filter=lambda m: None if any(s in m.name for s in skip) else m)
+    return buf.getvalue()
+
+
+def test_voc2012_and_sbd_end_ready_for_training(server, tmp_path, synthetic_set):
+    """`fetch.py data voc2012 sbd` with the real entries' layout and preparation step: a VOC tar
+    and an SBD tgz served locally end as data/VOC2012 with SegmentationClassAug and train_aug."""
+    from dataclasses import replace
+
+    from scipy.io import savemat
+    base, state = server
+    voc = synthetic_set("voc", train=4, val=2, test=3, size=(48, 64), classes=3, seed=3) / "VOC2012"
+    voc_tar = _tar_tree(voc, "VOCdevkit/VOC2012", skip=("SegmentationClassAug", "train_aug.txt", "cls_labels"))
+    test_ids = (voc / "ImageSets/Segmentation/test.txt").read_text().split()
+    sbd = tmp_path / "src/dataset"
+    (sbd / "cls").mkdir(parents=True)
+    for i in test_ids:
+        savemat(str(sbd / "cls" / f"{i}.mat"), {"GTcls": {"Segmentation": np.full((48, 64), 2, np.uint8)}})
+    (sbd / "train.txt").write_text("\n".join(test_ids[:2]) + "\n")
+    (sbd / "val.txt").write_text(test_ids[2] + "\n")
+    sbd_tgz = _tar_tree(sbd, "benchmark_RELEASE/dataset")
+    state["files"].update({"/voc.tar": voc_tar, "/benchmark.tgz": sbd_tgz})
+    table = {"voc2012": replace(DOWNLOADS["voc2012"], url=f"{base}/voc.tar", size=len(voc_tar),
+                                hash=f"md5:{hashlib.md5(voc_tar).hexdigest()}"),
+             "sbd": replace(DOWNLOADS["sbd"], url=f"{base}/benchmark.tgz", size=len(sbd_tgz),
+                            hash=f"md5:{hashlib.md5(sbd_tgz).hexdigest()}")}
+
+    lines, logs = _fetch(tmp_path, table, ["voc2012", "sbd"], kind="data")
+    out = tmp_path / "data/VOC2012"
+    aug = (out / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    train = (out / "ImageSets/Segmentation/train.txt").read_text().split()
+    assert aug == sorted(set(train) | set(test_ids))
+    assert sorted(p.stem for p in (out / "SegmentationClassAug").glob("*.png")) == sorted(
+        set(aug) | {p.stem for p in (out / "SegmentationClass").glob("*.png")})
+    assert np.all(np.asarray(Image.open(out / "SegmentationClassAug" / f"{test_ids[0]}.png")) == 2)
+    assert (out / "cls_labels.json").is_file() and not (tmp_path / "data/VOCdevkit").exists()
+    assert lines[0] == (f"voc2012: {out}; data.root (configs/data/voc.yaml) reads it by default; "
+                        f"set voc12_root=data/VOC2012 (configs/first_stage/voc.yaml has ./VOCdevkit/VOC2012)")
+    assert lines[1] == f"sbd: {tmp_path / 'data/benchmark_RELEASE'}; data.aug (configs/data/voc.yaml) reads it by default"
+    # a rerun downloads nothing and skips the finished preparation
+    _, logs = _fetch(tmp_path, table, ["voc2012", "sbd"], kind="data")
+    assert len(state["requests"]) == 2
+    assert any("voc_aug:" in m and "already prepared" in m for m in logs)
