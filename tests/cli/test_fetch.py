@@ -8,6 +8,7 @@ import re
 import socket
 import tarfile
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.state = {"files": {}, "requests": [], "cut": {}, "ignore_range": set()}
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield base, httpd.state
@@ -343,3 +344,32 @@ def test_voc2012_and_sbd_end_ready_for_training(server, tmp_path, synthetic_set)
     _, logs = _fetch(tmp_path, table, ["voc2012", "sbd"], kind="data")
     assert len(state["requests"]) == 2
     assert any("voc_aug:" in m and "already prepared" in m for m in logs)
+
+
+def _zip_tree(folder: Path, arcname: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            z.write(p, f"{arcname}/{p.relative_to(folder).as_posix()}")
+    return buf.getvalue()
+
+
+def test_coco2014_group_unpacks_zips_and_prepares(server, tmp_path, synthetic_set):
+    """`fetch.py data coco2014`: the three zips of the real entries' layout, then prepare_coco."""
+    from dataclasses import replace
+    base, state = server
+    coco = synthetic_set("coco", train=3, val=3, size=(48, 64), classes=3, seed=1)
+    table = dict(DOWNLOADS)
+    for name, folder in (("coco2014-train", "train2014"), ("coco2014-val", "val2014"),
+                         ("coco2014-annotations", "annotations")):
+        blob = _zip_tree(coco / folder, folder)
+        state["files"][f"/{folder}.zip"] = blob
+        table[name] = replace(DOWNLOADS[name], url=f"{base}/{folder}.zip", size=len(blob),
+                              hash=f"sha256:{hashlib.sha256(blob).hexdigest()}")
+    logs: list[str] = []
+    cli.fetch("data", ["coco2014"], root=tmp_path, table=table, progress=False, log=logs.append)
+    out = tmp_path / "data/coco"
+    assert len(list((out / "mask/train2014").glob("*.png"))) == 3
+    assert len(list((out / "mask/val2014").glob("*.png"))) == 3
+    assert (out / "lists/val2014.txt").is_file() and (out / "cls_labels_train2014.json").is_file()
+    assert any(m.startswith("coco: prepared") for m in logs)
