@@ -43,6 +43,8 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         if rng and self.path not in state["ignore_range"]:
             start = int(rng.removeprefix("bytes=").split("-")[0])
+            if self.path in state["wrong_range"]:   # answers 206 but from another offset
+                start = 0
             if start >= len(body):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -72,7 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.state = {"files": {}, "requests": [], "cut": {}, "ignore_range": set()}
+    httpd.state = {"files": {}, "requests": [], "cut": {}, "ignore_range": set(), "wrong_range": set()}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -128,6 +130,18 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     part.write_bytes(b"x" * 500)                      # a stale part the server will not continue
     _fetch(tmp_path, {"w": _weights(f"{base}/w.pth", f"sha256:{SHA}")}, ["w"])
     assert state["requests"] == [("/w.pth", "bytes=500-")]
+    assert (tmp_path / "data/model_zoo/w.pth").read_bytes() == BODY
+
+
+def test_a_206_from_another_offset_restarts_without_range(server, tmp_path):
+    base, state = server
+    state["files"]["/w.pth"] = BODY
+    state["wrong_range"].add("/w.pth")
+    part = tmp_path / "data/model_zoo/w.pth.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(BODY[:700])
+    _fetch(tmp_path, {"w": _weights(f"{base}/w.pth", f"sha256:{SHA}")}, ["w"])
+    assert state["requests"] == [("/w.pth", "bytes=700-"), ("/w.pth", None)]
     assert (tmp_path / "data/model_zoo/w.pth").read_bytes() == BODY
 
 
@@ -373,3 +387,16 @@ def test_coco2014_group_unpacks_zips_and_prepares(server, tmp_path, synthetic_se
     assert len(list((out / "mask/val2014").glob("*.png"))) == 3
     assert (out / "lists/val2014.txt").is_file() and (out / "cls_labels_train2014.json").is_file()
     assert any(m.startswith("coco: prepared") for m in logs)
+
+
+def test_cli_refuses_a_present_file_that_is_not_the_published_one(tmp_path, capsys):
+    """Through main() with the real table and no network: the file in place is checked first."""
+    target = tmp_path / DOWNLOADS["resnet50-v1"].target
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not resnet")
+    found = hashlib.sha256(b"not resnet").hexdigest()[:8]
+    assert cli.main(["weights", "resnet50-v1", "--root", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {target} is present but is not resnet50-v1 (sha256-prefix: expected 0676ba61, "
+                   f"found {found}); move it away and rerun to fetch it again\n")
+    assert target.read_bytes() == b"not resnet"
