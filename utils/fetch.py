@@ -143,7 +143,7 @@ def download(url: str, part: Path, size_hint: int | None = None, progress: bool 
         raise UnreachableError(f"cannot reach {url} ({reason})") from None
     with resp:
         resumed = have > 0 and resp.status == 206 and _range_start(resp) == have
-        if resp.status == 206 and not resumed:
+        if resp.status == 206 and have and not resumed:
             # a range other than the one asked for: drop the part and ask for the whole file
             part.unlink(missing_ok=True)
             return download(url, part, size_hint, progress, timeout)
