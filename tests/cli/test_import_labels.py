@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR
@@ -127,9 +128,11 @@ def test_training_refuses_labels_changed_since_their_import(syn, tmp_path):
 @pytest.mark.slow
 def test_our_first_stages_labels_in_every_format_report_its_own_numbers_and_train(tmp_path):
     """Issue 25's acceptance on the synthetic VOC set: the labels our first stage exports,
-    written in each foreign format and imported, report what the first stage itself reported on
-    the same pixels (eval_sem_seg's mIoU on train, gen_mask's kept share and precisions on
+    written in each foreign format (ours, grey and palette label-only, with its random-walk
+    scores, the 255 format) and imported, report what the first stage itself reported on the
+    same pixels (eval_sem_seg's mIoU on train, gen_mask's kept share and precisions on
     train_aug), and BECO trains an epoch on an imported set."""
+    # Imported here: the first stage's driver, and its test module's tiny data and seeds.
     from irn import run_sample
     from tests.first_stage.test_first_stage_b import _seed_outputs_from_gt, _tiny_voc
     voc = _tiny_voc(tmp_path)  # 8 train_aug ids, 4 of them in train; 3 classes
@@ -161,11 +164,20 @@ def test_our_first_stages_labels_in_every_format_report_its_own_numbers_and_trai
         quality = json.loads((root / f"{name}_label" / QUALITY_JSON).read_text())
         return {**quality, "manifest_kept_share": json.loads((root / f"{name}_label" / MANIFEST_NAME).read_text())["kept_share"]}
 
+    scores = tmp_path / "scores"  # make_sem_seg's random-walk scores, one channel per class (absent ones 0)
+    scores.mkdir()
+    for p in sorted((work / "result" / "score").glob("*.pt")):
+        saved = torch.load(p, weights_only=True)
+        full = np.zeros((4, *saved["score"].shape[1:]), np.float32)
+        full[saved["keys"].numpy()] = saved["score"].numpy()
+        np.save(scores / f"{p.stem}.npy", full)
+
     miou, mask = own["eval_sem_seg"]["sem_seg_miou"], own["gen_mask"]
     # Every label, on eval_sem_seg's ids (train): the same mIoU, whatever the format.
     for fmt, source, extra in (("ours", labels, ["--masks", str(masks)]), ("labels", labels, ["--rule", "all"]),
-                               ("labels", palette, ["--rule", "all"])):
+                               ("labels", palette, ["--rule", "all"]), ("scores", labels, ["--scores", str(scores)])):
         q = imported(fmt, source, "train", f"{fmt}_{source.name}_train", *extra)
+        assert q["split"] == "train"
         assert q["computed_on"] == "4 ids of train with ground truth, of 4 imported"
         assert q["miou"] == pytest.approx(miou, abs=1e-12)
     # gen_mask's numbers, on its ids (train_aug): the masks' kept share and label precisions.
