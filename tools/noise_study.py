@@ -162,15 +162,20 @@ def final_miou(run_dir: Path) -> float | None:
     return float(log[-1]["miou"]) if log else None
 
 
-def train(study: dict, method: str, kind: str, seed: int, out: Path) -> float:
+def train(study: dict, method: str, kind: str, seed: int, out: Path, label_dir: Path | None = None,
+          mask_dir: Path | None = None) -> float:
+    """One run, <out>/runs/<kind>-<method>-seed<seed>, on <out>/labels/<kind>'s labels and masks
+    (``label_dir`` / ``mask_dir`` name others: tools/mask_study.py's); its last val mIoU."""
     spec = study["methods"][method]
+    label_dir = label_dir or out / "labels" / kind / PSEUDO_LABEL_DIR
+    mask_dir = mask_dir or out / "labels" / kind / MASK_DIR
     config = REPO / spec["config"]
     tag = f"{kind}-{method}-seed{seed}"
     run_dir = out / "runs" / tag
     overrides = [*data_overrides(study), *study["train_overrides"], *spec.get("overrides", []),
                  f"logging.path_base={out / 'runs'}", "logging.run_id=null", f"logging.tag={tag}",
-                 f"data.pseudo_label_dir={(out / 'labels' / kind / PSEUDO_LABEL_DIR).resolve()}",
-                 f"data.mask_dir={(out / 'labels' / kind / MASK_DIR).resolve()}", f"train.seed={seed}"]
+                 f"data.pseudo_label_dir={Path(label_dir).resolve()}", f"data.mask_dir={Path(mask_dir).resolve()}",
+                 f"train.seed={seed}"]
     cfg = load_config(config, overrides)
     if not demo.training_finished(run_dir, cfg.train.epochs):
         say(f"training {tag}")
@@ -316,12 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_main(main, name: str) -> int:
+    """``main()``'s exit status, a project error or a failed step's command as one line on stderr
+    (tools/mask_study.py uses it too)."""
     try:
-        sys.exit(main())
+        return main()
     except BecoError as e:
-        print(f"noise_study: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except subprocess.CalledProcessError as e:
-        print(f"noise_study: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, "noise_study"))

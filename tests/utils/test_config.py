@@ -170,12 +170,13 @@ def test_base_inheritance_and_numeric_override(tmp_path):
 def test_every_config_file_loads():
     """Second-stage configs build; first-stage settings files (configs/first_stage/*.yaml, read by
     run_sample.py and tools/demo.py) hold every key run_sample.py knows, with valid values; a study
-    (noise_study*.yaml, tools/noise_study.py) builds every method's config with its overrides."""
+    (noise_study*.yaml, mask_study*.yaml: tools/noise_study.py, tools/mask_study.py) builds every
+    method's config with its overrides."""
     from tools.demo import first_stage_settings
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        if path.name.startswith("noise_study"):
-            from tools import noise_study
-            study = noise_study.load_study(path)
+        if path.name.startswith(("noise_study", "mask_study")):
+            from tools import mask_study, noise_study
+            study = (mask_study if path.name.startswith("mask_study") else noise_study).load_study(path)
             for method in study["methods"].values():
                 load_config(REPO / method["config"], [*noise_study.data_overrides(study), *study["train_overrides"],
                                                       *method.get("overrides", [])])
