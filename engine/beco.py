@@ -20,7 +20,7 @@ from torch import nn
 from engine.evaluate import average_logits
 from engine.mixing import mix_batch
 from engine.strong_aug import strong_augment
-from losses.beco_loss import baseline_loss, beco_loss
+from losses.beco_loss import baseline_loss, beco_loss, kept_ce_loss
 from models.checkpoint import unwrap
 from utils.config import Config
 from utils.runtime import net_input
@@ -87,11 +87,25 @@ def baseline_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
                   autocast: Callable[[], AbstractContextManager], device: torch.device,
                   py_rng=random, np_rng=np.random) -> dict[str, torch.Tensor]:
     """Plain cross entropy of the one net on the (strongly augmented, if enabled) batch."""
-    images = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
+    return baseline_loss(_single_net_logits(nets, batch, cfg, autocast, device), label)
+
+
+def baseline_kept_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
+                       autocast: Callable[[], AbstractContextManager], device: torch.device,
+                       py_rng=random, np_rng=np.random) -> dict[str, torch.Tensor]:
+    """The baseline's cross entropy on the reliable pixels only (mask 1)."""
+    label = batch["label"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True)
+    return kept_ce_loss(_single_net_logits(nets, batch, cfg, autocast, device), label, mask)
+
+
+def _single_net_logits(nets: list[nn.Module], batch: dict, cfg: Config,
+                       autocast: Callable[[], AbstractContextManager], device: torch.device) -> torch.Tensor:
+    images = batch["image"].to(device, non_blocking=True)
     with autocast():
         logits = nets[0](net_input(augment(images, cfg), cfg))["logits"]
-    return baseline_loss(logits.float(), label)
+    return logits.float()
 
 
 def beco_step(nets: list[nn.Module], batch: dict, epoch: int, cfg: Config,
@@ -137,6 +151,7 @@ class Method(NamedTuple):
 METHODS: dict[str, Method] = {
     "beco": Method(2, beco_step, "BECO mixes batch halves"),
     "baseline": Method(1, baseline_step, None),
+    "baseline_kept": Method(1, baseline_kept_step, None),
 }
 
 

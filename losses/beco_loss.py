@@ -45,6 +45,16 @@ def beco_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor
     return losses
 
 
+def kept_ce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross entropy averaged over the reliable pixels only (mask 1, label not 255): the baseline
+    that trusts the confidence mask and drops the rest (``baseline_kept``, the mask study)."""
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+    kept = (mask > 0) & (target != IGNORE_INDEX)
+    # clamp, not a Python max: the count stays on the device (no host sync); none kept gives 0.
+    loss = (ce * kept).sum() / kept.sum().clamp(min=1)
+    return {"ce1": loss, "total": loss}
+
+
 def baseline_loss(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Plain cross entropy over every pseudo-labelled pixel (the ablation's single-net baseline)."""
     ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)

@@ -82,15 +82,15 @@ def test_method_names_are_the_method_table():
     """engine/beco.py's METHODS is the one list of names: the config takes each of them, refuses any
     other with the table's names in its order, and its even-batch rule is the table's."""
     from engine.beco import METHODS
-    assert {name: m.num_nets for name, m in METHODS.items()} == {"beco": 2, "baseline": 1}
+    assert {name: m.num_nets for name, m in METHODS.items()} == {"beco": 2, "baseline": 1, "baseline_kept": 1}
     for name in METHODS:
         assert load_config(BECO, [f"method.name={name}"]).method.name == name
     for bad in ("BECO", "fixmatch", 1, None, [1]):
         with pytest.raises(ConfigError) as e:
             load_config(BECO, [f"method.name={bad if bad is not None else 'null'}"])
-        assert str(e.value) == f"config key 'method.name': {bad!r} is not one of ['beco', 'baseline']"
+        assert str(e.value) == f"config key 'method.name': {bad!r} is not one of ['beco', 'baseline', 'baseline_kept']"
     assert {name: m.even_batch_reason for name, m in METHODS.items()} == {
-        "beco": "BECO mixes batch halves", "baseline": None}
+        "beco": "BECO mixes batch halves", "baseline": None, "baseline_kept": None}
     assert load_config(BECO, ["method.name=baseline", "data.batch_size=3"]).data.batch_size == 3
 
 
