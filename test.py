@@ -36,8 +36,8 @@ from tqdm import tqdm  # noqa: E402
 from datasets.build import dataset_entry  # noqa: E402
 from datasets.readers import DataError, SplitFiles, read_image, read_label  # noqa: E402
 from utils.config import Config, ConfigError, CrfCfg, apply_overrides, load_yaml  # noqa: E402
-from utils.errors import BecoError, one_line  # noqa: E402
 from utils.crf import available_cores, parallel_map, postprocess  # noqa: E402
+from utils.errors import exit_status  # noqa: E402
 from utils import provenance  # noqa: E402
 from utils.io import atomic_write, save_json, save_png  # noqa: E402
 from utils.score_maps import SUFFIX, ScoreMapError, load_score_map  # noqa: E402
@@ -446,12 +446,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except BecoError as e:  # config and usage errors exit 2, data errors 1; anything else is a bug
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    # config and usage errors exit 2, data errors 1; anything else is a bug
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from engine.config import load_config
 from engine.inference import load_test_nets, logits_folder_name, predict_maps
 from utils import provenance
 from utils.config import Config
-from utils.errors import BecoError, one_line
+from utils.errors import exit_status
 from utils.io import read_jsonl, save_json, save_text
 from utils.seed_stats import paired, summary
 from utils.voc import IGNORE_INDEX, colorize
@@ -562,11 +562,7 @@ def card_nets(run_dir: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(REPO)
-    try:
-        return _main(args)
-    except BecoError as e:  # one line, as main.py reports it
-        print(f"demo: error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
+    return exit_status(lambda: _main(args), "demo: error")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from datasets.prepare.coco import prepare_coco
 from tools.prepare_voc_aug import PrepareError, prepare
 from utils.config import load_yaml
 from utils.downloads import DOWNLOADS, GROUPS
-from utils.errors import BecoError, ConfigError, DataError, one_line
+from utils.errors import ConfigError, DataError, exit_status
 from utils.fetch import Entry, install, resolve_names, unpack
 from utils.io import save_json
 
@@ -147,20 +147,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.command == "list":
-            print("\n".join(list_lines()))
-            return 0
-        if not args.names:
-            raise ConfigError(f"name what to fetch: python tools/fetch.py {args.command} NAME... "
-                              f"(python tools/fetch.py list shows them)")
-        fetch(args.command, args.names, root=args.root, accept_unverified=args.accept_unverified,
-              delete_archives=args.delete_archives, progress=not args.quiet, timeout=args.timeout)
-    except BecoError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return exit_status(lambda: run(parse_args(argv)))
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "list":
+        print("\n".join(list_lines()))
+        return
+    if not args.names:
+        raise ConfigError(f"name what to fetch: python tools/fetch.py {args.command} NAME... "
+                          f"(python tools/fetch.py list shows them)")
+    fetch(args.command, args.names, root=args.root, accept_unverified=args.accept_unverified,
+          delete_archives=args.delete_archives, progress=not args.quiet, timeout=args.timeout)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from datasets.build import dataset_entry
 from datasets.label_import import (DEFAULT_BOUNDARY_WIDTH, DEFAULT_SCORE_THRESHOLD, FORMATS, MANIFEST_NAME,
                                    QUALITY_MD, RULES, Source, Target, import_labels)
 from engine.config import load_config
-from utils.errors import BecoError, ConfigError, one_line
+from utils.errors import ConfigError, exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,12 +86,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except BecoError as e:  # one line, as main.py reports it
-        print(f"import_labels: error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return exit_status(lambda: run(args), "import_labels: error")
 
 
 if __name__ == "__main__":

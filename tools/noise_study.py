@@ -39,7 +39,7 @@ from datasets.synthetic.voc import near_boundary, simulated_mask
 from utils import provenance
 from engine.config import load_config
 from utils.config import ConfigError, load_yaml
-from utils.errors import BecoError, one_line
+from utils.errors import exit_status
 from utils.io import read_jsonl, save_json, save_png, save_text
 from utils.seed_stats import mean_std, paired
 
@@ -325,10 +325,7 @@ def run_main(main, name: str) -> int:
     """``main()``'s exit status, a project error or a failed step's command as one line on stderr
     (tools/mask_study.py uses it too)."""
     try:
-        return main()
-    except BecoError as e:
-        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
+        return exit_status(main, f"{name}: error")
     except subprocess.CalledProcessError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import re
+import sys
+from typing import Callable
 
 
 class BecoError(Exception):
@@ -74,6 +76,18 @@ def one_line(error: BaseException) -> str:
         name = type(error).__name__
         text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
     return text
+
+
+def exit_status(command: Callable[[], object], prefix: str = "error") -> int:
+    """A script's exit status: what ``command()`` returns when that is an int, else 0; or, when it
+    stops on one of our errors, that error's code after its one line on stderr
+    (``<prefix>: <message>``). Anything else is a bug and keeps its traceback."""
+    try:
+        result = command()
+        return result if isinstance(result, int) else 0
+    except BecoError as e:
+        print(f"{prefix}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
 
 
 # torch.multiprocessing.spawn re-raises a child's error as ProcessRaisedException whose message

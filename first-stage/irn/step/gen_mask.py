@@ -49,7 +49,7 @@ from datasets.views import data_source, open_source
 from irn.misc.runtime import get_logger, progress, read_ids
 from irn.misc.settings import config_path, load_settings
 from models.checkpoint import read_torch_file
-from utils.errors import BecoError, CheckpointError, DataError, one_line
+from utils.errors import CheckpointError, DataError, exit_status
 
 # Ground truth used for the VOC mask statistics, first one found per id (SBD-augmented labels
 # cover all of train_aug; VOC's own only train/val). COCO: mask/<split>2014/<int id>.png.
@@ -270,12 +270,7 @@ __all__ = ["run", "main", "load_score", "read_mask_png", "generate_masks", "Scor
 
 def cli(argv: list[str] | None = None) -> int:
     """The standalone command: the project's errors in one line on stderr (exit 1, options 2)."""
-    try:
-        main(argv)
-    except BecoError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return exit_status(lambda: main(argv))
 
 
 if __name__ == "__main__":
