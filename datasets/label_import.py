@@ -26,7 +26,6 @@ second stage's CE term never sees it, its co-training term covers it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -45,6 +44,7 @@ from utils.crf import parallel_map
 from utils.errors import ConfigError, DataError, OutputExistsError
 from utils.io import save_json, save_png, save_text
 from utils.metrics import confusion_of_maps, segmentation_scores
+from utils.provenance import sha256
 from utils.voc import IGNORE_INDEX, voc_palette
 
 MANIFEST_NAME = "label_manifest.json"
@@ -300,8 +300,6 @@ class Job:
     mask_dir: Path
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def import_one(job: Job, item_id: str) -> dict[str, Any]:
@@ -320,7 +318,7 @@ def import_one(job: Job, item_id: str) -> dict[str, Any]:
         "id": item_id, "pixels": int(label.size), "kept": int(reliable.sum()),
         "uncertain_255": int((label == IGNORE_INDEX).sum()),
         "histogram": np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=n)[:n],
-        "label_sha256": _sha256_file(job.label_dir / name), "mask_sha256": _sha256_file(job.mask_dir / name),
+        "label_sha256": sha256(job.label_dir / name), "mask_sha256": sha256(job.mask_dir / name),
         "gt": None,
     }
     gt_path = job.files.gt(item_id) if job.files.gt_dir is not None else None
@@ -549,7 +547,7 @@ def check_manifest(label_dir: Path, mask_dir: Path, jobs: int = 1) -> None:
 
 
 def _hash_task(path: str) -> tuple[str, str]:
-    return path, _sha256_file(Path(path))
+    return path, sha256(Path(path))
 
 
 # ----------------------------------------------------------------------------- quality report
