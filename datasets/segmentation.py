@@ -25,7 +25,7 @@ from utils.config import DataCfg
 
 
 def align_to_image(item_id: str, image: tuple[Image.Image, Path], policy: str,
-                    *others: tuple[Image.Image, Path]) -> list[Image.Image]:
+                   *others: tuple[Image.Image, Path]) -> list[Image.Image]:
     """Labels and masks of another size than their image, by ``data.mask_size_mismatch``:
     ``error`` (default), ``resize_nearest``, or ``crop_like_reference`` (left as they are,
     so the crop box drawn on the image cuts them as the reference does: QUIRK-S3)."""
@@ -73,7 +73,7 @@ class TrainSet(Dataset):
         label = read_label(paths[1], i, self.cfg.num_classes, "pseudo-label")
         mask = read_mask(paths[2], i)
         label, mask = align_to_image(i, (image, paths[0]), self.cfg.mask_size_mismatch,
-                                      (label, paths[1]), (mask, paths[2]))
+                                     (label, paths[1]), (mask, paths[2]))
         # Checked on every read, so it holds with data.verify: exists too (verify's full read
         # names every such file before training starts).
         check_void_under_reliable(i, label, mask, paths[1], paths[2])
