@@ -300,8 +300,6 @@ class Job:
     mask_dir: Path
 
 
-
-
 def import_one(job: Job, item_id: str) -> dict[str, Any]:
     """Write one id's label and mask; its counts, file hashes and (with ground truth) the pixel
     counts of the quality report."""
