@@ -14,7 +14,9 @@ Steps, each skipped when its output is there (a killed study resumes):
    CE baseline once per seed (it reads no mask), the others on every cell;
 4. the table (<out>/mask_study.md, .json) and the heat map of BECO − baseline (<out>/gain_map.png:
    mean paired by seed; cells whose 95 % t-interval excludes 0 marked), with the first stage's
-   own masks (and any ``points`` of the config) placed at their measured figures.
+   own masks placed at their measured figures, and so are the first stage's own masks on each of
+   ``other_first_stages`` (run here, e.g. on the COCO demo tree; nothing is trained on them) and
+   every one of ``points`` (figures given, or read from tools/import_labels.py's label_quality.json).
 A mask folder or runs made with other settings are refused (utils/provenance.py), never mixed in.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from PIL import Image
 
 from tools import demo, noise_study  # noqa: E402  (the data, first-stage and training steps are theirs)
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, save_mask
+from datasets.label_import import QUALITY_JSON
 from datasets.synthetic.mask_control import SHAPES, TARGETS, controlled_masks, kept_counts, mask_figures, pool_sizes
 from engine.config import load_config
 from utils import provenance
@@ -67,7 +71,40 @@ def load_study(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unknown mask shapes {bad} ({', '.join(SHAPES)})")
     if study["baseline"] not in study["methods"]:
         raise ConfigError(f"{path}: baseline {study['baseline']!r} is not one of the methods {list(study['methods'])}")
+    others = study.get("other_first_stages") or {}
+    for name, entry in others.items():
+        if not isinstance(entry, dict) or set(entry) != {"base_config", "first_stage_config"}:
+            raise ConfigError(f"{path}: other_first_stages.{name} must give base_config and first_stage_config; "
+                              f"got {entry!r}")
+    study["other_first_stages"] = others
+    study["points"] = [resolve_point(p, path, k) for k, p in enumerate(study["points"] or [])]
     return study
+
+
+def resolve_point(point: Any, path: Path, k: int) -> dict[str, Any]:
+    """A mask placed on the map: ``{name, kept_precision, dropped_precision[, kept_share]}``, or
+    ``{name, label_quality: <tools/import_labels.py's label_quality.json, or the folder holding it>}``
+    whose figures are read from that report (relative paths from the repository root)."""
+    where = f"{path}: points[{k}]"
+    if not isinstance(point, dict) or "name" not in point:
+        raise ConfigError(f"{where} must be a mapping with a name; got {point!r}")
+    if "label_quality" in point:
+        if set(point) != {"name", "label_quality"}:
+            raise ConfigError(f"{where}: a point read from label_quality takes no figures of its own; got {point!r}")
+        report = REPO / point["label_quality"]
+        report = report / QUALITY_JSON if report.is_dir() else report
+        if not report.is_file():
+            raise ConfigError(f"{where}: no import report at {report} (tools/import_labels.py writes {QUALITY_JSON})")
+        quality = json.loads(report.read_text())
+        figures = {k: quality.get(k) for k in TARGETS}
+        if figures["kept_precision"] is None or figures["dropped_precision"] is None:
+            raise ConfigError(f"{where}: {report} has no kept or dropped precision (the import had no ground "
+                              f"truth for its ids, or no pixel was kept or dropped)")
+        return {"name": point["name"], **figures, "source": str(report)}
+    missing = [t for t in ("kept_precision", "dropped_precision") if t not in point]
+    if missing:
+        raise ConfigError(f"{where} ({point['name']!r}) lacks {missing}; give the figures or label_quality")
+    return {"kept_share": None, **point}
 
 
 def cells(study: dict) -> list[tuple[str, str, dict[str, float]]]:
@@ -223,8 +260,16 @@ def gain_text(entry: dict | None) -> str:
     return text
 
 
-def report(study: dict, figures: dict, own: dict, baseline: dict, results: dict, out: Path, main_method: str = "beco") -> Path:
+def fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def report(study: dict, figures: dict, own: dict, baseline: dict, results: dict, out: Path, main_method: str = "beco",
+           others: list[dict] | None = None) -> Path:
+    """The table (<out>/mask_study.md, .json) and the map; ``others``: the first stage's own masks on
+    the other data sets (name and figures), placed like the config's ``points``."""
     table = aggregate(baseline, results)
+    placed = list(others or []) + study["points"]
     methods = [m for m in study["methods"] if m != study["baseline"]]
     b_mean, b_std = mean_std(list(baseline.values())) if baseline else (math.nan, math.nan)
     lines = ["# Mask study", "",
@@ -242,10 +287,13 @@ def report(study: dict, figures: dict, own: dict, baseline: dict, results: dict,
                      + " | ".join(gain_text(table.get(name, {}).get(m)) for m in methods) + " |")
     lines.append(f"| first stage's own masks (not trained here) | {own['kept_share']:.3f} | {own['kept_precision']:.3f} | "
                  f"{own['dropped_precision']:.3f} |" + " |" * len(methods))
+    for p in placed:
+        lines.append(f"| {p['name']} (placed, not trained here) | {fmt(p.get('kept_share'))} | "
+                     f"{fmt(p['kept_precision'])} | {fmt(p['dropped_precision'])} |" + " |" * len(methods))
     lines += ["", f"Generated by `python tools/mask_study.py` from {out / 'mask_study.json'}; map: {out / 'gain_map.png'}."]
-    save_json(out / "mask_study.json", {"study": study, "mask_figures": figures, "own_mask": own,
+    save_json(out / "mask_study.json", {"study": study, "mask_figures": figures, "own_mask": own, "placed": placed,
                                         "baseline": baseline, "results": results, "table": table})
-    plot_map(study, figures, own, table, out / "gain_map.png", main_method)
+    plot_map(study, figures, own, table, out / "gain_map.png", main_method, placed)
     return save_text(out / "mask_study.md", "\n".join(lines) + "\n")
 
 
@@ -258,10 +306,12 @@ def edges(values: list[float]) -> np.ndarray:
     return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
 
 
-def plot_map(study: dict, figures: dict, own: dict, table: dict, path: Path, method: str = "beco") -> None:
+def plot_map(study: dict, figures: dict, own: dict, table: dict, path: Path, method: str = "beco",
+             placed: list[dict] | None = None) -> None:
     """One panel per mask shape: the gain of ``method`` over the baseline per cell (points of mIoU),
     each cell's text its mean and t-interval, a thick outline where the interval excludes 0; the
-    first stage's own masks and the config's ``points`` at their figures."""
+    first stage's own masks and the ``placed`` ones (other data sets', the config's points) at their
+    figures."""
     import matplotlib  # only the report draws; the study's other steps never load matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,7 +348,7 @@ def plot_map(study: dict, figures: dict, own: dict, table: dict, path: Path, met
                 ax.add_patch(Rectangle((ex[j] + dx, ey[i] + dy), ex[j + 1] - ex[j] - 2 * dx, ey[i + 1] - ey[i] - 2 * dy,
                                        fill=False, linewidth=3, edgecolor="black", zorder=4))
         mesh = ax.pcolormesh(edges(xs), edges(ys), np.ma.masked_invalid(grid), cmap="RdBu", vmin=-lim, vmax=lim)
-        points = [("first stage's own", own)] + [(p["name"], p) for p in study["points"]]
+        points = [("first stage's own", own)] + [(p["name"], p) for p in placed or []]
         for k, (label, p) in enumerate(points):
             if p.get(xkey) is not None and p.get(ykey) is not None:
                 ax.scatter([p[xkey]], [p[ykey]], marker="X" if k == 0 else "o", s=60, color="black", zorder=3)
@@ -318,8 +368,9 @@ def plot_map(study: dict, figures: dict, own: dict, table: dict, path: Path, met
 # ----------------------------------------------------------------------------- main
 
 def run_study(study: dict, export: Path, out: Path, ids: list[str], gts: list[np.ndarray],
-              part: tuple[int, int] = (0, 1), report_only: bool = False) -> Path:
-    """Steps 2-4 on the first stage's labels in ``export`` (step 1 is ``main``'s)."""
+              part: tuple[int, int] = (0, 1), report_only: bool = False, others: list[dict] | None = None) -> Path:
+    """Steps 2-4 on the first stage's labels in ``export`` (step 1 is ``main``'s, and so are
+    ``others``, the own masks' figures on the other data sets)."""
     labels, own_masks = read_set(export, ids)
     own = mask_figures(labels, own_masks, gts)
     say(f"first stage's own masks: kept share {own['kept_share']:.3f}, kept precision {own['kept_precision']:.3f}, "
@@ -329,7 +380,35 @@ def run_study(study: dict, export: Path, out: Path, ids: list[str], gts: list[np
     if not report_only:
         run_all(study, export, out, part)
     baseline, results = collect(study, export, out)
-    return report(study, figures, own, baseline, results, out)
+    return report(study, figures, own, baseline, results, out, others=others)
+
+
+def other_first_stage(name: str, entry: dict, out: Path) -> dict[str, Any]:
+    """The first stage's own masks on another data set (its BECO config's synthetic data, staged as
+    the demo stages it), measured against that set's train ground truth: a point of the map."""
+    cfg = load_config(REPO / entry["base_config"])
+    say(f"{name}: data {cfg.data.root}, first stage {entry['first_stage_config']}")
+    demo.stage_data(cfg)
+    export = out / "other_first_stages" / name / "export"
+    demo.stage_first_stage(cfg, REPO / entry["first_stage_config"], out / "other_first_stages" / name / "work",
+                           export, None)
+    ids, gts = noise_study.train_ground_truth(cfg)
+    labels, masks = read_set(export, ids)
+    figures = mask_figures(labels, masks, gts)
+    say(f"{name}: own masks kept share {figures['kept_share']:.3f}, kept precision {figures['kept_precision']:.3f}, "
+        f"dropped precision {figures['dropped_precision']:.3f}")
+    return {"name": f"first stage's own, {name}", **figures, "source": str(export)}
+
+
+def share_cores(parts: int) -> None:
+    """Give the training runs of each of ``parts`` processes its share of the cores. Measured on
+    the 2-core VM: two parts each left at torch's default of 2 threads ran a one-net run in 10 min,
+    at one thread each in 1.5 min (oversubscribed threads wait on each other). A thread count the
+    user set (OMP_NUM_THREADS) is kept."""
+    if parts > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parts))
+        say(f"{parts} processes share the {os.cpu_count()} cores: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+            "for this one's runs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         assert len(part) == 2 and 0 <= part[0] < part[1]
     except (ValueError, AssertionError):
         raise SystemExit(f"mask_study: --part must be i/n with 0 <= i < n, got {args.part!r}")
+    share_cores(part[1])
     out = (args.out or Path(study["out"])).resolve()
     cfg = load_config(REPO / study["base_config"], noise_study.data_overrides(study))
     say(f"data: {cfg.data.root} ({study['train_images']} train, {study['val_images']} val)")
@@ -352,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     export = out / "first_stage" / "export"
     demo.stage_first_stage(cfg, REPO / study["first_stage_config"], out / "first_stage" / "work", export, None)
     ids, gts = noise_study.train_ground_truth(cfg)
-    path = run_study(study, export, out, ids, gts, part, args.report_only)
+    others = [other_first_stage(name, entry, out) for name, entry in study["other_first_stages"].items()]
+    path = run_study(study, export, out, ids, gts, part, args.report_only, others)
     say(f"wrote {path}, {out / 'mask_study.json'} and {out / 'gain_map.png'}")
     print(path.read_text())
     return 0

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, save_mask
+from datasets.label_import import QUALITY_JSON, Source
 from datasets.synthetic.mask_control import mask_figures
 from tests.conftest import REPO
+from tests.datasets.test_label_import import K, run_import
 from tests.datasets.test_mask_control import noisy_set
 from tools import mask_study
-from utils.errors import DataError, OutputExistsError
+from utils.errors import ConfigError, DataError, OutputExistsError
 from utils.io import save_png
 
 
@@ -130,3 +135,71 @@ def test_runs_bound_to_their_masks(tmp_path, monkeypatch, first_stage):
     record_path.write_text(json.dumps(record))
     with pytest.raises(OutputExistsError, match=r"inputs\.masks\.record"):
         mask_study.run_study({**study, "mask_seed": 5}, export, out, ids, gts)
+
+
+def study_file(tmp_path, **changes) -> Path:
+    """configs/mask_study.yaml with some keys changed, as a file for load_study."""
+    text = (REPO / "configs" / "mask_study.yaml").read_text()
+    data = yaml.safe_load(text)
+    data.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_users_import_report_and_other_first_stages_are_placed_at_their_figures(
+        synthetic_set, tmp_path, monkeypatch, first_stage):
+    """A label set imported with ground truth on its ids is placed at the import report's kept and
+    dropped precision; the first stage's own masks on another data set at the figures given."""
+    root = synthetic_set("voc", train=6, val=2, test=0, size=(40, 48), classes=K, seed=4)
+    run_import(root, tmp_path / "import", Source("ours", root / PSEUDO_LABEL_DIR, masks=root / MASK_DIR))
+    quality = json.loads((tmp_path / "import" / "labels" / QUALITY_JSON).read_text())
+    path = study_file(tmp_path, points=[{"name": "my labels", "label_quality": str(tmp_path / "import" / "labels")},
+                                        {"name": "given", "kept_precision": 0.97, "dropped_precision": 0.8}])
+    points = mask_study.load_study(path)["points"]
+    assert points[0] == {"name": "my labels", "kept_share": quality["kept_share"],
+                         "kept_precision": quality["kept_precision"], "dropped_precision": quality["dropped_precision"],
+                         "source": str(tmp_path / "import" / "labels" / QUALITY_JSON)}
+    assert points[1] == {"name": "given", "kept_share": None, "kept_precision": 0.97, "dropped_precision": 0.8}
+
+    export, ids, gts = first_stage
+    study = small_study(tmp_path, points=points, seeds=[0], shapes=["random"])
+    fake_trainer(monkeypatch)
+    coco = {"name": "first stage's own, coco", "kept_share": 0.5, "kept_precision": 0.9, "dropped_precision": 0.7}
+    text = mask_study.run_study(study, export, tmp_path / "out", ids, gts, others=[coco]).read_text()
+    assert ("| first stage's own, coco (placed, not trained here) | 0.500 | 0.900 | 0.700 |" in text)
+    assert (f"| my labels (placed, not trained here) | {quality['kept_share']:.3f} | "
+            f"{quality['kept_precision']:.3f} | {quality['dropped_precision']:.3f} |") in text
+    assert "| given (placed, not trained here) | — | 0.970 | 0.800 |" in text
+    assert json.loads((tmp_path / "out" / "mask_study.json").read_text())["placed"] == [coco] + points
+
+
+def test_points_without_figures_are_refused_naming_the_point_and_file(synthetic_set, tmp_path):
+    with pytest.raises(ConfigError, match=r"points\[0\] \('mine'\) lacks \['dropped_precision'\]"):
+        mask_study.load_study(study_file(tmp_path, points=[{"name": "mine", "kept_precision": 0.9}]))
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=rf"points\[0\]: no import report at {missing}/{QUALITY_JSON}"):
+        mask_study.load_study(study_file(tmp_path, points=[{"name": "mine", "label_quality": str(missing / QUALITY_JSON)}]))
+    # An import without ground truth has no precision to place.
+    root = synthetic_set("voc", train=6, val=2, test=0, size=(40, 48), classes=K, seed=4)
+    bare = tmp_path / "bare"
+    shutil.copytree(root / "VOC2012", bare / "VOC2012")
+    shutil.rmtree(bare / "VOC2012/SegmentationClass")
+    run_import(bare, tmp_path / "import", Source("labels", root / PSEUDO_LABEL_DIR, rule="all"))
+    report = tmp_path / "import" / "labels" / QUALITY_JSON
+    with pytest.raises(ConfigError, match=rf"{report} has no kept or dropped precision"):
+        mask_study.load_study(study_file(tmp_path, points=[{"name": "mine", "label_quality": str(report)}]))
+    with pytest.raises(ConfigError, match=r"other_first_stages\.coco must give base_config and first_stage_config"):
+        mask_study.load_study(study_file(tmp_path, other_first_stages={"coco": {"base_config": "x.yaml"}}))
+
+
+def test_parts_share_the_cores_unless_the_user_set_the_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(mask_study.os, "cpu_count", lambda: 2)
+    mask_study.share_cores(1)
+    assert "OMP_NUM_THREADS" not in mask_study.os.environ
+    mask_study.share_cores(2)
+    assert mask_study.os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    mask_study.share_cores(2)
+    assert mask_study.os.environ["OMP_NUM_THREADS"] == "3"
