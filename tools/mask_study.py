@@ -17,7 +17,8 @@ Steps, each skipped when its output is there (a killed study resumes):
    own masks placed at their measured figures, and so are the first stage's own masks on each of
    ``other_first_stages`` (run here, e.g. on the COCO demo tree; nothing is trained on them) and
    every one of ``points`` (figures given, or read from tools/import_labels.py's label_quality.json).
-A mask folder or runs made with other settings are refused (utils/provenance.py), never mixed in.
+A mask folder or runs made with other settings are refused (utils/provenance.py), never mixed in;
+--overwrite makes them again.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from PIL import Image
 from tools import demo, noise_study  # noqa: E402  (the data, first-stage and training steps are theirs)
 from datasets.handoff import MASK_DIR, PSEUDO_LABEL_DIR, save_mask
 from datasets.label_import import QUALITY_JSON
-from datasets.synthetic.mask_control import SHAPES, TARGETS, controlled_masks, kept_counts, mask_figures, pool_sizes
+from datasets.synthetic.mask_control import GENERATOR_VERSION, SHAPES, TARGETS, controlled_masks, kept_counts, mask_figures, pool_sizes
 from engine.config import load_config
 from utils import provenance
 from utils.config import ConfigError, load_yaml
@@ -130,15 +131,16 @@ def read_set(export: Path, ids: list[str]) -> tuple[list[np.ndarray], list[np.nd
 def mask_record(study: dict, shape: str, targets: dict, export: Path) -> dict:
     return provenance.make_record("tools/mask_study.py masks", {
         "first_stage_labels": provenance.folder_input(export / PSEUDO_LABEL_DIR, ("*.png",))},
-        {"shape": shape, "targets": targets, "mask_seed": study["mask_seed"], "train_images": study["train_images"]})
+        {"shape": shape, "targets": targets, "mask_seed": study["mask_seed"], "train_images": study["train_images"],
+         "generator": GENERATOR_VERSION})
 
 
 def make_masks(study: dict, ids: list[str], labels: list[np.ndarray], gts: list[np.ndarray], export: Path,
-               out: Path) -> dict[str, dict]:
+               out: Path, overwrite: bool = False) -> dict[str, dict]:
     """Every cell's masks under <out>/masks/<cell>/irn_mask, each folder with its record and the
     figures it reached (figures.json, written last: a folder without it is made again).
     Every cell is checked first: one the labels cannot reach stops the study before any is written,
-    and so does a folder made with other settings."""
+    and so does a folder made with other settings, unless ``overwrite``: then it is made again."""
     right, wrong = pool_sizes(labels, gts)
     for name, _, targets in cells(study):
         try:
@@ -146,7 +148,8 @@ def make_masks(study: dict, ids: list[str], labels: list[np.ndarray], gts: list[
         except BecoError as e:
             raise type(e)(f"grid cell {name}: {e}") from e
     plans = {name: provenance.plan(out / "masks" / name, mask_record(study, shape, targets, export),
-                                   (MASK_DIR, "figures.json"), overwrite=False) for name, shape, targets in cells(study)}
+                                   (MASK_DIR, "figures.json"), overwrite=False, redo_stale=overwrite)
+             for name, shape, targets in cells(study)}
     figures = {}
     for name, shape, targets in cells(study):
         folder = out / "masks" / name
@@ -181,16 +184,17 @@ def run_list(study: dict, export: Path, out: Path) -> list[tuple[str, str, int, 
     return runs
 
 
-def bind_runs(study: dict, export: Path, out: Path) -> None:
+def bind_runs(study: dict, export: Path, out: Path, overwrite: bool = False) -> None:
     """The runs of a cell are reused only with that cell's masks, and the baseline's only with the
-    same labels: one record per cell in <out>/runs (``_provenance_<cell>.json``)."""
+    same labels: one record per cell in <out>/runs (``_provenance_<cell>.json``); runs bound to
+    other masks or labels are refused, or with ``overwrite`` deleted to be trained again."""
     labels = provenance.folder_input(export / PSEUDO_LABEL_DIR, ("*.png",))
     provenance.prepare(out / "runs", provenance.make_record("tools/mask_study.py runs", {"labels": labels}, {}),
-                       ("all-*",), overwrite=False, record_name="_provenance_all.json")
+                       ("all-*",), overwrite=False, redo_stale=overwrite, record_name="_provenance_all.json")
     for name, _, _ in cells(study):
         record = provenance.make_record("tools/mask_study.py runs", {
             "labels": labels, "masks": provenance.folder_input(out / "masks" / name)}, {})
-        provenance.prepare(out / "runs", record, (f"{name}-*",), overwrite=False,
+        provenance.prepare(out / "runs", record, (f"{name}-*",), overwrite=False, redo_stale=overwrite,
                            record_name=f"_provenance_{name}.json")
 
 
@@ -368,15 +372,16 @@ def plot_map(study: dict, figures: dict, own: dict, table: dict, path: Path, met
 # ----------------------------------------------------------------------------- main
 
 def run_study(study: dict, export: Path, out: Path, ids: list[str], gts: list[np.ndarray],
-              part: tuple[int, int] = (0, 1), report_only: bool = False, others: list[dict] | None = None) -> Path:
+              part: tuple[int, int] = (0, 1), report_only: bool = False, others: list[dict] | None = None,
+              overwrite: bool = False) -> Path:
     """Steps 2-4 on the first stage's labels in ``export`` (step 1 is ``main``'s, and so are
     ``others``, the own masks' figures on the other data sets)."""
     labels, own_masks = read_set(export, ids)
     own = mask_figures(labels, own_masks, gts)
     say(f"first stage's own masks: kept share {own['kept_share']:.3f}, kept precision {own['kept_precision']:.3f}, "
         f"dropped precision {own['dropped_precision']:.3f}")
-    figures = make_masks(study, ids, labels, gts, export, out)
-    bind_runs(study, export, out)
+    figures = make_masks(study, ids, labels, gts, export, out, overwrite)
+    bind_runs(study, export, out, overwrite)
     if not report_only:
         run_all(study, export, out, part)
     baseline, results = collect(study, export, out)
@@ -417,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the config's out)")
     p.add_argument("--part", default="0/1", help="i/n: train every n-th run from the i-th (n processes share the list)")
     p.add_argument("--report-only", action="store_true", help="train nothing: the table and map of the runs done")
+    p.add_argument("--overwrite", action="store_true",
+                   help="make again the masks made with other settings, and delete the runs trained on them or on "
+                        "other labels (refused without it)")
     args = p.parse_args(argv)
     study = load_study(args.config)
     try:
@@ -433,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.stage_first_stage(cfg, REPO / study["first_stage_config"], out / "first_stage" / "work", export, None)
     ids, gts = noise_study.train_ground_truth(cfg)
     others = [other_first_stage(name, entry, out) for name, entry in study["other_first_stages"].items()]
-    path = run_study(study, export, out, ids, gts, part, args.report_only, others)
+    path = run_study(study, export, out, ids, gts, part, args.report_only, others, args.overwrite)
     say(f"wrote {path}, {out / 'mask_study.json'} and {out / 'gain_map.png'}")
     print(path.read_text())
     return 0

@@ -109,6 +109,14 @@ def test_sweep_reports_resumes_and_refuses_other_masks(tmp_path, monkeypatch, fi
     with pytest.raises(OutputExistsError, match=r"settings\.mask_seed: 0 -> 1"):
         mask_study.run_study({**study, "mask_seed": 1}, export, out, ids, gts)
     assert calls == []
+    # With overwrite the masks are made again and their runs trained again; the baseline's stay.
+    mask_study.run_study({**study, "mask_seed": 1}, export, out, ids, gts, overwrite=True)
+    assert len(calls) == 4 * 3 * 3 and not any(c[1] == "baseline" for c in calls)
+    assert json.loads((out / "masks" / "random-kp0.95-dp0.75" / "_provenance.json").read_text())[
+        "settings"]["mask_seed"] == 1
+    calls.clear()
+    mask_study.run_study({**study, "mask_seed": 1}, export, out, ids, gts, overwrite=True)
+    assert calls == []  # nothing changed since: nothing made again
 
 
 def test_unreachable_cell_stops_before_any_mask(tmp_path, monkeypatch, first_stage):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datasets.synthetic.label_noise import boundary_errors
-from datasets.synthetic.mask_control import controlled_masks, kept_counts, mask_figures
+from datasets.synthetic.mask_control import class_counts, controlled_masks, kept_counts, mask_figures
 from utils.errors import ConfigError, DataError
 from tests.datasets.test_label_noise import scenes
 
@@ -90,3 +90,32 @@ def test_same_seed_same_masks():
         c, _ = controlled_masks(labels, gts, kept_share=0.5, kept_precision=0.9, shape=shape, seed=8)
         assert all((x == y).all() for x, y in zip(a, b))
         assert any((x != y).any() for x, y in zip(a, c))
+
+
+def test_class_counts_split_the_kept_pixels_by_hand():
+    # The hand-made set's classes 0, 1, 2: right 2, 3, 1 and wrong 1, 1, 2 valid pixels. 4 right
+    # kept: 4/6 of each class's, 1.33, 2, 0.67 -> 1, 2, 1 (the largest remainder gets the spare
+    # pixel); 1 wrong kept: 0.25, 0.25, 0.5 -> 0, 0, 1.
+    right, wrong = class_counts([2, 3, 1], [1, 1, 2], 4, 1)
+    assert right.tolist() == [1, 2, 1] and wrong.tolist() == [0, 0, 1]
+    # Equal remainders go to the lower class; the totals are exact.
+    right, wrong = class_counts([1, 1, 1, 1], [0, 5, 0, 5], 2, 5)
+    assert right.tolist() == [1, 1, 0, 0] and wrong.tolist() == [0, 3, 0, 2]
+
+
+@pytest.mark.parametrize("shape", ["random", "boundary"])
+def test_every_pseudo_label_class_keeps_the_same_share_of_its_right_and_of_its_wrong_pixels(shape):
+    """The set-wide boundary ranking this replaced kept 7 % of a foreground class's pixels and 63 %
+    of the background's at a kept share of 0.47."""
+    labels, gts = noisy_set()
+    targets = {"kept_precision": 0.95, "dropped_precision": 0.6}
+    masks, fig = controlled_masks(labels, gts, shape=shape, seed=3, **targets)
+    within_tolerance(fig, targets)
+    label, mask, gt = (np.concatenate([a.reshape(-1) for a in x]) for x in (labels, masks, gts))
+    ok = gt != 255
+    right_share = fig["kept_correct"] / (fig["kept_correct"] + fig["unkept_correct"])
+    wrong_kept = fig["kept_valid"] - fig["kept_correct"]
+    wrong_share = wrong_kept / (wrong_kept + fig["unkept_valid"] - fig["unkept_correct"])
+    for c in np.unique(label):
+        for pool, share in ((ok & (label == c) & (label == gt), right_share), (ok & (label == c) & (label != gt), wrong_share)):
+            assert abs(int(mask[pool].sum()) - share * int(pool.sum())) <= 1, c
