@@ -167,7 +167,7 @@ def test_a_users_import_report_and_other_first_stages_are_placed_at_their_figure
     points = mask_study.load_study(path)["points"]
     assert points[0] == {"name": "my labels", "kept_share": quality["kept_share"],
                          "kept_precision": quality["kept_precision"], "dropped_precision": quality["dropped_precision"],
-                         "source": str(tmp_path / "import" / "labels" / QUALITY_JSON)}
+                         "source": str((tmp_path / "import" / "labels" / QUALITY_JSON).resolve())}
     assert points[1] == {"name": "given", "kept_share": None, "kept_precision": 0.97, "dropped_precision": 0.8}
 
     export, ids, gts = first_stage
