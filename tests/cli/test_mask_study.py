@@ -1,5 +1,5 @@
 """The mask study's sweep without training (the train function returns made-up mIoUs): its
-aggregation arithmetic, resume, refusal of masks made with other settings, and the map (issue 26)."""
+aggregation arithmetic, resume, refusal of labels and masks made with other settings, and the map (issue 26)."""
 from __future__ import annotations
 
 import json
@@ -144,6 +144,28 @@ def test_runs_bound_to_their_masks(tmp_path, monkeypatch, first_stage):
     with pytest.raises(OutputExistsError, match=r"inputs\.masks\.record"):
         mask_study.run_study({**study, "mask_seed": 5}, export, out, ids, gts)
 
+
+def test_labels_made_otherwise_are_refused_before_anything_is_trained(tmp_path, monkeypatch, first_stage):
+    """The first stage's labels changed under a finished study: its masks and runs are bound to the
+    old ones, so the study stops naming the labels, and trains and writes nothing."""
+    export, ids, gts = first_stage
+    study = small_study(tmp_path, shapes=["random"], seeds=[0],
+                        grid={"kept_precision": [0.95], "dropped_precision": [0.75]})
+    out = tmp_path / "out"
+    calls = fake_trainer(monkeypatch)
+    mask_study.run_study(study, export, out, ids, gts)
+    table = (out / "mask_study.md").read_bytes()
+    masks = {p: p.read_bytes() for p in (out / "masks").rglob("*.png")}
+    label = export / PSEUDO_LABEL_DIR / f"{ids[0]}.png"
+    labels, _ = noisy_set()
+    assert labels[0].any()
+    save_png(label, np.zeros_like(labels[0]))  # all background: another first stage's labels
+    calls.clear()
+    with pytest.raises(OutputExistsError, match=r"first_stage_labels"):
+        mask_study.run_study(study, export, out, ids, gts)
+    assert calls == []
+    assert (out / "mask_study.md").read_bytes() == table
+    assert {p: p.read_bytes() for p in (out / "masks").rglob("*.png")} == masks
 
 def study_file(tmp_path, **changes) -> Path:
     """configs/mask_study.yaml with some keys changed, as a file for load_study."""
