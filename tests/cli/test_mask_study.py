@@ -156,16 +156,17 @@ def test_labels_made_otherwise_are_refused_before_anything_is_trained(tmp_path, 
     mask_study.run_study(study, export, out, ids, gts)
     table = (out / "mask_study.md").read_bytes()
     masks = {p: p.read_bytes() for p in (out / "masks").rglob("*.png")}
-    label = export / PSEUDO_LABEL_DIR / f"{ids[0]}.png"
-    labels, _ = noisy_set()
+    labels, _ = mask_study.read_set(export, ids)
     assert labels[0].any()
-    save_png(label, np.zeros_like(labels[0]))  # all background: another first stage's labels
+    # All background: another first stage's labels.
+    save_png(export / PSEUDO_LABEL_DIR / f"{ids[0]}.png", np.zeros_like(labels[0]))
     calls.clear()
     with pytest.raises(OutputExistsError, match=r"first_stage_labels"):
         mask_study.run_study(study, export, out, ids, gts)
     assert calls == []
     assert (out / "mask_study.md").read_bytes() == table
     assert {p: p.read_bytes() for p in (out / "masks").rglob("*.png")} == masks
+
 
 def study_file(tmp_path, **changes) -> Path:
     """configs/mask_study.yaml with some keys changed, as a file for load_study."""
